@@ -1,0 +1,56 @@
+"""Writing model directories atomically, with a manifest that pins their content."""
+
+import contextlib
+import hashlib
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yields a scratch directory that replaces `final` only if the block succeeds.
+
+    A crash mid-build leaves the previous `final` untouched (and a stray temp dir).
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        yield scratch
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            final.rename(old)
+        scratch.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def write_manifest(directory: Path, kind: str, task: str, payload: str, **fields: Any) -> dict[str, Any]:
+    """Writes manifest.json: version, sha256 of `payload`, creation time and `fields`."""
+    created = datetime.now(timezone.utc)
+    sha = sha256_file(directory / payload)
+    manifest = {
+        "kind": kind,
+        "task": task,
+        "version": f"{task}-{kind}-{created:%Y%m%dT%H%M%S}-{sha[:8]}",
+        "created_at": created.isoformat(),
+        "payload": payload,
+        "sha256": sha,
+        **fields,
+    }
+    (directory / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest

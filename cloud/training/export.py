@@ -1,0 +1,66 @@
+"""ONNX export, int8 quantisation and ONNX Runtime evaluation of a trained classifier."""
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from onnxruntime.quantization import QuantType, quantize_dynamic
+from transformers import PreTrainedModel
+
+from cloud.training.loop import collate
+
+INPUT_NAMES = ["input_ids", "attention_mask"]
+
+
+class _Logits(torch.nn.Module):
+    """The classifier with the edge's two inputs and one output: segment ids are always 0."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=torch.zeros_like(input_ids),
+        ).logits
+
+
+def export_onnx(model: PreTrainedModel, path: Path) -> None:
+    """fp32 ONNX with dynamic batch and sequence axes."""
+    model.eval()
+    dummy = (torch.ones(2, 16, dtype=torch.long), torch.ones(2, 16, dtype=torch.long))
+    axes = {0: "batch", 1: "sequence"}
+    torch.onnx.export(
+        _Logits(model),
+        dummy,
+        str(path),
+        input_names=INPUT_NAMES,
+        output_names=["logits"],
+        dynamic_axes={"input_ids": axes, "attention_mask": axes, "logits": {0: "batch"}},
+        opset_version=17,
+        dynamo=False,
+    )
+
+
+def quantize_int8(src: Path, dst: Path) -> None:
+    """Dynamic int8 quantisation of the weights, per output channel."""
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True)
+
+
+def onnx_logits(path: Path, ids: list[list[int]], batch_size: int = 64) -> np.ndarray:
+    """Logits from ONNX Runtime, in input order (what the edge will compute)."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    out: np.ndarray | None = None
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        input_ids, mask = (t.numpy() for t in collate([ids[i] for i in rows]))
+        logits = session.run(["logits"], {"input_ids": input_ids, "attention_mask": mask})[0]
+        if out is None:
+            out = np.zeros((len(ids), logits.shape[1]), dtype=np.float32)
+        out[rows] = logits
+    assert out is not None, "no inputs"
+    return out

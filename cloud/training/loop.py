@@ -1,0 +1,90 @@
+"""The training loop: length-bucketed batches, AdamW, linear warm-up and decay."""
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+from tqdm import tqdm
+from transformers import PreTrainedModel, get_linear_schedule_with_warmup
+
+from cloud.training.config import FitConfig
+
+
+def encode(tokenizer: Tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
+    """Token ids per text, truncated, unpadded."""
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(max_length)
+    return [e.ids for e in tokenizer.encode_batch(texts)]
+
+
+def collate(ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pads to the longest sequence: (input_ids, attention_mask)."""
+    width = max(len(x) for x in ids)
+    input_ids = torch.zeros(len(ids), width, dtype=torch.long)
+    mask = torch.zeros(len(ids), width, dtype=torch.long)
+    for row, x in enumerate(ids):
+        input_ids[row, : len(x)] = torch.tensor(x)
+        mask[row, : len(x)] = 1
+    return input_ids, mask
+
+
+def bucketed_batches(lengths: list[int], batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Shuffled batches of similar lengths: little padding, random order."""
+    order = rng.permutation(len(lengths))
+    chunk = batch_size * 50
+    batches = []
+    for start in range(0, len(order), chunk):
+        part = sorted(order[start : start + chunk], key=lambda i: lengths[i])
+        batches += [np.array(part[i : i + batch_size]) for i in range(0, len(part), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def fit(
+    model: PreTrainedModel,
+    ids: list[list[int]],
+    labels: np.ndarray,
+    cfg: FitConfig,
+    seed: int,
+    desc: str,
+) -> None:
+    """Trains `model` in place with cross-entropy on `labels`."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    lengths = [len(x) for x in ids]
+    total = math.ceil(cfg.epochs * math.ceil(len(ids) / cfg.batch_size))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+    schedule = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup * total), total)
+    targets = torch.as_tensor(labels, dtype=torch.long)
+    model.train()
+    step = 0
+    with tqdm(total=total, desc=desc, unit="step", mininterval=2.0) as bar:
+        while step < total:
+            for batch in bucketed_batches(lengths, cfg.batch_size, rng)[: total - step]:
+                input_ids, mask = collate([ids[i] for i in batch])
+                logits = model(input_ids=input_ids, attention_mask=mask).logits
+                loss = F.cross_entropy(logits, targets[batch])
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad()
+                step += 1
+                bar.update()
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    model.eval()
+
+
+@torch.inference_mode()
+def predict_logits(model: PreTrainedModel, ids: list[list[int]], batch_size: int = 128) -> np.ndarray:
+    """Logits for every sequence, in input order."""
+    model.eval()
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    out = np.zeros((len(ids), model.config.num_labels), dtype=np.float32)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        input_ids, mask = collate([ids[i] for i in rows])
+        out[rows] = model(input_ids=input_ids, attention_mask=mask).logits.numpy()
+    return out

@@ -1,0 +1,60 @@
+"""`tandem train student`: a truncated MiniLM, exported to int8 ONNX and calibrated.
+
+The artifact directory holds model.onnx, tokenizer.json, labels.json and manifest.json:
+everything the edge needs, nothing it must not import.
+"""
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cloud.training.artifact import atomic_dir, write_manifest
+from cloud.training.base_model import build_classifier, minilm_dir
+from cloud.training.calibration import expected_calibration_error, fit_temperature, softmax
+from cloud.training.config import TrainConfig
+from cloud.training.data import load_splits
+from cloud.training.export import export_onnx, onnx_logits, quantize_int8
+from cloud.training.loop import fit, predict_logits
+
+
+def train_student(cfg: TrainConfig, out: Path, parent: str | None = None) -> dict[str, Any]:
+    fit_cfg = cfg.student
+    splits = load_splits(cfg, fit_cfg)
+    model = build_classifier(splits.label_names, fit_cfg.layers)
+    fit(model, splits.train.ids, splits.train.labels, fit_cfg, cfg.seed, desc="student")
+    test_fp32 = predict_logits(model, splits.test.ids)
+    with atomic_dir(out) as scratch, tempfile.TemporaryDirectory() as tmp:
+        fp32 = Path(tmp) / "model.fp32.onnx"
+        export_onnx(model, fp32)
+        quantize_int8(fp32, scratch / "model.onnx")
+        # Calibrate the model the edge runs (int8), not the torch one.
+        temperature = fit_temperature(onnx_logits(scratch / "model.onnx", splits.val.ids), splits.val.labels)
+        test_int8 = onnx_logits(scratch / "model.onnx", splits.test.ids)
+        (scratch / "tokenizer.json").write_bytes((minilm_dir() / "tokenizer.json").read_bytes())
+        (scratch / "labels.json").write_text(json.dumps(splits.label_names, indent=1) + "\n")
+        return write_manifest(
+            scratch,
+            kind="student",
+            task=cfg.task.name,
+            payload="model.onnx",
+            parent=parent,
+            layers=model.config.num_hidden_layers,
+            max_length=fit_cfg.max_length,
+            temperature=temperature,
+            train_examples=len(splits.train.ids),
+            metrics=_metrics(test_fp32, test_int8, splits.test.labels, temperature),
+        )
+
+
+def _metrics(fp32: np.ndarray, int8: np.ndarray, labels: np.ndarray, temperature: float) -> dict[str, float]:
+    predicted = int8.argmax(-1)
+    return {
+        "test_accuracy": float((predicted == labels).mean()),
+        "test_accuracy_fp32": float((fp32.argmax(-1) == labels).mean()),
+        "int8_fp32_agreement": float((predicted == fp32.argmax(-1)).mean()),
+        "test_ece_uncalibrated": expected_calibration_error(softmax(int8), labels),
+        "test_ece": expected_calibration_error(softmax(int8, temperature), labels),
+    }

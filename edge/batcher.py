@@ -1,0 +1,64 @@
+"""Micro-batching: requests that arrive while the model is busy run together next.
+
+No timer: a lone request runs at once, so batching costs nothing at low load and
+only forms when requests queue anyway (the model runs in a worker thread, and ONNX
+Runtime releases the GIL, so the event loop keeps accepting requests meanwhile).
+"""
+
+import asyncio
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Result:
+    probs: np.ndarray
+    queue_s: float
+    inference_s: float
+    batch_size: int
+
+
+class MicroBatcher:
+    def __init__(self, predict: Callable[[list[str]], np.ndarray], max_batch: int) -> None:
+        self._predict = predict
+        self._max_batch = max_batch
+        self._queue: asyncio.Queue[tuple[str, float, asyncio.Future[Result]]] = asyncio.Queue()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx")
+        self._worker: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._worker = asyncio.get_running_loop().create_task(self._run())
+
+    async def close(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+        self._executor.shutdown(wait=True)
+
+    async def submit(self, text: str) -> Result:
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((text, time.perf_counter(), future))
+        return await future
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self._max_batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            started = time.perf_counter()
+            try:
+                probs = await loop.run_in_executor(self._executor, self._predict, [t for t, _, _ in batch])
+            except Exception as exc:  # delivered to every waiting caller, not swallowed
+                for _, _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            inference_s = time.perf_counter() - started
+            for row, (_, queued, future) in enumerate(batch):
+                if not future.done():  # the caller may have been cancelled
+                    future.set_result(Result(probs[row], started - queued, inference_s, len(batch)))

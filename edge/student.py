@@ -1,0 +1,67 @@
+"""A student artifact loaded for serving: tokenizer, ONNX Runtime session, calibration."""
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from edge.errors import ArtifactError
+
+FILES = ("model.onnx", "tokenizer.json", "labels.json", "manifest.json")
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    intra_op_threads: int = 1
+    allow_spinning: bool = False
+
+
+class Student:
+    """Maps texts to calibrated label probabilities. Thread-safe for `predict`."""
+
+    def __init__(self, directory: Path, options: SessionOptions = SessionOptions()) -> None:
+        missing = [name for name in FILES if not (directory / name).is_file()]
+        if missing:
+            raise ArtifactError(f"{directory}: missing {missing}")
+        self.manifest = json.loads((directory / "manifest.json").read_text())
+        model = (directory / "model.onnx").read_bytes()
+        if hashlib.sha256(model).hexdigest() != self.manifest.get("sha256"):
+            raise ArtifactError(f"{directory}: model.onnx does not match the manifest's sha256")
+        self.labels: list[str] = json.loads((directory / "labels.json").read_text())
+        self.version: str = self.manifest["version"]
+        self.temperature = float(self.manifest["temperature"])
+        self._tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+        self._tokenizer.enable_truncation(int(self.manifest["max_length"]))
+        self._tokenizer.enable_padding()
+        try:
+            self._session = ort.InferenceSession(model, _session_options(options), providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises its own untyped errors for bad graphs
+            raise ArtifactError(f"{directory}: ONNX Runtime cannot load model.onnx: {exc}") from exc
+        n_out = self._session.get_outputs()[0].shape[-1]
+        if n_out != len(self.labels):
+            raise ArtifactError(f"{directory}: model has {n_out} outputs for {len(self.labels)} labels")
+
+    def predict(self, texts: list[str]) -> np.ndarray:
+        """Calibrated probabilities, shape (len(texts), len(labels))."""
+        encodings = self._tokenizer.encode_batch(texts)
+        feeds = {
+            "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
+            "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
+        }
+        logits = self._session.run(["logits"], feeds)[0] / self.temperature
+        logits -= logits.max(axis=-1, keepdims=True)
+        probs = np.exp(logits)
+        return probs / probs.sum(axis=-1, keepdims=True)
+
+
+def _session_options(options: SessionOptions) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = options.intra_op_threads
+    so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if options.allow_spinning else "0")
+    return so

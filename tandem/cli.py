@@ -1,0 +1,114 @@
+"""The `tandem` command. Each subcommand imports its side lazily, so an edge-only
+install runs `tandem edge ...` without the training or cloud extras."""
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from tandem.settings import ConfigError
+
+
+class MissingExtra(RuntimeError):
+    """A subcommand needs an optional extra that is not installed."""
+
+
+def _imports(extra: str) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
+    """Turns an ImportError inside a subcommand into an install hint."""
+
+    def wrap(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        def run(args: argparse.Namespace) -> int:
+            try:
+                return fn(args)
+            except ModuleNotFoundError as exc:
+                if exc.name and exc.name.split(".")[0] in {"tandem", "edge", "cloud", "benchmarks"}:
+                    raise
+                raise MissingExtra(f"{exc.name} is missing: pip install 'tandem[{extra}]'") from exc
+
+        return run
+
+    return wrap
+
+
+@_imports("edge")
+def _edge_serve(args: argparse.Namespace) -> int:
+    from edge.config import EdgeConfig
+    from edge.daemon import run_daemon
+    from tandem.settings import load_config
+
+    run_daemon(load_config(EdgeConfig, args.config))
+    return 0
+
+
+@_imports("train")
+def _train(args: argparse.Namespace) -> int:
+    from cloud.training.config import TrainConfig
+    from tandem.settings import load_config
+
+    cfg = load_config(TrainConfig, args.config)
+    out = args.out or cfg.model_dir(args.kind)
+    if args.kind == "teacher":
+        from cloud.training.teacher import train_teacher as train
+    else:
+        from cloud.training.student import train_student as train
+    manifest = train(cfg, out)
+    print(json.dumps({"out": str(out), **manifest}, indent=2))
+    return 0
+
+
+@_imports("bench")
+def _bench_edge(args: argparse.Namespace) -> int:
+    from benchmarks.edge_bench import EdgeBenchConfig, run_edge_bench
+    from tandem.settings import load_config
+
+    run_edge_bench(load_config(EdgeBenchConfig, args.config), args.out)
+    return 0
+
+
+@_imports("dev")
+def _demo(args: argparse.Namespace) -> int:
+    from benchmarks.demo import run_demo
+
+    return run_demo(args.config, args.out)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tandem", description=__doc__)
+    groups = parser.add_subparsers(dest="group", required=True)
+
+    def command(group: argparse._SubParsersAction, name: str, run: Callable, help: str) -> argparse.ArgumentParser:
+        p = group.add_parser(name, help=help)
+        p.add_argument("--config", type=Path, help="YAML config; environment variables override it")
+        p.set_defaults(run=run)
+        return p
+
+    edge = groups.add_parser("edge", help="the device daemon").add_subparsers(required=True)
+    command(edge, "serve", _edge_serve, "run the edge daemon (gRPC Edge service)")
+
+    train = groups.add_parser("train", help="train and export models").add_subparsers(required=True)
+    for kind, what in (("teacher", "fine-tune the MiniLM-L6 teacher"), ("student", "train, export and calibrate the edge student")):
+        p = command(train, kind, _train, what)
+        p.add_argument("--out", type=Path, help="output directory (default: in the cache)")
+        p.set_defaults(kind=kind)
+
+    bench = groups.add_parser("bench", help="benchmarks").add_subparsers(required=True)
+    p = command(bench, "edge", _bench_edge, "edge daemon against raw ONNX Runtime and a gRPC echo")
+    p.add_argument("--out", type=Path, required=True, help="JSON results file")
+
+    p = command(groups, "demo", _demo, "train or reuse models, run the system, print the report")
+    p.add_argument("--out", type=Path, default=Path("results/demo"), help="folder for results")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ConfigError, MissingExtra) as exc:
+        print(f"tandem: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Loading configuration: a YAML file, then environment overrides, then validation."""
+
+from pathlib import Path
+from typing import TypeVar
+
+import yaml
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is missing, unreadable or invalid."""
+
+
+class TandemSettings(BaseSettings):
+    """Base of every top-level config: fields from YAML, overridden by the environment."""
+
+    model_config = SettingsConfigDict(env_nested_delimiter="__", extra="forbid")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file arrives as init kwargs; the environment must win over it.
+        return env_settings, init_settings
+
+
+S = TypeVar("S", bound=TandemSettings)
+
+
+def load_config(cls: type[S], path: Path | None) -> S:
+    """Builds `cls` from the YAML file at `path` (or defaults) and the environment."""
+    data = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"config {path}: top level must be a mapping")
+    try:
+        return cls(**data)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid config {path or '(defaults)'}:\n{exc}") from exc

@@ -1,0 +1,99 @@
+import asyncio
+import contextlib
+import os
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+import pytest_asyncio
+
+from tandem.tasks import read_examples
+from tandem.v1 import cloud_pb2, cloud_pb2_grpc, common_pb2, edge_pb2_grpc
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="session")
+def student_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real student, trained briefly by the project's own pipeline (about 20 s)."""
+    from cloud.training.config import FitConfig, TrainConfig
+    from cloud.training.student import train_student
+
+    out = tmp_path_factory.mktemp("models") / "student"
+    cfg = TrainConfig(student=FitConfig(layers=2, lr=3e-4, epochs=1, max_examples=1500))
+    train_student(cfg, out)
+    return out
+
+
+@pytest.fixture()
+def artifact_copy(student_dir: Path, tmp_path: Path) -> Path:
+    """A copy of the student that a test may damage."""
+    return Path(shutil.copytree(student_dir, tmp_path / "student"))
+
+
+class ScriptedCloud(cloud_pb2_grpc.CloudServicer):
+    """A real gRPC Cloud server whose behaviour a test sets: answer, slow or overloaded."""
+
+    def __init__(self) -> None:
+        self.mode = "answer"
+        self.seen: list[tuple[cloud_pb2.EscalateRequest, dict[str, str]]] = []
+
+    async def Escalate(self, request: cloud_pb2.EscalateRequest, context: grpc.aio.ServicerContext) -> cloud_pb2.EscalateResponse:
+        self.seen.append((request, dict(context.invocation_metadata())))
+        if self.mode == "slow":
+            await asyncio.sleep(5)
+        if self.mode == "overloaded":
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full")
+        return cloud_pb2.EscalateResponse(
+            request_id=request.request_id,
+            label="card_arrival",
+            confidence=0.97,
+            distribution=[common_pb2.LabelScore(label="card_arrival", probability=0.97)],
+            expert="scripted",
+            expert_ms=1.0,
+        )
+
+
+@contextlib.asynccontextmanager
+async def serve_cloud() -> AsyncIterator[tuple[ScriptedCloud, str]]:
+    servicer = ScriptedCloud()
+    server = grpc.aio.server()
+    cloud_pb2_grpc.add_CloudServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield servicer, f"127.0.0.1:{port}"
+    finally:
+        await server.stop(0)
+
+
+@pytest_asyncio.fixture()
+async def cloud() -> AsyncIterator[tuple[ScriptedCloud, str]]:
+    async with serve_cloud() as pair:
+        yield pair
+
+
+@contextlib.asynccontextmanager
+async def running_daemon(student_dir: Path, **fields: object) -> AsyncIterator[tuple[object, edge_pb2_grpc.EdgeStub]]:
+    """An in-process EdgeDaemon on a free port and a stub connected to it."""
+    from edge.config import EdgeConfig
+    from edge.daemon import EdgeDaemon
+
+    cfg = EdgeConfig(listen="127.0.0.1:0", metrics_port=None, tasks={"banking77": student_dir}, **fields)
+    daemon = EdgeDaemon(cfg)
+    port = await daemon.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield daemon, edge_pb2_grpc.EdgeStub(channel)
+    finally:
+        await channel.close()
+        await daemon.stop(grace_s=1)
+
+
+@pytest.fixture(scope="session")
+def banking_texts() -> list[str]:
+    """The first 200 queries of the banking77 test split."""
+    path = Path(os.environ["TANDEM_DATA_DIR"]) / "banking77" / "test.csv"
+    return [e.text for e in read_examples(path, "text", "category")[:200]]

@@ -1,0 +1,151 @@
+"""The edge daemon with real ONNX Runtime, real gRPC and a real (scripted) Cloud server."""
+
+import asyncio
+import json
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from edge.config import CloudConfig, PolicyConfig
+from edge.errors import ArtifactError
+from tandem.v1 import edge_pb2
+
+from .conftest import ScriptedCloud, running_daemon, serve_cloud
+
+pytestmark = pytest.mark.integration
+
+EDGE_ONLY = {"policy": PolicyConfig(mode="edge_only")}
+
+
+def _escalating(target: str, deadline_ms: float = 2000) -> dict:
+    return {"policy": PolicyConfig(mode="cloud_only"), "cloud": CloudConfig(target=target, deadline_ms=deadline_ms)}
+
+
+def _request(text: str, **kw: str) -> edge_pb2.InferRequest:
+    return edge_pb2.InferRequest(task="banking77", text=text.encode(), **kw)
+
+
+async def test_answers_locally_with_a_label_of_the_task_and_a_calibrated_confidence(
+    student_dir: Path, banking_texts: list[str]
+) -> None:
+    labels = json.loads((student_dir / "labels.json").read_text())
+    version = json.loads((student_dir / "manifest.json").read_text())["version"]
+    async with running_daemon(student_dir, **EDGE_ONLY) as (_, stub):
+        for text in banking_texts[:20]:
+            r = await stub.Infer(_request(text), timeout=5)
+            assert r.source == edge_pb2.EDGE and r.reason == "edge_only"
+            assert r.label in labels and 0 < r.confidence <= 1
+            assert r.model_version == version and len(r.request_id) == 32
+            assert r.timings.inference_ms > 0 and r.timings.total_ms >= r.timings.inference_ms
+
+
+async def test_escalates_to_the_cloud_and_carries_the_request_id(student_dir: Path, cloud: tuple[ScriptedCloud, str]) -> None:
+    servicer, target = cloud
+    async with running_daemon(student_dir, **_escalating(target)) as (_, stub):
+        r = await stub.Infer(_request("my card has not arrived yet", request_id="req-42"), timeout=5)
+    assert (r.source, r.label, r.expert, r.request_id) == (edge_pb2.CLOUD, "card_arrival", "scripted", "req-42")
+    assert r.reason == "cloud_only" and r.confidence == pytest.approx(0.97)
+    sent, metadata = servicer.seen[-1]
+    assert sent.request_id == "req-42" and sent.task == "banking77"
+    assert sent.text == "my card has not arrived yet" and sent.edge.model_version == r.model_version
+    assert metadata["x-request-id"] == "req-42" and metadata["application"] == "tandem"
+
+
+async def test_slow_cloud_gets_a_local_fallback_at_the_deadline(student_dir: Path, cloud: tuple[ScriptedCloud, str]) -> None:
+    servicer, target = cloud
+    servicer.mode = "slow"
+    async with running_daemon(student_dir, **_escalating(target, deadline_ms=300)) as (_, stub):
+        r = await stub.Infer(_request("what is the exchange rate"), timeout=4)
+    assert r.source == edge_pb2.EDGE_FALLBACK and r.reason == "cloud_deadline_exceeded"
+    assert r.label and 250 < r.timings.cloud_ms < 2000
+
+
+async def test_stopped_cloud_gets_a_local_fallback(student_dir: Path) -> None:
+    async with serve_cloud() as (_, target):
+        pass  # started and stopped: nothing listens there any more
+    async with running_daemon(student_dir, **_escalating(target)) as (_, stub):
+        r = await stub.Infer(_request("i lost my card"), timeout=5)
+    assert r.source == edge_pb2.EDGE_FALLBACK and r.reason == "cloud_unavailable" and r.label
+
+
+async def test_overloaded_cloud_gets_a_local_fallback(student_dir: Path, cloud: tuple[ScriptedCloud, str]) -> None:
+    servicer, target = cloud
+    servicer.mode = "overloaded"
+    async with running_daemon(student_dir, **_escalating(target)) as (daemon, stub):
+        r = await stub.Infer(_request("cancel my transfer"), timeout=5)
+        fallbacks = daemon.registry.get_sample_value(
+            "tandem_edge_decisions_total", {"task": "banking77", "reason": "cloud_resource_exhausted"}
+        )
+    assert r.source == edge_pb2.EDGE_FALLBACK and r.reason == "cloud_resource_exhausted"
+    assert len(servicer.seen) == 1, "RESOURCE_EXHAUSTED must not be retried"
+    assert fallbacks == 1
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "field", "fragment"),
+    [
+        ({"task": "banking77", "text": b""}, "text", "empty"),
+        ({"task": "banking77", "text": b" \n\t"}, "text", "blank"),
+        ({"task": "banking77", "text": b"x" * 65}, "text", "limit of 64 bytes"),
+        ({"task": "banking77", "text": b"ok \xff\xfe"}, "text", "invalid UTF-8 at byte 3"),
+        ({"task": "weather", "text": b"hello"}, "task", "unknown task 'weather'"),
+        ({"task": "banking77", "text": b"hi", "request_id": "r" * 129}, "request_id", "128"),
+    ],
+)
+async def test_bad_input_is_invalid_argument_naming_field_and_limit(
+    student_dir: Path, request_fields: dict, field: str, fragment: str
+) -> None:
+    async with running_daemon(student_dir, max_text_bytes=64, **EDGE_ONLY) as (daemon, stub):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Infer(edge_pb2.InferRequest(**request_fields), timeout=5)
+        # The daemon keeps serving after refusing.
+        assert (await stub.Infer(_request("still there?"), timeout=5)).label
+        rejected = daemon.registry.get_sample_value("tandem_edge_rejected_total", {"field": field})
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith(f"{field}:") and fragment in info.value.details()
+    assert rejected == 1
+
+
+async def test_concurrent_requests_are_batched_and_all_answered(student_dir: Path, banking_texts: list[str]) -> None:
+    async with running_daemon(student_dir, **EDGE_ONLY) as (daemon, stub):
+        single = {t: (await stub.Infer(_request(t), timeout=5)).label for t in banking_texts[:64]}
+        batched = await asyncio.gather(*(stub.Infer(_request(t), timeout=10) for t in banking_texts[:64]))
+        sizes = daemon.registry.get_sample_value("tandem_edge_batch_size_sum", {"task": "banking77"})
+        count = daemon.registry.get_sample_value("tandem_edge_batch_size_count", {"task": "banking77"})
+    # Padding a text into a batch must not change its answer.
+    assert [r.label for r in batched] == [single[t] for t in banking_texts[:64]]
+    assert count == 128 and sizes > count, "concurrent requests never shared a model run"
+
+
+async def test_health_and_metrics(student_dir: Path) -> None:
+    async with running_daemon(student_dir, **EDGE_ONLY) as (daemon, stub):
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{daemon.port}")
+        health = health_pb2_grpc.HealthStub(channel)
+        status = await health.Check(health_pb2.HealthCheckRequest(service="tandem.v1.Edge"), timeout=5)
+        await channel.close()
+        for _ in range(3):
+            await stub.Infer(_request("top up failed"), timeout=5)
+        answered = daemon.registry.get_sample_value("tandem_edge_requests_total", {"task": "banking77", "source": "EDGE"})
+        version = json.loads((student_dir / "manifest.json").read_text())["version"]
+        info = daemon.registry.get_sample_value("tandem_edge_model_info", {"task": "banking77", "version": version})
+    assert status.status == health_pb2.HealthCheckResponse.SERVING
+    assert answered == 3 and info == 1
+
+
+async def test_corrupt_artifact_is_refused_at_start(artifact_copy: Path) -> None:
+    model = artifact_copy / "model.onnx"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    model.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="sha256"):
+        async with running_daemon(artifact_copy, **EDGE_ONLY):
+            pass
+
+
+async def test_incomplete_artifact_is_refused_at_start(artifact_copy: Path) -> None:
+    (artifact_copy / "labels.json").unlink()
+    with pytest.raises(ArtifactError, match="labels.json"):
+        async with running_daemon(artifact_copy, **EDGE_ONLY):
+            pass
