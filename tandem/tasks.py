@@ -55,3 +55,14 @@ def read_examples(path: Path, text_column: str, label_column: str) -> list[Examp
         return [Example(r[text_column], r[label_column]) for r in rows]
     except KeyError as exc:
         raise ValueError(f"{path}: missing column {exc}") from exc
+
+
+def banking77() -> TaskSpec:
+    """BANKING77 (PolyAI, CC BY 4.0), as laid out under TANDEM_DATA_DIR/banking77."""
+    return TaskSpec(
+        name="banking77",
+        train=Path("banking77/train.csv"),
+        test=Path("banking77/test.csv"),
+        labels=Path("banking77/categories.json"),
+        label_column="category",
+    )

@@ -7,7 +7,7 @@ from pydantic_settings import SettingsConfigDict
 
 from tandem import envs
 from tandem.settings import TandemSettings
-from tandem.tasks import TaskSpec
+from tandem.tasks import TaskSpec, banking77
 
 
 class FitConfig(BaseModel):
@@ -17,7 +17,11 @@ class FitConfig(BaseModel):
         None, ge=1, le=6, description="Keep the first N MiniLM layers; None keeps all six."
     )
     epochs: float = Field(3.0, gt=0, description="Passes over the training data.")
-    lr: float = Field(8e-5, gt=0, description="Peak learning rate (linear warm-up and decay).")
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate (linear warm-up and decay).")
+    head_lr: float = Field(
+        5e-3, gt=0, description="Learning rate of the pooler and classifier head: MiniLM's sentence "
+        "embeddings were trained mean-pooled, so the CLS head starts far from useful.",
+    )
     warmup: float = Field(0.1, ge=0, lt=1, description="Fraction of steps spent warming up.")
     batch_size: int = Field(32, ge=1)
     max_length: int = Field(64, ge=8, le=512, description="Tokens kept per text.")
@@ -31,16 +35,7 @@ class TrainConfig(TandemSettings):
 
     model_config = SettingsConfigDict(env_prefix="TANDEM_TRAIN_")
 
-    task: TaskSpec = Field(
-        default_factory=lambda: TaskSpec(
-            name="banking77",
-            train=Path("banking77/train.csv"),
-            test=Path("banking77/test.csv"),
-            labels=Path("banking77/categories.json"),
-            label_column="category",
-        ),
-        description="The task to train for (default: banking77).",
-    )
+    task: TaskSpec = Field(default_factory=banking77, description="The task to train for.")
     output_dir: Path | None = Field(
         None, description="Where artifacts go; default: TANDEM_CACHE_DIR/models/<task>."
     )
@@ -49,7 +44,7 @@ class TrainConfig(TandemSettings):
         0.1, gt=0, lt=0.5, description="Share of train held out to fit the temperature."
     )
     teacher: FitConfig = FitConfig()
-    student: FitConfig = FitConfig(layers=2, lr=1.5e-4)
+    student: FitConfig = FitConfig(layers=2, lr=3e-4)
 
     def model_dir(self, kind: str) -> Path:
         root = self.output_dir or envs.TANDEM_CACHE_DIR / "models" / self.task.name

@@ -29,19 +29,21 @@ class _Logits(torch.nn.Module):
 
 
 def export_onnx(model: PreTrainedModel, path: Path) -> None:
-    """fp32 ONNX with dynamic batch and sequence axes."""
+    """fp32 ONNX (dynamo exporter, opset 18) with dynamic batch and sequence axes."""
     model.eval()
     dummy = (torch.ones(2, 16, dtype=torch.long), torch.ones(2, 16, dtype=torch.long))
-    axes = {0: "batch", 1: "sequence"}
+    axes = {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")}
     torch.onnx.export(
         _Logits(model),
         dummy,
         str(path),
         input_names=INPUT_NAMES,
         output_names=["logits"],
-        dynamic_axes={"input_ids": axes, "attention_mask": axes, "logits": {0: "batch"}},
-        opset_version=17,
-        dynamo=False,
+        dynamic_shapes={"input_ids": axes, "attention_mask": axes},
+        opset_version=18,
+        dynamo=True,
+        external_data=False,
+        verbose=False,
     )
 
 

@@ -55,7 +55,11 @@ def fit(
     rng = np.random.default_rng(seed)
     lengths = [len(x) for x in ids]
     total = math.ceil(cfg.epochs * math.ceil(len(ids) / cfg.batch_size))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+    head = [p for n, p in model.named_parameters() if n.startswith(("classifier.", "bert.pooler."))]
+    body = [p for n, p in model.named_parameters() if not n.startswith(("classifier.", "bert.pooler."))]
+    optimizer = torch.optim.AdamW(
+        [{"params": body, "lr": cfg.lr}, {"params": head, "lr": cfg.head_lr}], weight_decay=0.01
+    )
     schedule = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup * total), total)
     targets = torch.as_tensor(labels, dtype=torch.long)
     model.train()

@@ -39,6 +39,7 @@ def train_student(cfg: TrainConfig, out: Path, parent: str | None = None) -> dic
             scratch,
             kind="student",
             task=cfg.task.name,
+            fit=fit_cfg.model_dump(),
             payload="model.onnx",
             parent=parent,
             layers=model.config.num_hidden_layers,

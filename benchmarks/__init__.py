@@ -1,0 +1,1 @@
+"""Load tests and benchmarks: every figure is reported beside the floor it is bounded by."""
