@@ -1,8 +1,11 @@
 """`tandem bench edge`: the daemon against the floors under it, in one run.
 
 Floors: raw tokenizer + ONNX Runtime on the same artifact (in this process), and a raw
-grpc.aio echo on loopback (a subprocess, like the daemon). Every daemon figure is
-reported as a ratio to the limit its target derives from those floors.
+grpc.aio echo on loopback (a subprocess, like the daemon). Each is measured twice:
+back to back, and paced at the daemon's open-loop arrival rate. The paced floors are the
+like-for-like limit: on this VM, ONNX Runtime alone takes about twice as long after an
+idle millisecond as back to back (cold caches), and the open-loop generator's asyncio
+timers add their own lateness (reported). Both versions of each target are reported.
 """
 
 import asyncio
@@ -20,7 +23,7 @@ from pydantic_settings import SettingsConfigDict
 
 from benchmarks.echo import echo_callable
 from benchmarks.latency import LatencyRecorder
-from benchmarks.loadgen import closed_loop, fixed_rate, open_loop
+from benchmarks.loadgen import RunResult, closed_loop, fixed_rate, open_loop
 from benchmarks.processes import announced_server
 from edge.student import SessionOptions, Student
 from tandem import envs
@@ -57,7 +60,7 @@ def run_edge_bench(cfg: EdgeBenchConfig, out: Path) -> dict[str, Any]:
 
 async def _measure(cfg: EdgeBenchConfig, texts: list[str]) -> dict[str, Any]:
     raw = measure_raw(cfg, texts)
-    echo = await measure_echo(cfg.sequential_requests)
+    echo = await measure_echo(cfg)
     batched = await measure_daemon(cfg, texts, cfg.max_batch)
     unbatched = await measure_daemon(cfg, texts, 1)
     return {
@@ -66,8 +69,10 @@ async def _measure(cfg: EdgeBenchConfig, texts: list[str]) -> dict[str, Any]:
         "raw_p50_ms": raw["p50_ms"],
         "raw_p99_ms": raw["p99_ms"],
         "raw_rps": raw["rps"],
+        "raw_paced": raw["paced"],
         "echo_p50_ms": echo["p50_ms"],
         "echo_p99_ms": echo["p99_ms"],
+        "echo_open_loop": echo["open_loop"],
         "daemon_p50_ms": batched["open_loop"]["p50_ms"],
         "daemon_p99_ms": batched["open_loop"]["p99_ms"],
         "daemon_rps": batched["max_rps"],
@@ -79,7 +84,8 @@ async def _measure(cfg: EdgeBenchConfig, texts: list[str]) -> dict[str, Any]:
 
 
 def measure_raw(cfg: EdgeBenchConfig, texts: list[str]) -> dict[str, Any]:
-    """Sequential batch-1 tokenizer + ONNX Runtime on the daemon's own session settings."""
+    """Batch-1 tokenizer + ONNX Runtime with the daemon's session settings: back to back,
+    then paced at `rate_rps` (time.sleep between calls, as requests would arrive)."""
     student = Student(cfg.student, SessionOptions(cfg.intra_op_threads))
     for text in texts[:100]:
         student.predict([text])
@@ -90,23 +96,44 @@ def measure_raw(cfg: EdgeBenchConfig, texts: list[str]) -> dict[str, Any]:
         student.predict([texts[i % len(texts)]])
         rec.record(time.perf_counter() - t)
     rps = cfg.sequential_requests / (time.perf_counter() - started)
-    return {**rec.summary(), "rps": rps, "version": student.version}
+    paced = LatencyRecorder()
+    for i in range(min(cfg.sequential_requests, int(cfg.rate_rps * cfg.duration_s))):
+        time.sleep(1 / cfg.rate_rps)
+        t = time.perf_counter()
+        student.predict([texts[i % len(texts)]])
+        paced.record(time.perf_counter() - t)
+    return {**rec.summary(), "rps": rps, "paced": paced.summary(), "version": student.version}
 
 
-async def measure_echo(n: int) -> dict[str, float]:
-    """Sequential unary calls to a raw grpc.aio echo server in another process."""
+async def measure_echo(cfg: EdgeBenchConfig) -> dict[str, Any]:
+    """A raw grpc.aio echo server in another process: sequential, then open loop at `rate_rps`."""
     payload = b"x" * 64
     with announced_server(["-m", "benchmarks.echo"]) as server:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             echo = echo_callable(channel)
-            for _ in range(100):
-                await echo(payload, timeout=5)
+
+            async def call(i: int) -> object:
+                return await echo(payload, timeout=5)
+
+            for i in range(100):
+                await call(i)
             rec = LatencyRecorder()
-            for _ in range(n):
+            for i in range(cfg.sequential_requests):
                 t = time.perf_counter()
-                await echo(payload, timeout=5)
+                await call(i)
                 rec.record(time.perf_counter() - t)
-    return rec.summary()
+            paced = await open_loop(call, fixed_rate(cfg.rate_rps, cfg.duration_s))
+    return {**rec.summary(), "open_loop": _open_loop_summary(paced, cfg.rate_rps)}
+
+
+def _open_loop_summary(run: RunResult, rate_rps: float) -> dict[str, Any]:
+    return {
+        **run.latency.summary(),
+        "rate_rps": rate_rps,
+        "send_lateness_p50_ms": run.lateness.percentile_ms(50),
+        "send_lateness_p99_ms": run.lateness.percentile_ms(99),
+        "errors": dict(run.errors),
+    }
 
 
 async def measure_daemon(cfg: EdgeBenchConfig, texts: list[str], max_batch: int) -> dict[str, Any]:
@@ -137,7 +164,7 @@ async def measure_daemon(cfg: EdgeBenchConfig, texts: list[str], max_batch: int)
                 rss = psutil.Process(server.process.pid).memory_info().rss
     return {
         "max_batch": max_batch,
-        "open_loop": {**paced.latency.summary(), "rate_rps": cfg.rate_rps, "errors": dict(paced.errors)},
+        "open_loop": _open_loop_summary(paced, cfg.rate_rps),
         "max_rps": saturated.throughput_rps,
         "saturated": {**saturated.latency.summary(), "errors": dict(saturated.errors)},
         "rss_mb": rss / 2**20,
@@ -145,29 +172,38 @@ async def measure_daemon(cfg: EdgeBenchConfig, texts: list[str], max_batch: int)
 
 
 def _targets(r: dict[str, Any]) -> dict[str, dict[str, float | bool]]:
-    """Each target as value, limit and value/limit (issue 2's targets)."""
+    """Issue 2's targets as value, limit and value/limit: first against back-to-back
+    floors (the issue's wording), then against floors paced like the daemon's load."""
 
-    def target(value: float, limit: float, at_most: bool) -> dict[str, float | bool]:
+    def target(value: float, limit: float, at_most: bool = True) -> dict[str, float | bool]:
         return {"value": value, "limit": limit, "ratio": value / limit, "met": value <= limit if at_most else value >= limit}
 
+    p50, p99 = r["daemon_p50_ms"], r["daemon_p99_ms"]
+    raw_paced, echo_paced = r["raw_paced"], r["echo_open_loop"]
     return {
-        "daemon_p50_ms <= raw_p50 + echo_p50 + 0.3": target(r["daemon_p50_ms"], r["raw_p50_ms"] + r["echo_p50_ms"] + 0.3, True),
-        "daemon_p99_ms <= 2 raw_p99 + 1": target(r["daemon_p99_ms"], 2 * r["raw_p99_ms"] + 1, True),
-        "daemon_rps >= 0.6 raw_rps": target(r["daemon_rps"], 0.6 * r["raw_rps"], False),
-        "rss_mb <= 200": target(r["rss_mb"], 200.0, True),
+        "daemon_p50 <= raw_p50 + echo_p50 + 0.3": target(p50, r["raw_p50_ms"] + r["echo_p50_ms"] + 0.3),
+        "daemon_p99 <= 2 raw_p99 + 1": target(p99, 2 * r["raw_p99_ms"] + 1),
+        "paced: daemon_p50 <= raw_p50 + echo_p50 + 0.3": target(p50, raw_paced["p50_ms"] + echo_paced["p50_ms"] + 0.3),
+        "paced: daemon_p99 <= 2 raw_p99 + 1": target(p99, 2 * raw_paced["p99_ms"] + 1),
+        "daemon_rps >= 0.6 raw_rps": target(r["daemon_rps"], 0.6 * r["raw_rps"], at_most=False),
+        "rss_mb <= 200": target(r["rss_mb"], 200.0),
     }
 
 
 def format_table(r: dict[str, Any]) -> str:
+    rate = r["daemon"]["open_loop"]["rate_rps"]
     lines = [
-        f"raw ONNX Runtime   p50 {r['raw_p50_ms']:.3f} ms  p99 {r['raw_p99_ms']:.3f} ms  {r['raw_rps']:.0f} req/s",
-        f"grpc.aio echo      p50 {r['echo_p50_ms']:.3f} ms  p99 {r['echo_p99_ms']:.3f} ms",
-        f"daemon @ {r['daemon']['open_loop']['rate_rps']:.0f} req/s  p50 {r['daemon_p50_ms']:.3f} ms  p99 {r['daemon_p99_ms']:.3f} ms",
-        f"daemon max         {r['daemon_rps']:.0f} req/s batched, {r['daemon_rps_unbatched']:.0f} req/s unbatched",
-        f"daemon RSS         {r['rss_mb']:.0f} MB",
+        f"raw ONNX Runtime     p50 {r['raw_p50_ms']:.3f} ms  p99 {r['raw_p99_ms']:.3f} ms  {r['raw_rps']:.0f} req/s back to back",
+        f"  paced {rate:.0f} req/s   p50 {r['raw_paced']['p50_ms']:.3f} ms  p99 {r['raw_paced']['p99_ms']:.3f} ms",
+        f"grpc.aio echo        p50 {r['echo_p50_ms']:.3f} ms  p99 {r['echo_p99_ms']:.3f} ms sequential",
+        f"  open loop {rate:.0f} req/s  p50 {r['echo_open_loop']['p50_ms']:.3f} ms  p99 {r['echo_open_loop']['p99_ms']:.3f} ms"
+        f"  (generator send lateness p50 {r['echo_open_loop']['send_lateness_p50_ms']:.3f} ms)",
+        f"daemon open loop {rate:.0f} req/s  p50 {r['daemon_p50_ms']:.3f} ms  p99 {r['daemon_p99_ms']:.3f} ms",
+        f"daemon max           {r['daemon_rps']:.0f} req/s batched, {r['daemon_rps_unbatched']:.0f} req/s unbatched",
+        f"daemon RSS           {r['rss_mb']:.0f} MB",
         "",
-        f"{'target':46} {'value':>9} {'limit':>9} {'ratio':>6}  met",
+        f"{'target':48} {'value':>9} {'limit':>9} {'ratio':>6}  met",
     ]
     for name, t in r["targets"].items():
-        lines.append(f"{name:46} {t['value']:9.3f} {t['limit']:9.3f} {t['ratio']:6.2f}  {'yes' if t['met'] else 'NO'}")
+        lines.append(f"{name:48} {t['value']:9.3f} {t['limit']:9.3f} {t['ratio']:6.2f}  {'yes' if t['met'] else 'NO'}")
     return "\n".join(lines)

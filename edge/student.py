@@ -36,7 +36,7 @@ class Student:
         self.temperature = float(self.manifest["temperature"])
         self._tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
         self._tokenizer.enable_truncation(int(self.manifest["max_length"]))
-        self._tokenizer.enable_padding()
+        self._tokenizer.no_padding()
         try:
             self._session = ort.InferenceSession(model, _session_options(options), providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own untyped errors for bad graphs
@@ -46,13 +46,18 @@ class Student:
             raise ArtifactError(f"{directory}: model has {n_out} outputs for {len(self.labels)} labels")
 
     def predict(self, texts: list[str]) -> np.ndarray:
-        """Calibrated probabilities, shape (len(texts), len(labels))."""
-        encodings = self._tokenizer.encode_batch(texts)
-        feeds = {
-            "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
-            "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
-        }
-        logits = self._session.run(["logits"], feeds)[0] / self.temperature
+        """Calibrated probabilities, shape (len(texts), len(labels)).
+
+        One ONNX Runtime run per text, on purpose: dynamic int8 quantisation scales
+        activations over the whole input tensor, so in a shared tensor one text's answer
+        would depend on its batch-mates. Padding also cost more than batching saved on
+        banking77 (batch 32: 991 texts/s; one at a time: 2,189/s).
+        """
+        logits = np.empty((len(texts), len(self.labels)), dtype=np.float32)
+        for row, encoding in enumerate(self._tokenizer.encode_batch(texts)):
+            ids = np.array([encoding.ids], dtype=np.int64)
+            logits[row] = self._session.run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0][0]
+        logits /= self.temperature
         logits -= logits.max(axis=-1, keepdims=True)
         probs = np.exp(logits)
         return probs / probs.sum(axis=-1, keepdims=True)

@@ -34,7 +34,8 @@ def artifact_copy(student_dir: Path, tmp_path: Path) -> Path:
 
 
 class ScriptedCloud(cloud_pb2_grpc.CloudServicer):
-    """A real gRPC Cloud server whose behaviour a test sets: answer, slow or overloaded."""
+    """A real gRPC Cloud server whose behaviour a test sets: answer, slow, overloaded or
+    unavailable_once (UNAVAILABLE to the first call, answers after)."""
 
     def __init__(self) -> None:
         self.mode = "answer"
@@ -44,6 +45,8 @@ class ScriptedCloud(cloud_pb2_grpc.CloudServicer):
         self.seen.append((request, dict(context.invocation_metadata())))
         if self.mode == "slow":
             await asyncio.sleep(5)
+        if self.mode == "unavailable_once" and len(self.seen) == 1:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "warming up")
         if self.mode == "overloaded":
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full")
         return cloud_pb2.EscalateResponse(

@@ -83,6 +83,15 @@ async def test_overloaded_cloud_gets_a_local_fallback(student_dir: Path, cloud: 
     assert fallbacks == 1
 
 
+async def test_unavailable_is_retried_by_the_channel(student_dir: Path, cloud: tuple[ScriptedCloud, str]) -> None:
+    servicer, target = cloud
+    servicer.mode = "unavailable_once"
+    async with running_daemon(student_dir, **_escalating(target)) as (_, stub):
+        r = await stub.Infer(_request("cancel my transfer", request_id="retry-1"), timeout=5)
+    assert r.source == edge_pb2.CLOUD and r.label == "card_arrival"
+    assert [sent.request_id for sent, _ in servicer.seen] == ["retry-1", "retry-1"]
+
+
 @pytest.mark.parametrize(
     ("request_fields", "field", "fragment"),
     [
@@ -114,7 +123,7 @@ async def test_concurrent_requests_are_batched_and_all_answered(student_dir: Pat
         batched = await asyncio.gather(*(stub.Infer(_request(t), timeout=10) for t in banking_texts[:64]))
         sizes = daemon.registry.get_sample_value("tandem_edge_batch_size_sum", {"task": "banking77"})
         count = daemon.registry.get_sample_value("tandem_edge_batch_size_count", {"task": "banking77"})
-    # Padding a text into a batch must not change its answer.
+    # Sharing a batch with other texts must not change a text's answer.
     assert [r.label for r in batched] == [single[t] for t in banking_texts[:64]]
     assert count == 128 and sizes > count, "concurrent requests never shared a model run"
 

@@ -1,0 +1,107 @@
+"""Cloud application configuration (`tandem cloud serve --config cloud/cloud.yaml`).
+
+Overridable from the environment with the prefix TANDEM_CLOUD_, e.g.
+TANDEM_CLOUD_GRPC_PORT=9100 or TANDEM_CLOUD_EXPERTS__0__DEPLOYMENT__NUM_REPLICAS=2.
+"""
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from tandem import envs
+from tandem.settings import TandemSettings
+from tandem.tasks import TaskSpec, banking77
+
+
+class DeploymentOptions(BaseModel):
+    """Ray Serve options of one expert's deployment."""
+
+    num_replicas: int | None = Field(1, ge=1, description="Fixed replicas; None with autoscaling_config.")
+    autoscaling_config: dict[str, Any] | None = Field(
+        None, description="Ray Serve autoscaling (min_replicas, max_replicas, target_ongoing_requests, ...)."
+    )
+    max_ongoing_requests: int = Field(
+        32, ge=1, description="Concurrent requests per replica: vLLM batches them (continuous batching)."
+    )
+    max_queued_requests: int = Field(
+        64, ge=-1, description="Requests waiting beyond that; more are refused with RESOURCE_EXHAUSTED. -1: unbounded."
+    )
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    health_check_period_s: float = Field(10.0, gt=0)
+    health_check_timeout_s: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _one_scaling_mode(self) -> "DeploymentOptions":
+        if (self.num_replicas is None) == (self.autoscaling_config is None):
+            raise ValueError("set exactly one of num_replicas and autoscaling_config")
+        return self
+
+
+class ExpertConfig(BaseModel):
+    """A vLLM model that answers escalations for some tasks."""
+
+    name: str = Field(description="Deployment name; shows in metrics and answers.")
+    kind: Literal["generate", "classify"] = Field(
+        description="generate: instruct LLM constrained to the label set. classify: a "
+        "sequence-classification checkpoint on vLLM's pooling runner."
+    )
+    model: str = Field(
+        description="Local directory, or a hub id where a hub is reachable (e.g. Qwen/Qwen2.5-7B-Instruct). "
+        "Relative paths resolve against TANDEM_CACHE_DIR/models."
+    )
+    dtype: str = Field("bfloat16", description="vLLM dtype; a classifier on CPU wants float32.")
+    max_model_len: int = Field(2048, ge=64)
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict, description="Further vllm AsyncEngineArgs, e.g. gpu_memory_utilization."
+    )
+    env: dict[str, str] = Field(
+        default_factory=lambda: {"VLLM_CPU_KVCACHE_SPACE": "1"},
+        description="Environment of the replica (vLLM reads its settings from there).",
+    )
+    deployment: DeploymentOptions = DeploymentOptions()
+
+    def model_path(self) -> str:
+        path = Path(self.model).expanduser()
+        if path.is_absolute() or self.model.startswith((".", "~")):
+            return str(path)
+        local = envs.TANDEM_CACHE_DIR / "models" / self.model
+        return str(local) if local.exists() else self.model
+
+
+class CloudTask(BaseModel):
+    """A task the cloud answers, and which expert answers it."""
+
+    spec: TaskSpec
+    expert: str = Field(description="Name of the expert that answers this task.")
+
+
+class CloudConfig(TandemSettings):
+    """What `tandem cloud serve` reads."""
+
+    model_config = SettingsConfigDict(env_prefix="TANDEM_CLOUD_")
+
+    app_name: str = Field("tandem", description="Serve application name; clients send it as metadata.")
+    grpc_port: int = Field(9000, ge=1, le=65535)
+    http_port: int = Field(8000, ge=1, le=65535, description="Serve's HTTP proxy (health, KubeRay).")
+    max_text_bytes: int = Field(2048, ge=1, description="Largest accepted escalation text, in UTF-8 bytes.")
+    tasks: dict[str, CloudTask] = Field(
+        default_factory=lambda: {"banking77": CloudTask(spec=banking77(), expert="banking77-classifier")}
+    )
+    experts: list[ExpertConfig] = Field(
+        default_factory=lambda: [
+            ExpertConfig(name="banking77-classifier", kind="classify", model="banking77/teacher", dtype="float32")
+        ]
+    )
+
+    @model_validator(mode="after")
+    def _experts_exist(self) -> "CloudConfig":
+        names = [e.name for e in self.experts]
+        if len(set(names)) != len(names):
+            raise ValueError(f"expert names must be unique: {names}")
+        for task, t in self.tasks.items():
+            if t.expert not in names:
+                raise ValueError(f"tasks.{task}.expert: no expert named {t.expert!r} (have {names})")
+        return self
