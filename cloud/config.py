@@ -54,6 +54,10 @@ class ExpertConfig(BaseModel):
     )
     dtype: str = Field("bfloat16", description="vLLM dtype; a classifier on CPU wants float32.")
     max_model_len: int = Field(2048, ge=64)
+    enforce_eager: bool = Field(
+        True, description="Skip torch.compile/CUDA graphs. On CPU the compiled mode recompiles at "
+        "every start (minutes) and flipped greedy answers; set false on GPUs.",
+    )
     engine_args: dict[str, Any] = Field(
         default_factory=dict, description="Further vllm AsyncEngineArgs, e.g. gpu_memory_utilization."
     )
@@ -86,7 +90,17 @@ class CloudConfig(TandemSettings):
     app_name: str = Field("tandem", description="Serve application name; clients send it as metadata.")
     grpc_port: int = Field(9000, ge=1, le=65535)
     http_port: int = Field(8000, ge=1, le=65535, description="Serve's HTTP proxy (health, KubeRay).")
+    ray_metrics_port: int = Field(
+        8080, ge=1, le=65535, description="Where Ray exports Serve's and Tandem's metrics for Prometheus."
+    )
     max_text_bytes: int = Field(2048, ge=1, description="Largest accepted escalation text, in UTF-8 bytes.")
+    expert_timeout_s: float = Field(
+        30.0, gt=0, description="Longest an expert may take before DEADLINE_EXCEEDED (edges set shorter deadlines)."
+    )
+    ingress_max_ongoing_requests: int = Field(256, ge=1, description="Concurrent escalations per ingress replica.")
+    ingress_max_queued_requests: int = Field(
+        512, ge=-1, description="Escalations waiting at the ingress; beyond it RESOURCE_EXHAUSTED."
+    )
     tasks: dict[str, CloudTask] = Field(
         default_factory=lambda: {"banking77": CloudTask(spec=banking77(), expert="banking77-classifier")}
     )
@@ -104,4 +118,7 @@ class CloudConfig(TandemSettings):
         for task, t in self.tasks.items():
             if t.expert not in names:
                 raise ValueError(f"tasks.{task}.expert: no expert named {t.expert!r} (have {names})")
+        idle = set(names) - {t.expert for t in self.tasks.values()}
+        if idle:
+            raise ValueError(f"experts {sorted(idle)} answer no task")
         return self

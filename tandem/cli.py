@@ -57,6 +57,26 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+@_imports("cloud")
+def _cloud_prepare(args: argparse.Namespace) -> int:
+    from cloud.prepare import prepare_all
+    from cloud.training.config import TrainConfig
+    from tandem.settings import load_config
+
+    prepare_all(load_config(TrainConfig, args.config))
+    return 0
+
+
+@_imports("cloud")
+def _cloud_serve(args: argparse.Namespace) -> int:
+    from cloud.config import CloudConfig
+    from cloud.server import serve_forever
+    from tandem.settings import load_config
+
+    serve_forever(load_config(CloudConfig, args.config))
+    return 0
+
+
 @_imports("bench")
 def _bench_edge(args: argparse.Namespace) -> int:
     from benchmarks.edge_bench import EdgeBenchConfig, run_edge_bench
@@ -85,6 +105,10 @@ def _parser() -> argparse.ArgumentParser:
 
     edge = groups.add_parser("edge", help="the device daemon").add_subparsers(required=True)
     command(edge, "serve", _edge_serve, "run the edge daemon (gRPC Edge service)")
+
+    cloud = groups.add_parser("cloud", help="the Ray Serve application").add_subparsers(required=True)
+    command(cloud, "prepare", _cloud_prepare, "build the expert models into the cache (train config)")
+    command(cloud, "serve", _cloud_serve, "run Ray Serve with the gRPC Cloud service (cloud config)")
 
     train = groups.add_parser("train", help="train and export models").add_subparsers(required=True)
     for kind, what in (("teacher", "fine-tune the MiniLM-L6 teacher"), ("student", "train, export and calibrate the edge student")):

@@ -1,0 +1,35 @@
+"""Every error the cloud turns into a gRPC status, in one tree.
+
+    EscalationError
+    ├── InvalidEscalation    bad request          → INVALID_ARGUMENT
+    ├── Overloaded           queue full           → RESOURCE_EXHAUSTED
+    ├── ExpertTimeout        expert too slow      → DEADLINE_EXCEEDED
+    └── ExpertUnavailable    engine or replica down → UNAVAILABLE (edges retry, then fall back)
+
+`cloud.app.CloudIngress.Escalate` is the one place these become statuses.
+"""
+
+import grpc
+
+
+class EscalationError(Exception):
+    code = grpc.StatusCode.INTERNAL
+
+
+class InvalidEscalation(EscalationError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+
+
+class Overloaded(EscalationError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class ExpertTimeout(EscalationError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class ExpertUnavailable(EscalationError):
+    code = grpc.StatusCode.UNAVAILABLE

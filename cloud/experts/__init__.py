@@ -1,0 +1,1 @@
+"""Experts: vLLM engines that answer escalations with a label of the task's label set."""

@@ -1,0 +1,53 @@
+"""The `generate` expert: an instruct LLM that must answer with one of the task's labels.
+
+vLLM's structured outputs constrain the answer to the label set (so nothing outside it
+can come back), and the answer's log-probability gives its confidence. The grammar
+mask is applied before sampling, so that probability is over the allowed labels only.
+"""
+
+import functools
+import math
+from typing import Any
+
+from cloud.experts.protocol import Answer
+
+
+def system_prompt(labels: tuple[str, ...]) -> str:
+    lines = "\n".join(f"- {label}: {label.replace('_', ' ')}" for label in labels)
+    return (
+        "You classify customer messages. Answer with exactly one label from this list, "
+        f"the one that best matches the message's intent:\n{lines}"
+    )
+
+
+class GenerateRunner:
+    def __init__(self, engine: Any) -> None:
+        self._engine = engine
+        self._tokenizer = engine.get_tokenizer()
+
+    async def answer(self, text: str, labels: list[str], request_id: str) -> Answer:
+        final = None
+        async for output in self._engine.generate(self._prompt(text, tuple(labels)), self._params(tuple(labels)), request_id=request_id):
+            final = output
+        completion = final.outputs[0]
+        label = completion.text.strip()
+        confidence = math.exp(completion.cumulative_logprob or 0.0)
+        return Answer(label, confidence, [(label, confidence)])
+
+    def _prompt(self, text: str, labels: tuple[str, ...]) -> str:
+        messages = [{"role": "system", "content": system_prompt(labels)}, {"role": "user", "content": text}]
+        return self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    @functools.lru_cache(maxsize=64)
+    def _params(self, labels: tuple[str, ...]) -> Any:
+        # One object per label set: vLLM caches the compiled grammar across requests.
+        from vllm import SamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
+
+        longest = max(len(self._tokenizer.encode(label, add_special_tokens=False)) for label in labels)
+        return SamplingParams(
+            temperature=0.0,
+            max_tokens=longest + 1,
+            logprobs=1,
+            structured_outputs=StructuredOutputsParams(choice=list(labels)),
+        )

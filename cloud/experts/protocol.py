@@ -1,0 +1,17 @@
+"""What every expert kind returns, and the interface the deployment drives."""
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Answer:
+    label: str
+    confidence: float
+    # (label, probability), most probable first; may cover only the top labels.
+    distribution: list[tuple[str, float]]
+
+
+class Runner(Protocol):
+    async def answer(self, text: str, labels: list[str], request_id: str) -> Answer:
+        """Classifies `text` into one of `labels`."""

