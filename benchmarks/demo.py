@@ -1,23 +1,64 @@
-"""`tandem demo` (`make demo`): train or reuse the models, run the edge side, print the report."""
+"""`tandem demo` (`make demo`): the whole system on this machine, then a report.
 
+Trains or reuses the models, benchmarks the edge daemon, starts the cloud (Ray Serve +
+vLLM) and an edge daemon as real processes, replays banking77 test queries through the
+edge, stops the cloud and replays more (the device keeps answering), and reports per path.
+"""
+
+import asyncio
 import json
+import random
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import grpc
+import yaml
+
 from benchmarks.edge_bench import EdgeBenchConfig, run_edge_bench
+from benchmarks.latency import LatencyRecorder
+from benchmarks.ports import free_port
+from benchmarks.processes import Server, announced_server
+from cloud.prepare import SMOLLM2_DIR, prepare_smollm2
 from cloud.training.config import FitConfig, TrainConfig
+from tandem import envs
 from tandem.settings import load_config
+from tandem.tasks import Example
+from tandem.v1 import edge_pb2, edge_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+QUERIES = 400        # with the cloud up
+OUTAGE_QUERIES = 50  # after the cloud is stopped
+RATE_RPS = 40.0
 
 
 def run_demo(config: Path | None, out: Path) -> int:
+    started = time.perf_counter()
     train_cfg = load_config(TrainConfig, config)
     teacher = _trained(train_cfg, "teacher", train_cfg.teacher)
     student = _trained(train_cfg, "student", train_cfg.student)
+    prepare_smollm2(envs.TANDEM_CACHE_DIR / "models" / SMOLLM2_DIR)
     print(_model_report(teacher, student))
-    bench = load_config(EdgeBenchConfig, None).model_copy(update={"student": train_cfg.model_dir("student")})
+
     print("\n== edge daemon benchmark ==")
+    bench = load_config(EdgeBenchConfig, None).model_copy(update={"student": train_cfg.model_dir("student")})
     run_edge_bench(bench, out / "edge_bench.json")
-    print(f"\nresults in {out}")
+
+    print("\n== the system: edge daemon -> Ray Serve gRPC -> vLLM classify expert ==")
+    examples = random.Random(0).sample(train_cfg.task.load("test"), QUERIES + OUTAGE_QUERIES)
+    with tempfile.TemporaryDirectory() as tmp, _cloud() as cloud, _edge(Path(tmp), train_cfg, cloud.port) as edge:
+        answers = asyncio.run(_replay(edge.port, train_cfg.task.name, examples[:QUERIES]))
+        print("stopping the cloud; the edge keeps answering")
+        cloud.process.terminate()
+        cloud.process.wait(timeout=60)
+        answers += asyncio.run(_replay(edge.port, train_cfg.task.name, examples[QUERIES:]))
+    report = _system_report(answers, teacher["metrics"]["test_accuracy"])
+    (out / "demo.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(_format_system(report))
+    print(f"\ndemo took {time.perf_counter() - started:.0f} s; results in {out}")
     return 0
 
 
@@ -38,6 +79,68 @@ def _trained(cfg: TrainConfig, kind: str, fit: FitConfig) -> dict[str, Any]:
     return train(cfg, directory)
 
 
+@contextmanager
+def _cloud() -> Iterator[Server]:
+    env = {"TANDEM_CLOUD_GRPC_PORT": str(free_port()), "TANDEM_CLOUD_HTTP_PORT": str(free_port()),
+           "TANDEM_CLOUD_RAY_METRICS_PORT": str(free_port())}
+    print("starting the cloud (Ray Serve + vLLM; about 90 s)")
+    with announced_server(["-m", "tandem.cli", "cloud", "serve", "--config", str(ROOT / "cloud" / "cloud.yaml")],
+                          env=env, timeout_s=900) as server:
+        yield server
+
+
+@contextmanager
+def _edge(tmp: Path, train_cfg: TrainConfig, cloud_port: int) -> Iterator[Server]:
+    cfg = yaml.safe_load((ROOT / "edge" / "edge.yaml").read_text())
+    cfg.update(listen="127.0.0.1:0", metrics_port=None, tasks={train_cfg.task.name: str(train_cfg.model_dir("student"))})
+    cfg["cloud"]["target"] = f"127.0.0.1:{cloud_port}"
+    (tmp / "edge.yaml").write_text(yaml.safe_dump(cfg))
+    with announced_server(["-m", "tandem.cli", "edge", "serve", "--config", str(tmp / "edge.yaml")]) as server:
+        yield server
+
+
+async def _replay(port: int, task: str, examples: list[Example]) -> list[dict[str, Any]]:
+    """Sends each example at RATE_RPS (open loop); returns one record per answer."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = edge_pb2_grpc.EdgeStub(channel)
+        start = time.perf_counter()
+
+        async def one(i: int, example: Example) -> dict[str, Any]:
+            await asyncio.sleep(max(0.0, start + i / RATE_RPS - time.perf_counter()))
+            sent = time.perf_counter()
+            r = await stub.Infer(edge_pb2.InferRequest(task=task, text=example.text.encode()), timeout=10)
+            return {"source": edge_pb2.Source.Name(r.source), "correct": r.label == example.label,
+                    "latency_s": time.perf_counter() - sent, "reason": r.reason}
+
+        return await asyncio.gather(*(one(i, e) for i, e in enumerate(examples)))
+
+
+def _system_report(answers: list[dict[str, Any]], expert_accuracy: float) -> dict[str, Any]:
+    paths = {}
+    for source in ("EDGE", "CLOUD", "EDGE_FALLBACK"):
+        rows = [a for a in answers if a["source"] == source]
+        rec = LatencyRecorder()
+        for a in rows:
+            rec.record(a["latency_s"])
+        paths[source] = {
+            "share": len(rows) / len(answers),
+            "count": len(rows),
+            "p50_ms": rec.percentile_ms(50) if rows else None,
+            "p99_ms": rec.percentile_ms(99) if rows else None,
+            "accuracy": sum(a["correct"] for a in rows) / len(rows) if rows else None,
+        }
+    with_cloud = answers[:QUERIES]
+    return {
+        "paths": paths,
+        "queries": len(answers),
+        "escalation_rate": sum(a["source"] == "CLOUD" for a in with_cloud) / len(with_cloud),
+        "cascade_accuracy": sum(a["correct"] for a in with_cloud) / len(with_cloud),
+        "expert_accuracy_test_split": expert_accuracy,
+        "overall_accuracy": sum(a["correct"] for a in answers) / len(answers),
+        "fallback_reasons": sorted({a["reason"] for a in answers if a["source"] == "EDGE_FALLBACK"}),
+    }
+
+
 def _model_report(teacher: dict[str, Any], student: dict[str, Any]) -> str:
     s = student["metrics"]
     return "\n".join([
@@ -47,3 +150,17 @@ def _model_report(teacher: dict[str, Any], student: dict[str, Any]) -> str:
         f"  int8 accuracy {s['test_accuracy']:.1%} (fp32 {s['test_accuracy_fp32']:.1%})",
         f"         ECE {s['test_ece_uncalibrated']:.3f} uncalibrated -> {s['test_ece']:.3f} at T={student['temperature']:.2f}",
     ])
+
+
+def _format_system(r: dict[str, Any]) -> str:
+    lines = [f"\n{'path':14} {'share':>6} {'count':>6} {'p50 ms':>8} {'p99 ms':>8} {'accuracy':>9}"]
+    for source, p in r["paths"].items():
+        if p["count"]:
+            lines.append(f"{source:14} {p['share']:6.1%} {p['count']:6d} {p['p50_ms']:8.2f} {p['p99_ms']:8.2f} {p['accuracy']:9.1%}")
+    lines += [
+        f"\nwith the cloud up ({QUERIES} queries): escalation rate {r['escalation_rate']:.1%}, "
+        f"cascade accuracy {r['cascade_accuracy']:.1%} (classify expert alone: {r['expert_accuracy_test_split']:.1%} on the test split)",
+        f"all {r['queries']} queries, cloud stopped for the last {OUTAGE_QUERIES}: accuracy {r['overall_accuracy']:.1%}, "
+        f"0 failed; fallback reasons {r['fallback_reasons']}",
+    ]
+    return "\n".join(lines)

@@ -17,7 +17,14 @@ from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Histogram
 
 from cloud.config import CloudConfig, ExpertConfig
-from cloud.errors import EscalationError, ExpertTimeout, ExpertUnavailable, InvalidEscalation, Overloaded
+from cloud.errors import (
+    EscalationError,
+    ExpertTimeout,
+    ExpertUnavailable,
+    InvalidAnswer,
+    InvalidEscalation,
+    Overloaded,
+)
 from cloud.experts.protocol import Answer, Runner
 from tandem.settings import load_config
 from tandem.v1 import cloud_pb2, common_pb2
@@ -99,6 +106,8 @@ class CloudIngress:
         )
 
     async def Escalate(self, request: cloud_pb2.EscalateRequest, grpc_context: RayServegRPCContext) -> cloud_pb2.EscalateResponse:
+        if not request.request_id:
+            request.request_id = uuid.uuid4().hex
         expert = self._routes.get(request.task, ("none", []))[0]
         try:
             response = await self._escalate(request)
@@ -122,8 +131,7 @@ class CloudIngress:
         if size > self._max_text_bytes:
             raise InvalidEscalation("text", f"{size} bytes exceeds the limit of {self._max_text_bytes} bytes")
         expert, labels = self._routes[request.task]
-        request_id = request.request_id or uuid.uuid4().hex
-        call = self._experts[expert].answer.remote(request.text, labels, request_id)
+        call = self._experts[expert].answer.remote(request.text, labels, request.request_id)
         try:
             answer, seconds = await asyncio.wait_for(call, timeout=self._timeout_s)
         except BackPressureError as exc:
@@ -133,8 +141,10 @@ class CloudIngress:
             raise ExpertTimeout(f"expert {expert} did not answer within {self._timeout_s:.1f} s") from exc
         except Exception as exc:  # a dead engine or replica: Serve replaces it, edges fall back
             raise ExpertUnavailable(f"expert {expert} failed: {type(exc).__name__}") from exc
+        if answer.label not in labels:
+            raise InvalidAnswer(f"expert {expert} answered {answer.label!r}, not a label of task {request.task}")
         return cloud_pb2.EscalateResponse(
-            request_id=request_id,
+            request_id=request.request_id,
             label=answer.label,
             confidence=answer.confidence,
             distribution=[common_pb2.LabelScore(label=l, probability=p) for l, p in answer.distribution],

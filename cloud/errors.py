@@ -4,7 +4,8 @@
     ├── InvalidEscalation    bad request          → INVALID_ARGUMENT
     ├── Overloaded           queue full           → RESOURCE_EXHAUSTED
     ├── ExpertTimeout        expert too slow      → DEADLINE_EXCEEDED
-    └── ExpertUnavailable    engine or replica down → UNAVAILABLE (edges retry, then fall back)
+    ├── ExpertUnavailable    engine or replica down → UNAVAILABLE (edges retry, then fall back)
+    └── InvalidAnswer        expert answered outside the label set → INTERNAL
 
 `cloud.app.CloudIngress.Escalate` is the one place these become statuses.
 """
@@ -33,3 +34,7 @@ class ExpertTimeout(EscalationError):
 
 class ExpertUnavailable(EscalationError):
     code = grpc.StatusCode.UNAVAILABLE
+
+
+class InvalidAnswer(EscalationError):
+    code = grpc.StatusCode.INTERNAL

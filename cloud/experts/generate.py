@@ -13,7 +13,8 @@ from cloud.experts.protocol import Answer
 
 
 def system_prompt(labels: tuple[str, ...]) -> str:
-    lines = "\n".join(f"- {label}: {label.replace('_', ' ')}" for label in labels)
+    # Labels only: banking77's "descriptions" would be the names again, doubling the prefill.
+    lines = "\n".join(f"- {label}" for label in labels)
     return (
         "You classify customer messages. Answer with exactly one label from this list, "
         f"the one that best matches the message's intent:\n{lines}"
@@ -30,6 +31,12 @@ class GenerateRunner:
         async for output in self._engine.generate(self._prompt(text, tuple(labels)), self._params(tuple(labels)), request_id=request_id):
             final = output
         completion = final.outputs[0]
+        if completion.finish_reason == "length":
+            # The grammar only ends on a whole label; stopping early leaves a prefix.
+            raise RuntimeError(
+                f"answer cut off after {len(completion.token_ids)} tokens ({completion.text!r}): "
+                f"the {len(final.prompt_token_ids)}-token prompt leaves too little of max_model_len"
+            )
         label = completion.text.strip()
         confidence = math.exp(completion.cumulative_logprob or 0.0)
         return Answer(label, confidence, [(label, confidence)])
@@ -44,10 +51,12 @@ class GenerateRunner:
         from vllm import SamplingParams
         from vllm.sampling_params import StructuredOutputsParams
 
+        # A label can take more tokens in context than alone (merges with what precedes it):
+        # a cut-off answer would be a label prefix, so leave ample room.
         longest = max(len(self._tokenizer.encode(label, add_special_tokens=False)) for label in labels)
         return SamplingParams(
             temperature=0.0,
-            max_tokens=longest + 1,
+            max_tokens=2 * longest + 8,
             logprobs=1,
             structured_outputs=StructuredOutputsParams(choice=list(labels)),
         )

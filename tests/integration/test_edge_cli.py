@@ -3,7 +3,6 @@
 import contextlib
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -16,16 +15,11 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from benchmarks.ports import free_port
 from benchmarks.processes import Server, announced_server
 from tandem.v1 import edge_pb2, edge_pb2_grpc
 
 pytestmark = pytest.mark.integration
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _config(tmp_path: Path, student_dir: Path, metrics_port: int, **extra: object) -> Path:
@@ -47,7 +41,7 @@ def _infer(port: int, n: int) -> list[edge_pb2.InferResponse]:
 
 
 def test_serve_answers_reports_health_and_metrics_and_exits_cleanly(student_dir: Path, tmp_path: Path) -> None:
-    metrics_port = _free_port()
+    metrics_port = free_port()
     with _serve(_config(tmp_path, student_dir, metrics_port)) as server:
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="tandem.v1.Edge"), timeout=5)
@@ -71,7 +65,7 @@ def test_invalid_config_exits_2_naming_the_field(student_dir: Path, tmp_path: Pa
 def test_a_real_prometheus_scrapes_the_daemon(student_dir: Path, tmp_path: Path) -> None:
     binary = shutil.which("prometheus")
     assert binary, "Prometheus is not installed: `make test` installs Debian's prometheus package"
-    metrics_port, web_port = _free_port(), _free_port()
+    metrics_port, web_port = free_port(), free_port()
     scrape = {"global": {"scrape_interval": "1s"},
               "scrape_configs": [{"job_name": "tandem-edge", "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}]}
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(scrape))

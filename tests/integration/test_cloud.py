@@ -1,0 +1,187 @@
+"""The cloud as deployed: `tandem cloud serve` in a subprocess (real Ray Serve, real vLLM
+on CPU), reached through Serve's gRPC ingress. The engines start once for the module."""
+
+import asyncio
+import os
+import re
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import psutil
+import pytest
+import yaml
+
+from benchmarks.ports import free_port
+from benchmarks.processes import Server, announced_server
+from edge.config import CloudConfig, PolicyConfig
+from tandem.tasks import banking77
+from tandem.v1 import cloud_pb2, cloud_pb2_grpc, edge_pb2
+
+from .conftest import running_daemon
+
+pytestmark = pytest.mark.integration
+
+METADATA = [("application", "tandem")]
+LABELS = banking77().label_names()
+
+
+@pytest.fixture(scope="module")
+def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, int]]:
+    """Both expert kinds: a briefly trained classifier and SmolLM2 (prepared into the cache)."""
+    from cloud.prepare import SMOLLM2_DIR, prepare_smollm2
+    from cloud.training.config import FitConfig, TrainConfig
+    from cloud.training.teacher import train_teacher
+    from tandem import envs
+
+    tmp = tmp_path_factory.mktemp("cloud")
+    teacher = tmp / "teacher"
+    train_teacher(TrainConfig(teacher=FitConfig(layers=2, lr=5e-4, epochs=1, max_examples=2000)), teacher)
+    smollm2 = prepare_smollm2(envs.TANDEM_CACHE_DIR / "models" / SMOLLM2_DIR)
+    spec = banking77().model_dump(mode="json")
+    metrics_port = free_port()
+    cfg = {
+        "grpc_port": free_port(), "http_port": free_port(), "ray_metrics_port": metrics_port,
+        "max_text_bytes": 512,
+        "tasks": {"banking77": {"spec": spec, "expert": "classifier"}, "banking77-llm": {"spec": spec, "expert": "llm"}},
+        "experts": [
+            {"name": "classifier", "kind": "classify", "model": str(teacher), "dtype": "float32", "max_model_len": 128,
+             "deployment": {"max_ongoing_requests": 64, "max_queued_requests": 64, "health_check_period_s": 2,
+                            "health_check_timeout_s": 20}},
+            # Small limits, so that the overload test can fill them.
+            {"name": "llm", "kind": "generate", "model": str(smollm2), "max_model_len": 2048,
+             "deployment": {"max_ongoing_requests": 2, "max_queued_requests": 2}},
+        ],
+    }
+    (tmp / "cloud.yaml").write_text(yaml.safe_dump(cfg))
+    with announced_server(["-m", "tandem.cli", "cloud", "serve", "--config", str(tmp / "cloud.yaml")], timeout_s=600) as server:
+        yield server, metrics_port
+
+
+@pytest.fixture(scope="module")
+def stub(cloud: tuple[Server, int]) -> Iterator[cloud_pb2_grpc.CloudStub]:
+    with grpc.insecure_channel(f"127.0.0.1:{cloud[0].port}") as channel:
+        yield cloud_pb2_grpc.CloudStub(channel)
+
+
+def _escalate(stub: cloud_pb2_grpc.CloudStub, task: str, text: str, timeout: float = 60, **kw: str) -> cloud_pb2.EscalateResponse:
+    return stub.Escalate(cloud_pb2.EscalateRequest(task=task, text=text, **kw), metadata=METADATA, timeout=timeout)
+
+
+def test_classify_expert_answers_with_a_label_distribution(stub: cloud_pb2_grpc.CloudStub, banking_texts: list[str]) -> None:
+    for i, text in enumerate(banking_texts[:10]):
+        r = _escalate(stub, "banking77", text, request_id=f"cls-{i}")
+        probs = [d.probability for d in r.distribution]
+        assert r.label in LABELS and r.expert == "classifier" and r.request_id == f"cls-{i}"
+        assert r.distribution[0].label == r.label and probs == sorted(probs, reverse=True)
+        assert r.confidence == pytest.approx(probs[0]) and 0 < sum(probs) <= 1.0001
+        assert r.expert_ms > 0
+
+
+def test_generate_expert_answers_within_the_label_set(stub: cloud_pb2_grpc.CloudStub, banking_texts: list[str]) -> None:
+    for text in banking_texts[:3]:
+        r = _escalate(stub, "banking77-llm", text)
+        assert r.label in LABELS and r.expert == "llm" and 0 < r.confidence <= 1
+
+
+async def test_edge_daemon_escalates_to_the_served_cloud(student_dir: Path, cloud: tuple[Server, int]) -> None:
+    target = CloudConfig(target=f"127.0.0.1:{cloud[0].port}", deadline_ms=30000)
+    async with running_daemon(student_dir, policy=PolicyConfig(mode="cloud_only"), cloud=target) as (_, edge):
+        r = await edge.Infer(edge_pb2.InferRequest(task="banking77", text=b"my card has not arrived", request_id="e2e-1"), timeout=60)
+    assert (r.source, r.expert, r.request_id) == (edge_pb2.CLOUD, "classifier", "e2e-1")
+    assert r.label in LABELS and r.timings.cloud_ms > 0
+
+
+def test_concurrent_escalations_are_batched_in_the_engine(cloud: tuple[Server, int], stub: cloud_pb2_grpc.CloudStub,
+                                                         banking_texts: list[str]) -> None:
+    async def burst() -> list[cloud_pb2.EscalateResponse]:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{cloud[0].port}") as channel:
+            aio_stub = cloud_pb2_grpc.CloudStub(channel)
+            calls = [aio_stub.Escalate(cloud_pb2.EscalateRequest(task="banking77", text=t), metadata=METADATA, timeout=60)
+                     for t in banking_texts[:48]]
+            return await asyncio.gather(*calls)
+
+    answers = asyncio.run(burst())
+    assert all(a.label in LABELS for a in answers)
+    # Ray exports the replica's histogram of requests in flight when each one started.
+    url = f"http://127.0.0.1:{cloud[1]}/metrics"
+    # Ray prefixes application metrics with "ray_".
+    pattern = re.compile(r'^ray_tandem_expert_concurrent_requests_bucket\{.*expert="classifier".*le="1.0".*\} (\S+)$', re.M)
+    count = re.compile(r'^ray_tandem_expert_concurrent_requests_count\{.*expert="classifier".*\} (\S+)$', re.M)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+        if (alone := pattern.search(text)) and (total := count.search(text)) and float(total.group(1)) >= 48:
+            break
+        time.sleep(2)
+    else:
+        pytest.fail("the expert's concurrency histogram never reached the burst")
+    assert float(alone.group(1)) < float(total.group(1)) - 24, "escalations ran one at a time"
+
+
+@pytest.mark.parametrize(
+    ("task", "text", "fragment"),
+    [("weather", "hi", "task: unknown task 'weather'"), ("banking77", "x" * 513, "text: 513 bytes exceeds the limit of 512"),
+     ("banking77", "   ", "text: must not be empty")],
+)
+def test_bad_escalations_are_invalid_argument(stub: cloud_pb2_grpc.CloudStub, task: str, text: str, fragment: str) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        _escalate(stub, task, text, timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and fragment in info.value.details()
+
+
+def test_overload_is_refused_with_resource_exhausted_before_queued_work_finishes(cloud: tuple[Server, int]) -> None:
+    async def flood() -> list[tuple[float, grpc.StatusCode]]:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{cloud[0].port}") as channel:
+            aio_stub = cloud_pb2_grpc.CloudStub(channel)
+            start = time.perf_counter()
+
+            async def one(i: int) -> tuple[float, grpc.StatusCode]:
+                try:
+                    await aio_stub.Escalate(cloud_pb2.EscalateRequest(task="banking77-llm", text=f"card {i} blocked"),
+                                            metadata=METADATA, timeout=120)
+                    code = grpc.StatusCode.OK
+                except grpc.aio.AioRpcError as exc:
+                    code = exc.code()
+                return time.perf_counter() - start, code
+
+            return await asyncio.gather(*(one(i) for i in range(24)))
+
+    results = asyncio.run(flood())
+    refused = [t for t, code in results if code == grpc.StatusCode.RESOURCE_EXHAUSTED]
+    served = [t for t, code in results if code == grpc.StatusCode.OK]
+    assert len(refused) + len(served) == 24, f"unexpected statuses: {results}"
+    assert refused and served
+    assert max(refused) < max(served), "refusals must not wait for the queue to drain"
+
+
+def test_client_deadline_is_respected(stub: cloud_pb2_grpc.CloudStub) -> None:
+    started = time.perf_counter()
+    with pytest.raises(grpc.RpcError) as info:
+        _escalate(stub, "banking77-llm", "how do I top up by card", timeout=0.05)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.perf_counter() - started < 5
+
+
+def test_dead_engine_fails_fast_and_serve_replaces_the_replica(stub: cloud_pb2_grpc.CloudStub) -> None:
+    """Kills the classifier's vLLM engine process: requests fail with a status instead of
+    hanging, the health check marks the replica unhealthy, Serve starts a new one."""
+    replica = next(p for p in psutil.process_iter(["cmdline"])
+                   if "ServeReplica:tandem:classifier" in " ".join(p.info["cmdline"] or []))
+    engine = next(c for c in replica.children() if "EngineCore" in " ".join(c.cmdline()))
+    for proc in [engine, *engine.children(recursive=True)]:
+        proc.kill()
+    with pytest.raises(grpc.RpcError) as info:
+        _escalate(stub, "banking77", "is my card lost", timeout=30)
+    assert info.value.code() in {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            assert _escalate(stub, "banking77", "is my card lost", timeout=30).label in LABELS
+            break
+        except grpc.RpcError:
+            time.sleep(3)
+    else:
+        pytest.fail("Serve did not replace the replica whose engine died")
