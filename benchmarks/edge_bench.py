@@ -23,7 +23,7 @@ from pydantic_settings import SettingsConfigDict
 
 from benchmarks.echo import echo_callable
 from benchmarks.latency import LatencyRecorder
-from benchmarks.loadgen import RunResult, closed_loop, fixed_rate, open_loop
+from benchmarks.loadgen import RunResult, closed_loop, fixed_rate, open_loop, sequential
 from benchmarks.processes import announced_server
 from edge.student import SessionOptions, Student
 from tandem import envs
@@ -115,15 +115,10 @@ async def measure_echo(cfg: EdgeBenchConfig) -> dict[str, Any]:
             async def call(i: int) -> object:
                 return await echo(payload, timeout=5)
 
-            for i in range(100):
-                await call(i)
-            rec = LatencyRecorder()
-            for i in range(cfg.sequential_requests):
-                t = time.perf_counter()
-                await call(i)
-                rec.record(time.perf_counter() - t)
+            await sequential(call, 100)
+            back_to_back = await sequential(call, cfg.sequential_requests)
             paced = await open_loop(call, fixed_rate(cfg.rate_rps, cfg.duration_s))
-    return {**rec.summary(), "open_loop": _open_loop_summary(paced, cfg.rate_rps)}
+    return {**back_to_back.latency.summary(), "open_loop": _open_loop_summary(paced, cfg.rate_rps)}
 
 
 def _open_loop_summary(run: RunResult, rate_rps: float) -> dict[str, Any]:

@@ -62,6 +62,16 @@ async def open_loop(call: Call, offsets: Sequence[float]) -> RunResult:
     return result
 
 
+async def sequential(call: Call, count: int) -> RunResult:
+    """`count` calls one after another: latency without any queueing."""
+    result = RunResult()
+    start = time.perf_counter()
+    for i in range(count):
+        await _timed(call, i, time.perf_counter(), result)
+    result.elapsed_s = time.perf_counter() - start
+    return result
+
+
 async def closed_loop(call: Call, concurrency: int, duration_s: float) -> RunResult:
     """`concurrency` callers, each sending its next request when the last returns."""
     result = RunResult()

@@ -86,6 +86,15 @@ def _bench_edge(args: argparse.Namespace) -> int:
     return 0
 
 
+@_imports("cloud")
+def _bench_cloud(args: argparse.Namespace) -> int:
+    from benchmarks.cloud_bench import CloudBenchConfig, run_cloud_bench
+    from tandem.settings import load_config
+
+    run_cloud_bench(load_config(CloudBenchConfig, args.config), args.out)
+    return 0
+
+
 @_imports("dev")
 def _demo(args: argparse.Namespace) -> int:
     from benchmarks.demo import run_demo
@@ -118,6 +127,8 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = groups.add_parser("bench", help="benchmarks").add_subparsers(required=True)
     p = command(bench, "edge", _bench_edge, "edge daemon against raw ONNX Runtime and a gRPC echo")
+    p.add_argument("--out", type=Path, required=True, help="JSON results file")
+    p = command(bench, "cloud", _bench_cloud, "each expert offline vs served through Serve's gRPC ingress")
     p.add_argument("--out", type=Path, required=True, help="JSON results file")
 
     p = command(groups, "demo", _demo, "train or reuse models, run the system, print the report")

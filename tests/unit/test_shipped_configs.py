@@ -1,0 +1,41 @@
+"""Every config file the project ships must load through its config class."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cloud.config import CloudConfig
+from edge.config import EdgeConfig
+from tandem.settings import load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("path", ["cloud/cloud.yaml", "cloud/cloud.prod.yaml"])
+def test_cloud_configs_load(path: str) -> None:
+    cfg = load_config(CloudConfig, ROOT / path)
+    assert cfg.tasks and {t.expert for t in cfg.tasks.values()} == {e.name for e in cfg.experts}
+
+
+def test_prod_config_names_hub_models_and_gpus() -> None:
+    cfg = load_config(CloudConfig, ROOT / "cloud/cloud.prod.yaml")
+    llm = next(e for e in cfg.experts if e.kind == "generate")
+    assert "/" in llm.model and not llm.model.startswith("/") and llm.deployment.num_gpus >= 1
+    assert all(e.deployment.autoscaling_config for e in cfg.experts)
+
+
+def test_edge_configs_load(tmp_path: Path) -> None:
+    assert load_config(EdgeConfig, ROOT / "edge/edge.yaml").policy.threshold == 0.7
+    daemonset = yaml.safe_load_all((ROOT / "k8s/edge-daemonset.yaml").read_text())
+    edge_yaml = next(d for d in daemonset if d["kind"] == "ConfigMap")["data"]["edge.yaml"]
+    (tmp_path / "edge.yaml").write_text(edge_yaml)
+    assert load_config(EdgeConfig, tmp_path / "edge.yaml").policy.budget_per_s == 20
+
+
+def test_serve_config_points_at_the_app_builder() -> None:
+    serve_cfg = yaml.safe_load((ROOT / "cloud/serve_config.yaml").read_text())
+    app = serve_cfg["applications"][0]
+    assert app["import_path"] == "cloud.app:app_builder"
+    assert serve_cfg["grpc_options"]["grpc_servicer_functions"] == ["tandem.v1.cloud_pb2_grpc.add_CloudServicer_to_server"]
+    assert (ROOT / app["args"]["config"]).exists()
