@@ -21,7 +21,7 @@ from pydantic_settings import SettingsConfigDict
 
 from benchmarks.echo import echo_callable
 from benchmarks.latency import LatencyRecorder
-from benchmarks.loadgen import closed_loop, sequential
+from benchmarks.loadgen import sequential
 from benchmarks.ports import free_port
 from benchmarks.processes import announced_server
 from cloud.config import CloudConfig
@@ -124,14 +124,15 @@ async def _served(cfg: CloudBenchConfig, cloud_cfg: CloudConfig, routes: dict[st
     from ray.serve.config import gRPCOptions, HTTPOptions
 
     from benchmarks.serve_echo import EchoCloud
-    from cloud.app import SERVICER, build_app
+    from cloud.app import SERVICER, build_apps
 
     port = free_port()
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
     try:
         serve.start(http_options=HTTPOptions(host="127.0.0.1", port=free_port()),
                     grpc_options=gRPCOptions(port=port, grpc_servicer_functions=[SERVICER]))
-        serve.run(build_app(cloud_cfg), name=cloud_cfg.app_name, route_prefix=f"/{cloud_cfg.app_name}")
+        for name, app in build_apps(cloud_cfg).items():
+            serve.run(app, name=name, route_prefix=f"/{name}")
         serve.run(EchoCloud.bind(), name="echo", route_prefix="/echo")
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = cloud_pb2_grpc.CloudStub(channel)
@@ -139,8 +140,8 @@ async def _served(cfg: CloudBenchConfig, cloud_cfg: CloudConfig, routes: dict[st
             echo_call = lambda i: stub.Escalate(cloud_pb2.EscalateRequest(task="echo", text="x"), metadata=echo, timeout=10)
             await sequential(echo_call, 100)
             serve_echo = (await sequential(echo_call, 500)).latency.percentile_ms(50)
-            experts = {kind: await _served_expert(cfg, stub, cloud_cfg.app_name, task, texts[: cfg.requests[kind]], kind)
-                       for kind, (task, _) in routes.items()}
+            experts = {kind: await _served_expert(cfg, stub, expert.name, task, texts[: cfg.requests[kind]], kind)
+                       for kind, (task, expert) in routes.items()}
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -22,8 +22,8 @@ from benchmarks.edge_bench import EdgeBenchConfig, run_edge_bench
 from benchmarks.latency import LatencyRecorder
 from benchmarks.ports import free_port
 from benchmarks.processes import Server, announced_server
-from cloud.prepare import SMOLLM2_DIR, prepare_smollm2
-from cloud.training.config import FitConfig, TrainConfig
+from cloud.prepare import SMOLLM2_DIR, ensure_trained, prepare_smollm2
+from cloud.training.config import TrainConfig
 from tandem import envs
 from tandem.settings import load_config
 from tandem.tasks import Example
@@ -38,8 +38,8 @@ RATE_RPS = 40.0
 def run_demo(config: Path | None, out: Path) -> int:
     started = time.perf_counter()
     train_cfg = load_config(TrainConfig, config)
-    teacher = _trained(train_cfg, "teacher", train_cfg.teacher)
-    student = _trained(train_cfg, "student", train_cfg.student)
+    teacher = ensure_trained(train_cfg, "teacher")
+    student = ensure_trained(train_cfg, "student")
     prepare_smollm2(envs.TANDEM_CACHE_DIR / "models" / SMOLLM2_DIR)
     print(_model_report(teacher, student))
 
@@ -60,23 +60,6 @@ def run_demo(config: Path | None, out: Path) -> int:
     print(_format_system(report))
     print(f"\ndemo took {time.perf_counter() - started:.0f} s; results in {out}")
     return 0
-
-
-def _trained(cfg: TrainConfig, kind: str, fit: FitConfig) -> dict[str, Any]:
-    """The cached model's manifest if it was trained with this config; else trains it."""
-    directory = cfg.model_dir(kind)
-    manifest_path = directory / "manifest.json"
-    if manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("fit") == fit.model_dump() and manifest.get("task") == cfg.task.name:
-            print(f"reusing {kind} {manifest['version']} from {directory}")
-            return manifest
-    print(f"training the {kind} into {directory}")
-    if kind == "teacher":
-        from cloud.training.teacher import train_teacher as train
-    else:
-        from cloud.training.student import train_student as train
-    return train(cfg, directory)
 
 
 @contextmanager

@@ -1,7 +1,12 @@
-"""The Ray Serve application: a gRPC ingress (`tandem.v1.Cloud`) routing by task to
-one Expert deployment per configured vLLM model.
+"""The Ray Serve applications: one per expert, each implementing `tandem.v1.Cloud`
+directly on its vLLM engine.
 
-`serve run cloud/serve_config.yaml` and `tandem cloud serve` both build it with `app_builder`.
+Serve's gRPC proxy routes by the `application` metadata, so the proxy is the router and
+each escalation takes one Serve hop (an ingress deployment in front of the experts cost a
+second hop: 11.6 ms of overhead against a 5.5 ms Serve echo, measured by `tandem bench
+cloud`). Edges map each task to its expert's application.
+
+`tandem cloud serve` and `serve run cloud/serve_config.yaml` build them with the same code.
 """
 
 import asyncio
@@ -11,21 +16,12 @@ import uuid
 from typing import Any
 
 from ray import serve
-from ray.serve.exceptions import BackPressureError
 from ray.serve.grpc_util import RayServegRPCContext
-from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Histogram
 
 from cloud.config import CloudConfig, ExpertConfig
-from cloud.errors import (
-    EscalationError,
-    ExpertTimeout,
-    ExpertUnavailable,
-    InvalidAnswer,
-    InvalidEscalation,
-    Overloaded,
-)
-from cloud.experts.protocol import Answer, Runner
+from cloud.errors import EscalationError, ExpertTimeout, ExpertUnavailable, InvalidAnswer, InvalidEscalation
+from cloud.experts.protocol import Runner
 from tandem.settings import load_config
 from tandem.v1 import cloud_pb2, common_pb2
 
@@ -37,49 +33,89 @@ SERVICER = "tandem.v1.cloud_pb2_grpc.add_CloudServicer_to_server"
 
 @serve.deployment
 class Expert:
-    """One vLLM engine. Concurrent calls share it: vLLM batches them continuously."""
+    """One vLLM engine answering the tasks routed to it. Concurrent calls share the engine:
+    vLLM batches them continuously. Method names are the RPC names."""
 
-    def __init__(self, cfg: dict[str, Any], probe_labels: list[str]) -> None:
+    def __init__(self, cfg: dict[str, Any], tasks: dict[str, list[str]], max_text_bytes: int, timeout_s: float) -> None:
         from cloud.experts.engine import build_engine
 
         self._cfg = ExpertConfig.model_validate(cfg)
-        self._probe_labels = probe_labels
-        engine = build_engine(self._cfg)
-        self._runner: Runner
-        if self._cfg.kind == "classify":
-            from cloud.experts.classify import ClassifyRunner, checkpoint_labels
-
-            model_labels = checkpoint_labels(self._cfg.model_path())
-            if sorted(model_labels) != sorted(probe_labels):
-                raise ValueError(f"expert {self._cfg.name}: checkpoint labels differ from the task's label set")
-            self._runner = ClassifyRunner(engine, model_labels)
-        else:
-            from cloud.experts.generate import GenerateRunner
-
-            self._runner = GenerateRunner(engine)
+        self._tasks = tasks  # task -> labels
+        self._max_text_bytes = max_text_bytes
+        self._timeout_s = timeout_s
+        self._runner = self._build_runner(build_engine(self._cfg))
         self._in_flight = 0
         self._peak_in_flight = 0
-        self._latency = Histogram(
-            "tandem_expert_seconds", "Expert compute time per escalation.", LATENCY_BOUNDARIES, tag_keys=("expert",)
-        )
-        self._batch = Histogram(
-            "tandem_expert_concurrent_requests", "Requests inside the engine when one starts (its batch).",
-            [1, 2, 4, 8, 16, 32, 64], tag_keys=("expert",),
-        )
+        self._tags = {"expert": self._cfg.name}
+        self._escalations = Counter("tandem_cloud_escalations", "Escalations by task, expert and gRPC status.",
+                                    tag_keys=("task", "expert", "code"))
+        self._latency = Histogram("tandem_expert_seconds", "Expert compute time per escalation.",
+                                  LATENCY_BOUNDARIES, tag_keys=("expert",))
+        self._batch = Histogram("tandem_expert_concurrent_requests", "Requests inside the engine when one starts (its batch).",
+                                [1, 2, 4, 8, 16, 32, 64], tag_keys=("expert",))
 
-    async def answer(self, text: str, labels: list[str], request_id: str) -> tuple[Answer, float]:
-        """The expert's answer and its compute time in seconds."""
+    def _build_runner(self, engine: Any) -> Runner:
+        if self._cfg.kind == "generate":
+            from cloud.experts.generate import GenerateRunner
+
+            return GenerateRunner(engine)
+        from cloud.experts.classify import ClassifyRunner, checkpoint_labels
+
+        model_labels = checkpoint_labels(self._cfg.model_path())
+        for task, labels in self._tasks.items():
+            if sorted(labels) != sorted(model_labels):
+                raise ValueError(f"expert {self._cfg.name}: checkpoint labels differ from task {task}'s label set")
+        return ClassifyRunner(engine, model_labels)
+
+    async def Escalate(self, request: cloud_pb2.EscalateRequest, grpc_context: RayServegRPCContext) -> cloud_pb2.EscalateResponse:
+        if not request.request_id:
+            request.request_id = uuid.uuid4().hex
+        tags = {"task": request.task, "expert": self._cfg.name}
+        try:
+            response = await self._escalate(request)
+        except EscalationError as exc:
+            log.warning("escalation %s task=%s failed: %s %s", request.request_id, request.task, exc.code.name, exc)
+            self._escalations.inc(tags={**tags, "code": exc.code.name})
+            grpc_context.set_code(exc.code)
+            grpc_context.set_details(str(exc))
+            return cloud_pb2.EscalateResponse(request_id=request.request_id)
+        self._escalations.inc(tags={**tags, "code": "OK"})
+        log.info("escalation %s task=%s label=%s %.1f ms", request.request_id, request.task, response.label, response.expert_ms)
+        return response
+
+    async def _escalate(self, request: cloud_pb2.EscalateRequest) -> cloud_pb2.EscalateResponse:
+        labels = self._tasks.get(request.task)
+        if labels is None:
+            raise InvalidEscalation("task", f"unknown task {request.task!r}; expert {self._cfg.name} answers {sorted(self._tasks)}")
+        size = len(request.text.encode())
+        if not request.text.strip():
+            raise InvalidEscalation("text", "must not be empty or blank")
+        if size > self._max_text_bytes:
+            raise InvalidEscalation("text", f"{size} bytes exceeds the limit of {self._max_text_bytes} bytes")
         self._in_flight += 1
         self._peak_in_flight = max(self._peak_in_flight, self._in_flight)
-        self._batch.observe(self._in_flight, tags={"expert": self._cfg.name})
+        self._batch.observe(self._in_flight, tags=self._tags)
         started = time.perf_counter()
         try:
-            answer = await self._runner.answer(text, labels, request_id)
+            answer = await asyncio.wait_for(self._runner.answer(request.text, labels, request.request_id), self._timeout_s)
+        except asyncio.TimeoutError as exc:
+            raise ExpertTimeout(f"expert {self._cfg.name} did not answer within {self._timeout_s:.1f} s") from exc
+        except Exception as exc:  # a dead or broken engine: the health check gets the replica replaced
+            raise ExpertUnavailable(f"expert {self._cfg.name} failed: {type(exc).__name__}: {exc}") from exc
         finally:
             self._in_flight -= 1
         elapsed = time.perf_counter() - started
-        self._latency.observe(elapsed, tags={"expert": self._cfg.name})
-        return answer, elapsed
+        self._latency.observe(elapsed, tags=self._tags)
+        if answer.label not in labels:
+            raise InvalidAnswer(f"expert {self._cfg.name} answered {answer.label!r}, not a label of task {request.task}")
+        return cloud_pb2.EscalateResponse(
+            request_id=request.request_id,
+            label=answer.label,
+            confidence=answer.confidence,
+            distribution=[common_pb2.LabelScore(label=label, probability=p) for label, p in answer.distribution],
+            expert=self._cfg.name,
+            expert_ms=elapsed * 1e3,
+        )
 
     def peak_in_flight(self) -> int:
         """Most requests the engine has held at once since start."""
@@ -87,89 +123,23 @@ class Expert:
 
     async def check_health(self) -> None:
         # A real, tiny inference: vLLM's engine can hang while its process stays up.
-        probe = self._runner.answer("health check", self._probe_labels, f"health-{uuid.uuid4().hex}")
+        labels = next(iter(self._tasks.values()))
+        probe = self._runner.answer("health check", labels, f"health-{uuid.uuid4().hex}")
         await asyncio.wait_for(probe, timeout=self._cfg.deployment.health_check_timeout_s)
 
 
-@serve.deployment
-class CloudIngress:
-    """Implements `tandem.v1.Cloud` behind Serve's gRPC proxy: method names are RPC names."""
-
-    def __init__(self, routes: dict[str, tuple[str, list[str]]], experts: dict[str, DeploymentHandle],
-                 max_text_bytes: int, expert_timeout_s: float) -> None:
-        self._routes = routes  # task -> (expert name, labels)
-        self._experts = experts
-        self._max_text_bytes = max_text_bytes
-        self._timeout_s = expert_timeout_s
-        self._escalations = Counter(
-            "tandem_cloud_escalations", "Escalations by task, expert and gRPC status.", tag_keys=("task", "expert", "code")
-        )
-
-    async def Escalate(self, request: cloud_pb2.EscalateRequest, grpc_context: RayServegRPCContext) -> cloud_pb2.EscalateResponse:
-        if not request.request_id:
-            request.request_id = uuid.uuid4().hex
-        expert = self._routes.get(request.task, ("none", []))[0]
-        try:
-            response = await self._escalate(request)
-        except EscalationError as exc:
-            log.warning("escalation %s task=%s failed: %s %s", request.request_id, request.task, exc.code.name, exc)
-            self._escalations.inc(tags={"task": request.task, "expert": expert, "code": exc.code.name})
-            grpc_context.set_code(exc.code)
-            grpc_context.set_details(str(exc))
-            return cloud_pb2.EscalateResponse(request_id=request.request_id)
-        self._escalations.inc(tags={"task": request.task, "expert": expert, "code": "OK"})
-        log.info("escalation %s task=%s expert=%s label=%s %.1f ms", request.request_id, request.task,
-                 expert, response.label, response.expert_ms)
-        return response
-
-    async def _escalate(self, request: cloud_pb2.EscalateRequest) -> cloud_pb2.EscalateResponse:
-        if request.task not in self._routes:
-            raise InvalidEscalation("task", f"unknown task {request.task!r}; this cloud serves {sorted(self._routes)}")
-        size = len(request.text.encode())
-        if not request.text.strip():
-            raise InvalidEscalation("text", "must not be empty or blank")
-        if size > self._max_text_bytes:
-            raise InvalidEscalation("text", f"{size} bytes exceeds the limit of {self._max_text_bytes} bytes")
-        expert, labels = self._routes[request.task]
-        call = self._experts[expert].answer.remote(request.text, labels, request.request_id)
-        try:
-            answer, seconds = await asyncio.wait_for(call, timeout=self._timeout_s)
-        except BackPressureError as exc:
-            raise Overloaded(f"expert {expert} is at capacity; retry later") from exc
-        except asyncio.TimeoutError as exc:
-            call.cancel()
-            raise ExpertTimeout(f"expert {expert} did not answer within {self._timeout_s:.1f} s") from exc
-        except Exception as exc:  # a dead engine or replica: Serve replaces it, edges fall back
-            raise ExpertUnavailable(f"expert {expert} failed: {type(exc).__name__}") from exc
-        if answer.label not in labels:
-            raise InvalidAnswer(f"expert {expert} answered {answer.label!r}, not a label of task {request.task}")
-        return cloud_pb2.EscalateResponse(
-            request_id=request.request_id,
-            label=answer.label,
-            confidence=answer.confidence,
-            distribution=[common_pb2.LabelScore(label=l, probability=p) for l, p in answer.distribution],
-            expert=expert,
-            expert_ms=seconds * 1e3,
-        )
-
-
-def build_app(cfg: CloudConfig) -> serve.Application:
-    """Binds one Expert per configured expert and the ingress in front of them."""
+def build_apps(cfg: CloudConfig) -> dict[str, serve.Application]:
+    """One application per expert, named after it, answering the tasks routed to it."""
     labels = {name: task.spec.label_names() for name, task in cfg.tasks.items()}
-    experts = {}
-    for expert in cfg.experts:
-        served = [name for name, task in cfg.tasks.items() if task.expert == expert.name]
-        experts[expert.name] = Expert.options(**_deployment_options(expert)).bind(
-            expert.model_dump(mode="json"), labels[served[0]]
+    return {
+        expert.name: Expert.options(**_deployment_options(expert)).bind(
+            expert.model_dump(mode="json"),
+            {name: labels[name] for name, task in cfg.tasks.items() if task.expert == expert.name},
+            cfg.max_text_bytes,
+            cfg.expert_timeout_s,
         )
-    routes = {name: (task.expert, labels[name]) for name, task in cfg.tasks.items()}
-    ingress = CloudIngress.options(
-        max_ongoing_requests=cfg.ingress_max_ongoing_requests,
-        max_queued_requests=cfg.ingress_max_queued_requests,
-        # Routing only: no CPU reserved, so that experts get the cores.
-        ray_actor_options={"num_cpus": 0},
-    )
-    return ingress.bind(routes, experts, cfg.max_text_bytes, cfg.expert_timeout_s)
+        for expert in cfg.experts
+    }
 
 
 def _deployment_options(expert: ExpertConfig) -> dict[str, Any]:
@@ -177,6 +147,7 @@ def _deployment_options(expert: ExpertConfig) -> dict[str, Any]:
     options: dict[str, Any] = {
         "name": expert.name,
         "max_ongoing_requests": d.max_ongoing_requests,
+        # Past this, Serve's proxy answers RESOURCE_EXHAUSTED at once.
         "max_queued_requests": d.max_queued_requests,
         "health_check_period_s": d.health_check_period_s,
         "health_check_timeout_s": d.health_check_timeout_s,
@@ -190,5 +161,6 @@ def _deployment_options(expert: ExpertConfig) -> dict[str, Any]:
 
 
 def app_builder(args: dict[str, str]) -> serve.Application:
-    """Entry point for `serve run` / `serve deploy`: args.config is the cloud YAML."""
-    return build_app(load_config(CloudConfig, args.get("config")))
+    """Entry point for `serve run` / `serve deploy`: args.config is the cloud YAML,
+    args.expert the expert this application serves."""
+    return build_apps(load_config(CloudConfig, args.get("config")))[args["expert"]]

@@ -43,7 +43,10 @@ class DeploymentOptions(BaseModel):
 class ExpertConfig(BaseModel):
     """A vLLM model that answers escalations for some tasks."""
 
-    name: str = Field(description="Deployment name; shows in metrics and answers.")
+    name: str = Field(
+        description="Serve application and deployment name: edges send it as the `application` "
+        "metadata for the tasks this expert answers; shows in metrics and answers."
+    )
     kind: Literal["generate", "classify"] = Field(
         description="generate: instruct LLM constrained to the label set. classify: a "
         "sequence-classification checkpoint on vLLM's pooling runner."
@@ -87,7 +90,6 @@ class CloudConfig(TandemSettings):
 
     model_config = SettingsConfigDict(env_prefix="TANDEM_CLOUD_")
 
-    app_name: str = Field("tandem", description="Serve application name; clients send it as metadata.")
     grpc_port: int = Field(9000, ge=1, le=65535)
     http_port: int = Field(8000, ge=1, le=65535, description="Serve's HTTP proxy (health, KubeRay).")
     ray_metrics_port: int = Field(
@@ -97,10 +99,7 @@ class CloudConfig(TandemSettings):
     expert_timeout_s: float = Field(
         30.0, gt=0, description="Longest an expert may take before DEADLINE_EXCEEDED (edges set shorter deadlines)."
     )
-    ingress_max_ongoing_requests: int = Field(256, ge=1, description="Concurrent escalations per ingress replica.")
-    ingress_max_queued_requests: int = Field(
-        512, ge=-1, description="Escalations waiting at the ingress; beyond it RESOURCE_EXHAUSTED."
-    )
+
     tasks: dict[str, CloudTask] = Field(
         default_factory=lambda: {"banking77": CloudTask(spec=banking77(), expert="banking77-classifier")}
     )

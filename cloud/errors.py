@@ -2,12 +2,12 @@
 
     EscalationError
     ├── InvalidEscalation    bad request          → INVALID_ARGUMENT
-    ├── Overloaded           queue full           → RESOURCE_EXHAUSTED
     ├── ExpertTimeout        expert too slow      → DEADLINE_EXCEEDED
     ├── ExpertUnavailable    engine or replica down → UNAVAILABLE (edges retry, then fall back)
     └── InvalidAnswer        expert answered outside the label set → INTERNAL
 
-`cloud.app.CloudIngress.Escalate` is the one place these become statuses.
+`cloud.app.Expert.Escalate` is the one place these become statuses. A full queue never
+reaches it: Serve's proxy refuses past `max_queued_requests` with RESOURCE_EXHAUSTED.
 """
 
 import grpc
@@ -22,10 +22,6 @@ class InvalidEscalation(EscalationError):
 
     def __init__(self, field: str, problem: str) -> None:
         super().__init__(f"{field}: {problem}")
-
-
-class Overloaded(EscalationError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 class ExpertTimeout(EscalationError):

@@ -46,18 +46,24 @@ def prepare_smollm2(out: Path) -> Path:
     return out
 
 
-def prepare_teacher(cfg: TrainConfig) -> dict[str, Any]:
-    out = cfg.model_dir("teacher")
-    manifest = out / "manifest.json"
-    if manifest.exists():
-        print(f"teacher ready at {out}")
-        return json.loads(manifest.read_text())
-    from cloud.training.teacher import train_teacher
-
-    print(f"no teacher at {out}: training it")
-    return train_teacher(cfg, out)
+def ensure_trained(cfg: TrainConfig, kind: str) -> dict[str, Any]:
+    """The cached teacher or student if it was trained with this config; else trains it."""
+    directory = cfg.model_dir(kind)
+    fit = cfg.teacher if kind == "teacher" else cfg.student
+    manifest_path = directory / "manifest.json"
+    if manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("fit") == fit.model_dump() and manifest.get("task") == cfg.task.name:
+            print(f"reusing {kind} {manifest['version']} from {directory}")
+            return manifest
+    print(f"training the {kind} into {directory}")
+    if kind == "teacher":
+        from cloud.training.teacher import train_teacher as train
+    else:
+        from cloud.training.student import train_student as train
+    return train(cfg, directory)
 
 
 def prepare_all(train_cfg: TrainConfig) -> None:
     prepare_smollm2(envs.TANDEM_CACHE_DIR / "models" / SMOLLM2_DIR)
-    prepare_teacher(train_cfg)
+    ensure_trained(train_cfg, "teacher")

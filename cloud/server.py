@@ -8,7 +8,7 @@ import ray
 from ray import serve
 from ray.serve.config import gRPCOptions, HTTPOptions
 
-from cloud.app import SERVICER, build_app
+from cloud.app import SERVICER, build_apps
 from cloud.config import CloudConfig
 
 
@@ -22,7 +22,8 @@ def serve_forever(cfg: CloudConfig) -> None:
             http_options=HTTPOptions(host="127.0.0.1", port=cfg.http_port),
             grpc_options=gRPCOptions(port=cfg.grpc_port, grpc_servicer_functions=[SERVICER]),
         )
-        serve.run(build_app(cfg), name=cfg.app_name, route_prefix=f"/{cfg.app_name}")
+        for name, app in build_apps(cfg).items():
+            serve.run(app, name=name, route_prefix=f"/{name}")
         # One parseable line: scripts and tests wait for it before sending traffic.
         print(f"tandem cloud listening on port {cfg.grpc_port}", flush=True)
         stop.wait()

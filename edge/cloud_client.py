@@ -50,14 +50,16 @@ class GrpcEscalator:
         if cfg.target is None:
             raise ValueError("cloud.target is not set")
         self._timeout_s = cfg.deadline_ms / 1000
-        self._metadata: list[tuple[str, str]] = [("application", cfg.application)]
+        self._applications = cfg.applications
+        self._metadata: tuple[tuple[str, str], ...] = ()
         if cfg.auth_token is not None:
-            self._metadata.append(("authorization", f"Bearer {cfg.auth_token.get_secret_value()}"))
+            self._metadata = (("authorization", f"Bearer {cfg.auth_token.get_secret_value()}"),)
         self._channel = grpc.aio.insecure_channel(cfg.target, options=channel_options(cfg))
         self._stub = cloud_pb2_grpc.CloudStub(self._channel)
 
     async def escalate(self, request: cloud_pb2.EscalateRequest) -> cloud_pb2.EscalateResponse:
-        metadata = (*self._metadata, ("x-request-id", request.request_id))
+        application = self._applications.get(request.task, request.task)
+        metadata = (*self._metadata, ("application", application), ("x-request-id", request.request_id))
         try:
             return await self._stub.Escalate(request, timeout=self._timeout_s, metadata=metadata)
         except grpc.aio.AioRpcError as exc:

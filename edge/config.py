@@ -45,7 +45,11 @@ class CloudConfig(BaseModel):
     target: str | None = Field(
         None, description="host:port of the Cloud gRPC service; None answers everything locally."
     )
-    application: str = Field("tandem", description="Ray Serve application name (request metadata).")
+    applications: dict[str, str] = Field(
+        default_factory=dict,
+        description="Task → Ray Serve application (the expert answering it), sent as `application` "
+        "metadata; a task not listed uses its own name.",
+    )
     deadline_ms: float = Field(2000.0, gt=0, description="Deadline of one escalation, retries included.")
     max_attempts: int = Field(3, ge=1, le=5, description="Attempts per call; retried only on UNAVAILABLE.")
     keepalive_ms: int = Field(20000, ge=1000, description="HTTP/2 keepalive ping interval.")

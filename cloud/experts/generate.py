@@ -5,7 +5,6 @@ can come back), and the answer's log-probability gives its confidence. The gramm
 mask is applied before sampling, so that probability is over the allowed labels only.
 """
 
-import functools
 import math
 from typing import Any
 
@@ -25,6 +24,8 @@ class GenerateRunner:
     def __init__(self, engine: Any) -> None:
         self._engine = engine
         self._tokenizer = engine.get_tokenizer()
+        # One SamplingParams per label set: vLLM caches the compiled grammar across requests.
+        self._params_by_labels: dict[tuple[str, ...], Any] = {}
 
     async def answer(self, text: str, labels: list[str], request_id: str) -> Answer:
         final = None
@@ -45,9 +46,12 @@ class GenerateRunner:
         messages = [{"role": "system", "content": system_prompt(labels)}, {"role": "user", "content": text}]
         return self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    @functools.lru_cache(maxsize=64)
     def _params(self, labels: tuple[str, ...]) -> Any:
-        # One object per label set: vLLM caches the compiled grammar across requests.
+        if labels not in self._params_by_labels:
+            self._params_by_labels[labels] = self._build_params(labels)
+        return self._params_by_labels[labels]
+
+    def _build_params(self, labels: tuple[str, ...]) -> Any:
         from vllm import SamplingParams
         from vllm.sampling_params import StructuredOutputsParams
 

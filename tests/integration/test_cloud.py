@@ -2,7 +2,6 @@
 on CPU), reached through Serve's gRPC ingress. The engines start once for the module."""
 
 import asyncio
-import os
 import re
 import time
 import urllib.request
@@ -24,7 +23,7 @@ from .conftest import running_daemon
 
 pytestmark = pytest.mark.integration
 
-METADATA = [("application", "tandem")]
+APPLICATION = {"banking77": "classifier", "banking77-llm": "llm"}  # task -> expert application
 LABELS = banking77().label_names()
 
 
@@ -66,8 +65,12 @@ def stub(cloud: tuple[Server, int]) -> Iterator[cloud_pb2_grpc.CloudStub]:
         yield cloud_pb2_grpc.CloudStub(channel)
 
 
+def _metadata(task: str) -> list[tuple[str, str]]:
+    return [("application", APPLICATION.get(task, "classifier"))]
+
+
 def _escalate(stub: cloud_pb2_grpc.CloudStub, task: str, text: str, timeout: float = 60, **kw: str) -> cloud_pb2.EscalateResponse:
-    return stub.Escalate(cloud_pb2.EscalateRequest(task=task, text=text, **kw), metadata=METADATA, timeout=timeout)
+    return stub.Escalate(cloud_pb2.EscalateRequest(task=task, text=text, **kw), metadata=_metadata(task), timeout=timeout)
 
 
 def test_classify_expert_answers_with_a_label_distribution(stub: cloud_pb2_grpc.CloudStub, banking_texts: list[str]) -> None:
@@ -87,7 +90,7 @@ def test_generate_expert_answers_within_the_label_set(stub: cloud_pb2_grpc.Cloud
 
 
 async def test_edge_daemon_escalates_to_the_served_cloud(student_dir: Path, cloud: tuple[Server, int]) -> None:
-    target = CloudConfig(target=f"127.0.0.1:{cloud[0].port}", deadline_ms=30000)
+    target = CloudConfig(target=f"127.0.0.1:{cloud[0].port}", deadline_ms=30000, applications=APPLICATION)
     async with running_daemon(student_dir, policy=PolicyConfig(mode="cloud_only"), cloud=target) as (_, edge):
         r = await edge.Infer(edge_pb2.InferRequest(task="banking77", text=b"my card has not arrived", request_id="e2e-1"), timeout=60)
     assert (r.source, r.expert, r.request_id) == (edge_pb2.CLOUD, "classifier", "e2e-1")
@@ -99,7 +102,7 @@ def test_concurrent_escalations_are_batched_in_the_engine(cloud: tuple[Server, i
     async def burst() -> list[cloud_pb2.EscalateResponse]:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{cloud[0].port}") as channel:
             aio_stub = cloud_pb2_grpc.CloudStub(channel)
-            calls = [aio_stub.Escalate(cloud_pb2.EscalateRequest(task="banking77", text=t), metadata=METADATA, timeout=60)
+            calls = [aio_stub.Escalate(cloud_pb2.EscalateRequest(task="banking77", text=t), metadata=_metadata("banking77"), timeout=60)
                      for t in banking_texts[:48]]
             return await asyncio.gather(*calls)
 
@@ -123,7 +126,7 @@ def test_concurrent_escalations_are_batched_in_the_engine(cloud: tuple[Server, i
 
 @pytest.mark.parametrize(
     ("task", "text", "fragment"),
-    [("weather", "hi", "task: unknown task 'weather'"), ("banking77", "x" * 513, "text: 513 bytes exceeds the limit of 512"),
+    [("weather", "hi", "task: unknown task 'weather'; expert classifier answers ['banking77']"), ("banking77", "x" * 513, "text: 513 bytes exceeds the limit of 512"),
      ("banking77", "   ", "text: must not be empty")],
 )
 def test_bad_escalations_are_invalid_argument(stub: cloud_pb2_grpc.CloudStub, task: str, text: str, fragment: str) -> None:
@@ -141,7 +144,7 @@ def test_overload_is_refused_with_resource_exhausted_before_queued_work_finishes
             async def one(i: int) -> tuple[float, grpc.StatusCode]:
                 try:
                     await aio_stub.Escalate(cloud_pb2.EscalateRequest(task="banking77-llm", text=f"card {i} blocked"),
-                                            metadata=METADATA, timeout=120)
+                                            metadata=_metadata("banking77-llm"), timeout=120)
                     code = grpc.StatusCode.OK
                 except grpc.aio.AioRpcError as exc:
                     code = exc.code()
@@ -169,7 +172,7 @@ def test_dead_engine_fails_fast_and_serve_replaces_the_replica(stub: cloud_pb2_g
     """Kills the classifier's vLLM engine process: requests fail with a status instead of
     hanging, the health check marks the replica unhealthy, Serve starts a new one."""
     replica = next(p for p in psutil.process_iter(["cmdline"])
-                   if "ServeReplica:tandem:classifier" in " ".join(p.info["cmdline"] or []))
+                   if "ServeReplica:classifier:classifier" in " ".join(p.info["cmdline"] or []))
     engine = next(c for c in replica.children() if "EngineCore" in " ".join(c.cmdline()))
     for proc in [engine, *engine.children(recursive=True)]:
         proc.kill()

@@ -50,7 +50,7 @@ async def test_escalates_to_the_cloud_and_carries_the_request_id(student_dir: Pa
     sent, metadata = servicer.seen[-1]
     assert sent.request_id == "req-42" and sent.task == "banking77"
     assert sent.text == "my card has not arrived yet" and sent.edge.model_version == r.model_version
-    assert metadata["x-request-id"] == "req-42" and metadata["application"] == "tandem"
+    assert metadata["x-request-id"] == "req-42" and metadata["application"] == "banking77"
 
 
 async def test_slow_cloud_gets_a_local_fallback_at_the_deadline(student_dir: Path, cloud: tuple[ScriptedCloud, str]) -> None:
