@@ -53,6 +53,9 @@ class CloudConfig(BaseModel):
     deadline_ms: float = Field(2000.0, gt=0, description="Deadline of one escalation, retries included.")
     max_attempts: int = Field(3, ge=1, le=5, description="Attempts per call; retried only on UNAVAILABLE.")
     keepalive_ms: int = Field(20000, ge=1000, description="HTTP/2 keepalive ping interval.")
+    max_reconnect_backoff_ms: int = Field(
+        5000, ge=100, description="Longest wait between reconnection attempts while the cloud is down."
+    )
     auth_token: SecretStr | None = Field(None, description="Sent as `authorization: Bearer <token>`.")
 
 

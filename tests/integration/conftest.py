@@ -60,11 +60,11 @@ class ScriptedCloud(cloud_pb2_grpc.CloudServicer):
 
 
 @contextlib.asynccontextmanager
-async def serve_cloud() -> AsyncIterator[tuple[ScriptedCloud, str]]:
+async def serve_cloud(port: int = 0) -> AsyncIterator[tuple[ScriptedCloud, str]]:
     servicer = ScriptedCloud()
     server = grpc.aio.server()
     cloud_pb2_grpc.add_CloudServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     try:
         yield servicer, f"127.0.0.1:{port}"

@@ -70,6 +70,32 @@ async def test_stopped_cloud_gets_a_local_fallback(student_dir: Path) -> None:
     assert r.source == edge_pb2.EDGE_FALLBACK and r.reason == "cloud_unavailable" and r.label
 
 
+async def test_escalator_fails_fast_while_disconnected_and_recovers() -> None:
+    from edge.cloud_client import GrpcEscalator
+    from edge.errors import CloudError
+    from tandem.v1 import cloud_pb2
+
+    async with serve_cloud() as (_, target):
+        pass  # the cloud's address, now with nothing behind it
+    escalator = GrpcEscalator(CloudConfig(target=target, max_reconnect_backoff_ms=200))
+    request = cloud_pb2.EscalateRequest(request_id="r", task="banking77", text="hi")
+    with pytest.raises(CloudError):
+        await escalator.escalate(request)  # tries, with retries, and fails
+    with pytest.raises(CloudError, match="not connected"):
+        await escalator.escalate(request)  # refused without sending
+    async with serve_cloud(int(target.rsplit(":", 1)[1])):  # the cloud comes back
+        answer = None
+        for _ in range(50):
+            await asyncio.sleep(0.1)
+            try:
+                answer = await escalator.escalate(request)
+                break
+            except CloudError:
+                continue
+        await escalator.close()
+    assert answer is not None and answer.label == "card_arrival", "the channel never reconnected"
+
+
 async def test_overloaded_cloud_gets_a_local_fallback(student_dir: Path, cloud: tuple[ScriptedCloud, str]) -> None:
     servicer, target = cloud
     servicer.mode = "overloaded"
