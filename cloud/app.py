@@ -45,7 +45,6 @@ class Expert:
         self._timeout_s = timeout_s
         self._runner = self._build_runner(build_engine(self._cfg))
         self._in_flight = 0
-        self._peak_in_flight = 0
         self._tags = {"expert": self._cfg.name}
         self._escalations = Counter("tandem_cloud_escalations", "Escalations by task, expert and gRPC status.",
                                     tag_keys=("task", "expert", "code"))
@@ -93,7 +92,6 @@ class Expert:
         if size > self._max_text_bytes:
             raise InvalidEscalation("text", f"{size} bytes exceeds the limit of {self._max_text_bytes} bytes")
         self._in_flight += 1
-        self._peak_in_flight = max(self._peak_in_flight, self._in_flight)
         self._batch.observe(self._in_flight, tags=self._tags)
         started = time.perf_counter()
         try:
@@ -116,10 +114,6 @@ class Expert:
             expert=self._cfg.name,
             expert_ms=elapsed * 1e3,
         )
-
-    def peak_in_flight(self) -> int:
-        """Most requests the engine has held at once since start."""
-        return self._peak_in_flight
 
     async def check_health(self) -> None:
         # A real, tiny inference: vLLM's engine can hang while its process stays up.

@@ -55,8 +55,9 @@ class GenerateRunner:
         from vllm import SamplingParams
         from vllm.sampling_params import StructuredOutputsParams
 
-        # A label can take more tokens in context than alone (merges with what precedes it):
-        # a cut-off answer would be a label prefix, so leave ample room.
+        # The grammar admits any tokenisation of a label, not only the canonical one (SmolLM2
+        # was seen spelling "Refund" in 4 tokens, not 2): leave ample room, since a cut-off
+        # answer would be a label prefix.
         longest = max(len(self._tokenizer.encode(label, add_special_tokens=False)) for label in labels)
         return SamplingParams(
             temperature=0.0,
