@@ -2,12 +2,12 @@
 
 import contextlib
 import os
+import queue
 import re
-import select
 import signal
 import subprocess
 import sys
-import time
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -42,10 +42,22 @@ def announced_server(args: list[str], env: dict[str, str] | None = None, timeout
 
 
 def _wait_for_port(process: subprocess.Popen[str], timeout_s: float) -> int:
-    assert process.stdout is not None
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and process.poll() is None:
-        ready, _, _ = select.select([process.stdout], [], [], 0.5)
-        if ready and (match := PORT_LINE.search(process.stdout.readline())):
-            return int(match.group(1))
-    raise RuntimeError(f"{process.args} announced no port within {timeout_s:.0f} s (exit code {process.poll()})")
+    """Reads the child's stdout in a thread for its whole life (a full pipe would block the
+    child) and returns the first announced port."""
+    ports: queue.Queue[int | None] = queue.Queue()
+
+    def drain() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if match := PORT_LINE.search(line):
+                ports.put(int(match.group(1)))
+        ports.put(None)  # EOF: the child exited
+
+    threading.Thread(target=drain, daemon=True).start()
+    try:
+        port = ports.get(timeout=timeout_s)
+    except queue.Empty:
+        port = None
+    if port is None:
+        raise RuntimeError(f"{process.args} announced no port within {timeout_s:.0f} s (exit code {process.poll()})")
+    return port

@@ -73,7 +73,9 @@ class Expert:
         try:
             response = await self._escalate(request)
         except EscalationError as exc:
-            log.warning("escalation %s task=%s failed: %s %s", request.request_id, request.task, exc.code.name, exc)
+            # Tracebacks for server-side failures; a bad request is not worth one.
+            log.warning("escalation %s task=%s failed: %s %s", request.request_id, request.task, exc.code.name, exc,
+                        exc_info=not isinstance(exc, InvalidEscalation))
             self._escalations.inc(tags={**tags, "code": exc.code.name})
             grpc_context.set_code(exc.code)
             grpc_context.set_details(str(exc))
@@ -98,6 +100,8 @@ class Expert:
             answer = await asyncio.wait_for(self._runner.answer(request.text, labels, request.request_id), self._timeout_s)
         except asyncio.TimeoutError as exc:
             raise ExpertTimeout(f"expert {self._cfg.name} did not answer within {self._timeout_s:.1f} s") from exc
+        except EscalationError:
+            raise  # the runner's own verdict (e.g. an answer cut off): not worth a retry
         except Exception as exc:  # a dead or broken engine: the health check gets the replica replaced
             raise ExpertUnavailable(f"expert {self._cfg.name} failed: {type(exc).__name__}: {exc}") from exc
         finally:

@@ -1,7 +1,8 @@
 """Cloud application configuration (`tandem cloud serve --config cloud/cloud.yaml`).
 
 Overridable from the environment with the prefix TANDEM_CLOUD_, e.g.
-TANDEM_CLOUD_GRPC_PORT=9100 or TANDEM_CLOUD_EXPERTS__0__DEPLOYMENT__NUM_REPLICAS=2.
+TANDEM_CLOUD_GRPC_PORT=9100 or TANDEM_CLOUD_EXPERT_TIMEOUT_S=10 (list items such as
+`experts` are set in the file).
 """
 
 from pathlib import Path
@@ -18,7 +19,7 @@ from tandem.tasks import TaskSpec, banking77
 class DeploymentOptions(BaseModel):
     """Ray Serve options of one expert's deployment."""
 
-    num_replicas: int | None = Field(1, ge=1, description="Fixed replicas; None with autoscaling_config.")
+    num_replicas: int | None = Field(None, ge=1, description="Fixed replicas; 1 unless autoscaling_config is set.")
     autoscaling_config: dict[str, Any] | None = Field(
         None, description="Ray Serve autoscaling (min_replicas, max_replicas, target_ongoing_requests, ...)."
     )
@@ -35,8 +36,10 @@ class DeploymentOptions(BaseModel):
 
     @model_validator(mode="after")
     def _one_scaling_mode(self) -> "DeploymentOptions":
-        if (self.num_replicas is None) == (self.autoscaling_config is None):
-            raise ValueError("set exactly one of num_replicas and autoscaling_config")
+        if self.num_replicas is not None and self.autoscaling_config is not None:
+            raise ValueError("set num_replicas or autoscaling_config, not both")
+        if self.autoscaling_config is None and self.num_replicas is None:
+            self.num_replicas = 1
         return self
 
 

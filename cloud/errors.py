@@ -3,8 +3,8 @@
     EscalationError
     ├── InvalidEscalation    bad request          → INVALID_ARGUMENT
     ├── ExpertTimeout        expert too slow      → DEADLINE_EXCEEDED
-    ├── ExpertUnavailable    engine or replica down → UNAVAILABLE (edges retry, then fall back)
-    └── InvalidAnswer        expert answered outside the label set → INTERNAL
+    ├── ExpertUnavailable    engine or replica down → UNAVAILABLE (edges retry: another replica may answer)
+    └── InvalidAnswer        no whole label in the answer → INTERNAL (not retried: it would recur)
 
 `cloud.app.Expert.Escalate` is the one place these become statuses. A full queue never
 reaches it: Serve's proxy refuses past `max_queued_requests` with RESOURCE_EXHAUSTED.

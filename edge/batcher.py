@@ -35,9 +35,14 @@ class MicroBatcher:
         self._worker = asyncio.get_running_loop().create_task(self._run())
 
     async def close(self) -> None:
+        """Stops the worker; callers still waiting get an error instead of waiting forever."""
         if self._worker is not None:
             self._worker.cancel()
             await asyncio.gather(self._worker, return_exceptions=True)
+        while not self._queue.empty():
+            _, _, future = self._queue.get_nowait()
+            if not future.done():
+                future.set_exception(RuntimeError("the edge daemon is shutting down"))
         self._executor.shutdown(wait=True)
 
     async def submit(self, text: str) -> Result:
@@ -54,12 +59,18 @@ class MicroBatcher:
             started = time.perf_counter()
             try:
                 probs = await loop.run_in_executor(self._executor, self._predict, [t for t, _, _ in batch])
-            except Exception as exc:  # delivered to every waiting caller, not swallowed
+                inference_s = time.perf_counter() - started
+                results = [Result(probs[row], started - queued, inference_s, len(batch)) for row, (_, queued, _) in enumerate(batch)]
+            except asyncio.CancelledError:
                 for _, _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            inference_s = time.perf_counter() - started
-            for row, (_, queued, future) in enumerate(batch):
-                if not future.done():  # the caller may have been cancelled
-                    future.set_result(Result(probs[row], started - queued, inference_s, len(batch)))
+                    future.cancel()
+                raise
+            except Exception as exc:  # delivered to every waiting caller, not swallowed
+                results = [exc] * len(batch)
+            for (_, _, future), result in zip(batch, results, strict=True):
+                if future.done():  # the caller gave up (deadline, cancellation)
+                    continue
+                if isinstance(result, Exception):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)

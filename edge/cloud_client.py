@@ -29,7 +29,8 @@ def channel_options(cfg: CloudConfig) -> list[tuple[str, int | str]]:
                     "initialBackoff": "0.05s",
                     "maxBackoff": "0.5s",
                     "backoffMultiplier": 2,
-                    # Only UNAVAILABLE: the request never reached a handler, so a retry is safe.
+                    # Only UNAVAILABLE: unreachable, or no healthy engine behind the proxy; the
+                    # request changed nothing, and another attempt may reach a healthy replica.
                     "retryableStatusCodes": ["UNAVAILABLE"],
                 },
             }
@@ -40,6 +41,8 @@ def channel_options(cfg: CloudConfig) -> list[tuple[str, int | str]]:
         ("grpc.service_config", json.dumps(service_config)),
         ("grpc.keepalive_time_ms", cfg.keepalive_ms),
         ("grpc.keepalive_timeout_ms", 5000),
+        # Pings on idle links are allowed by default gRPC servers only every 5 minutes
+        # (more often gets GOAWAY too_many_pings): keepalive_ms defaults to that.
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
         # While the cloud is down the channel reconnects in the background; cap its backoff
@@ -55,9 +58,6 @@ class GrpcEscalator:
             raise ValueError("cloud.target is not set")
         self._timeout_s = cfg.deadline_ms / 1000
         self._applications = cfg.applications
-        self._metadata: tuple[tuple[str, str], ...] = ()
-        if cfg.auth_token is not None:
-            self._metadata = (("authorization", f"Bearer {cfg.auth_token.get_secret_value()}"),)
         self._channel = grpc.aio.insecure_channel(cfg.target, options=channel_options(cfg))
         self._stub = cloud_pb2_grpc.CloudStub(self._channel)
 
@@ -67,7 +67,7 @@ class GrpcEscalator:
         if self._channel.get_state(try_to_connect=True) == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
             raise CloudError(grpc.StatusCode.UNAVAILABLE, "not connected; reconnecting in the background")
         application = self._applications.get(request.task, request.task)
-        metadata = (*self._metadata, ("application", application), ("x-request-id", request.request_id))
+        metadata = (("application", application), ("x-request-id", request.request_id))
         try:
             return await self._stub.Escalate(request, timeout=self._timeout_s, metadata=metadata)
         except grpc.aio.AioRpcError as exc:

@@ -7,7 +7,7 @@ Every field can be overridden from the environment with the prefix TANDEM_EDGE_ 
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from tandem.settings import TandemSettings
@@ -52,11 +52,13 @@ class CloudConfig(BaseModel):
     )
     deadline_ms: float = Field(2000.0, gt=0, description="Deadline of one escalation, retries included.")
     max_attempts: int = Field(3, ge=1, le=5, description="Attempts per call; retried only on UNAVAILABLE.")
-    keepalive_ms: int = Field(20000, ge=1000, description="HTTP/2 keepalive ping interval.")
+    keepalive_ms: int = Field(
+        300_000, ge=10_000, description="HTTP/2 keepalive ping interval; gRPC servers refuse idle pings "
+        "more often than every 5 minutes unless configured to allow them.",
+    )
     max_reconnect_backoff_ms: int = Field(
         5000, ge=100, description="Longest wait between reconnection attempts while the cloud is down."
     )
-    auth_token: SecretStr | None = Field(None, description="Sent as `authorization: Bearer <token>`.")
 
 
 class EdgeConfig(TandemSettings):

@@ -41,7 +41,15 @@ class EdgeDaemon:
         self.port = 0
 
     async def start(self) -> int:
-        """Loads the students (raising ArtifactError on a bad one), then serves. Returns the port."""
+        """Loads the students (raising ArtifactError on a bad one), then serves. Returns the port.
+        On failure, whatever was already started is stopped before the error propagates."""
+        try:
+            return await self._start()
+        except BaseException:
+            await self.stop(grace_s=0)
+            raise
+
+    async def _start(self) -> int:
         options = SessionOptions(self.cfg.intra_op_threads, self.cfg.allow_spinning)
         for task, directory in self.cfg.tasks.items():
             student = Student(directory, options)
@@ -83,7 +91,11 @@ async def _serve(cfg: EdgeConfig) -> None:
     daemon = EdgeDaemon(cfg)
     port = await daemon.start()
     if cfg.metrics_port is not None:
-        start_http_server(cfg.metrics_port, addr="127.0.0.1", registry=daemon.registry)
+        try:
+            start_http_server(cfg.metrics_port, addr="127.0.0.1", registry=daemon.registry)
+        except OSError:
+            await daemon.stop(grace_s=0)
+            raise
     # One parseable line: scripts and tests that bind port 0 learn the real port.
     print(f"tandem edge listening on port {port}", flush=True)
     stop = asyncio.Event()

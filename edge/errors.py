@@ -38,5 +38,4 @@ class CloudError(EdgeError):
 
     def __init__(self, code: grpc.StatusCode, details: str) -> None:
         super().__init__(f"cloud answered {code.name}: {details}")
-        self.code = code
         self.reason = f"cloud_{code.name.lower()}"

@@ -27,15 +27,20 @@ class Student:
         missing = [name for name in FILES if not (directory / name).is_file()]
         if missing:
             raise ArtifactError(f"{directory}: missing {missing}")
-        self.manifest = json.loads((directory / "manifest.json").read_text())
         model = (directory / "model.onnx").read_bytes()
+        try:
+            self.manifest = json.loads((directory / "manifest.json").read_text())
+            self.labels: list[str] = json.loads((directory / "labels.json").read_text())
+            self.version: str = self.manifest["version"]
+            self.temperature = float(self.manifest["temperature"])
+            self._tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+            self._tokenizer.enable_truncation(int(self.manifest["max_length"]))
+        except Exception as exc:  # json, missing keys, and tokenizers (which raises bare Exception)
+            raise ArtifactError(f"{directory}: unreadable artifact: {type(exc).__name__}: {exc}") from exc
         if hashlib.sha256(model).hexdigest() != self.manifest.get("sha256"):
             raise ArtifactError(f"{directory}: model.onnx does not match the manifest's sha256")
-        self.labels: list[str] = json.loads((directory / "labels.json").read_text())
-        self.version: str = self.manifest["version"]
-        self.temperature = float(self.manifest["temperature"])
-        self._tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
-        self._tokenizer.enable_truncation(int(self.manifest["max_length"]))
+        if not self.temperature > 0:
+            raise ArtifactError(f"{directory}: temperature must be positive, not {self.temperature}")
         self._tokenizer.no_padding()
         try:
             self._session = ort.InferenceSession(model, _session_options(options), providers=["CPUExecutionProvider"])

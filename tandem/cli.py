@@ -86,7 +86,7 @@ def _bench_edge(args: argparse.Namespace) -> int:
     return 0
 
 
-@_imports("cloud")
+@_imports("cloud,bench")
 def _bench_cloud(args: argparse.Namespace) -> int:
     from benchmarks.cloud_bench import CloudBenchConfig, run_cloud_bench
     from tandem.settings import load_config

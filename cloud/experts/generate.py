@@ -8,6 +8,7 @@ mask is applied before sampling, so that probability is over the allowed labels 
 import math
 from typing import Any
 
+from cloud.errors import InvalidAnswer
 from cloud.experts.protocol import Answer
 
 
@@ -34,7 +35,7 @@ class GenerateRunner:
         completion = final.outputs[0]
         if completion.finish_reason == "length":
             # The grammar only ends on a whole label; stopping early leaves a prefix.
-            raise RuntimeError(
+            raise InvalidAnswer(
                 f"answer cut off after {len(completion.token_ids)} tokens ({completion.text!r}): "
                 f"the {len(final.prompt_token_ids)}-token prompt leaves too little of max_model_len"
             )

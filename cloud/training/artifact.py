@@ -23,17 +23,23 @@ def sha256_file(path: Path) -> str:
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yields a scratch directory that replaces `final` only if the block succeeds.
 
-    A crash mid-build leaves the previous `final` untouched (and a stray temp dir).
+    A failure mid-build leaves the previous `final` in place; so does a failure to swap.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    scratch.chmod(0o755)  # mkdtemp makes it 0700; the published directory must be readable
     try:
         yield scratch
         old = final.with_name(f".{final.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         if final.exists():
             final.rename(old)
-        scratch.rename(final)
+        try:
+            scratch.rename(final)
+        except OSError:
+            if old.exists():
+                old.rename(final)
+            raise
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -184,3 +184,18 @@ async def test_incomplete_artifact_is_refused_at_start(artifact_copy: Path) -> N
     with pytest.raises(ArtifactError, match="labels.json"):
         async with running_daemon(artifact_copy, **EDGE_ONLY):
             pass
+
+
+@pytest.mark.parametrize(
+    ("damage", "fragment"),
+    [
+        (lambda d: (d / "manifest.json").write_text("{not json"), "unreadable artifact"),
+        (lambda d: (d / "manifest.json").write_text(
+            (d / "manifest.json").read_text().replace('"temperature"', '"temp"')), "unreadable artifact: KeyError"),
+    ],
+)
+async def test_malformed_artifact_is_refused_with_an_artifact_error(artifact_copy: Path, damage, fragment: str) -> None:
+    damage(artifact_copy)
+    with pytest.raises(ArtifactError, match=fragment):
+        async with running_daemon(artifact_copy, **EDGE_ONLY):
+            pass
