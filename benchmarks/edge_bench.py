@@ -3,8 +3,8 @@
 Floors: raw tokenizer + ONNX Runtime on the same artifact (in this process), and a raw
 grpc.aio echo on loopback (a subprocess, like the daemon). Each is measured twice:
 back to back, and paced at the daemon's open-loop arrival rate. The paced floors are the
-like-for-like limit: on this VM, ONNX Runtime alone takes about twice as long after an
-idle millisecond as back to back (cold caches), and the open-loop generator's asyncio
+like-for-like limit: on this VM, ONNX Runtime alone paced at 200 req/s took two to three
+times as long as back to back (cold caches), and the open-loop generator's asyncio
 timers add their own lateness (reported). Both versions of each target are reported.
 """
 

@@ -3,7 +3,8 @@
 No timer: a lone request runs at once, so batching costs nothing at low load and only
 forms when requests queue anyway. The model runs in a worker thread (ONNX Runtime
 releases the GIL, so the event loop keeps accepting requests meanwhile); a batch pays
-the thread hand-offs once instead of per request, which measured +25% throughput.
+the thread hand-offs once instead of per request (`tandem bench edge` reports the daemon's
+maximum throughput with and without batching; 1,279 against 844 req/s when last run).
 """
 
 import asyncio
