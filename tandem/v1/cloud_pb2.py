@@ -25,19 +25,37 @@ _sym_db = _symbol_database.Default()
 from tandem.v1 import common_pb2 as tandem_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15tandem/v1/cloud.proto\x12\ttandem.v1\x1a\x16tandem/v1/common.proto\"J\n\x0e\x45\x64gePrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\x12\n\nconfidence\x18\x02 \x01(\x02\x12\x15\n\rmodel_version\x18\x03 \x01(\t\"j\n\x0f\x45scalateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\'\n\x04\x65\x64ge\x18\x04 \x01(\x0b\x32\x19.tandem.v1.EdgePrediction\"\x99\x01\n\x10\x45scalateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\x12\n\nconfidence\x18\x03 \x01(\x02\x12+\n\x0c\x64istribution\x18\x04 \x03(\x0b\x32\x15.tandem.v1.LabelScore\x12\x0e\n\x06\x65xpert\x18\x05 \x01(\t\x12\x11\n\texpert_ms\x18\x06 \x01(\x01\x32L\n\x05\x43loud\x12\x43\n\x08\x45scalate\x12\x1a.tandem.v1.EscalateRequest\x1a\x1b.tandem.v1.EscalateResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15tandem/v1/cloud.proto\x12\ttandem.v1\x1a\x16tandem/v1/common.proto\"J\n\x0e\x45\x64gePrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\x12\n\nconfidence\x18\x02 \x01(\x02\x12\x15\n\rmodel_version\x18\x03 \x01(\t\"}\n\x0f\x45scalateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\'\n\x04\x65\x64ge\x18\x04 \x01(\x0b\x32\x19.tandem.v1.EdgePrediction\x12\x11\n\tdevice_id\x18\x05 \x01(\t\"\x99\x01\n\x10\x45scalateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\x12\n\nconfidence\x18\x03 \x01(\x02\x12+\n\x0c\x64istribution\x18\x04 \x03(\x0b\x32\x15.tandem.v1.LabelScore\x12\x0e\n\x06\x65xpert\x18\x05 \x01(\t\x12\x11\n\texpert_ms\x18\x06 \x01(\x01\"\x9b\x02\n\x0e\x46\x65\x65\x64\x62\x61\x63kRecord\x12\x11\n\trecord_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0c\n\x04task\x18\x03 \x01(\t\x12%\n\x04kind\x18\x04 \x01(\x0e\x32\x17.tandem.v1.FeedbackKind\x12\x0c\n\x04text\x18\x05 \x01(\t\x12\'\n\x04\x65\x64ge\x18\x06 \x01(\x0b\x32\x19.tandem.v1.EdgePrediction\x12\r\n\x05label\x18\x07 \x01(\t\x12+\n\x0c\x64istribution\x18\x08 \x03(\x0b\x32\x15.tandem.v1.LabelScore\x12\x0e\n\x06\x65xpert\x18\t \x01(\t\x12\x11\n\tdevice_id\x18\n \x01(\t\x12\x17\n\x0f\x63reated_unix_ms\x18\x0b \x01(\x03\"C\n\x15ReportFeedbackRequest\x12*\n\x07records\x18\x01 \x03(\x0b\x32\x19.tandem.v1.FeedbackRecord\"<\n\x16ReportFeedbackResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x05\x12\x12\n\nduplicates\x18\x02 \x01(\x05\"\"\n\x12GetManifestRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\"7\n\tModelFile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"}\n\rModelManifest\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x15\n\rmanifest_json\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\x12#\n\x05\x66iles\x18\x05 \x03(\x0b\x32\x14.tandem.v1.ModelFile\"2\n\x11\x46\x65tchModelRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"8\n\nModelChunk\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c*f\n\x0c\x46\x65\x65\x64\x62\x61\x63kKind\x12\x1d\n\x19\x46\x45\x45\x44\x42\x41\x43K_KIND_UNSPECIFIED\x10\x00\x12\x0e\n\nESCALATION\x10\x01\x12\x0e\n\nCORRECTION\x10\x02\x12\x0c\n\x08\x46\x41LLBACK\x10\x03\x12\t\n\x05\x41UDIT\x10\x04\x32\xb0\x02\n\x05\x43loud\x12\x43\n\x08\x45scalate\x12\x1a.tandem.v1.EscalateRequest\x1a\x1b.tandem.v1.EscalateResponse\x12U\n\x0eReportFeedback\x12 .tandem.v1.ReportFeedbackRequest\x1a!.tandem.v1.ReportFeedbackResponse\x12\x46\n\x0bGetManifest\x12\x1d.tandem.v1.GetManifestRequest\x1a\x18.tandem.v1.ModelManifest\x12\x43\n\nFetchModel\x12\x1c.tandem.v1.FetchModelRequest\x1a\x15.tandem.v1.ModelChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tandem.v1.cloud_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_FEEDBACKKIND']._serialized_start=1166
+  _globals['_FEEDBACKKIND']._serialized_end=1268
   _globals['_EDGEPREDICTION']._serialized_start=60
   _globals['_EDGEPREDICTION']._serialized_end=134
   _globals['_ESCALATEREQUEST']._serialized_start=136
-  _globals['_ESCALATEREQUEST']._serialized_end=242
-  _globals['_ESCALATERESPONSE']._serialized_start=245
-  _globals['_ESCALATERESPONSE']._serialized_end=398
-  _globals['_CLOUD']._serialized_start=400
-  _globals['_CLOUD']._serialized_end=476
+  _globals['_ESCALATEREQUEST']._serialized_end=261
+  _globals['_ESCALATERESPONSE']._serialized_start=264
+  _globals['_ESCALATERESPONSE']._serialized_end=417
+  _globals['_FEEDBACKRECORD']._serialized_start=420
+  _globals['_FEEDBACKRECORD']._serialized_end=703
+  _globals['_REPORTFEEDBACKREQUEST']._serialized_start=705
+  _globals['_REPORTFEEDBACKREQUEST']._serialized_end=772
+  _globals['_REPORTFEEDBACKRESPONSE']._serialized_start=774
+  _globals['_REPORTFEEDBACKRESPONSE']._serialized_end=834
+  _globals['_GETMANIFESTREQUEST']._serialized_start=836
+  _globals['_GETMANIFESTREQUEST']._serialized_end=870
+  _globals['_MODELFILE']._serialized_start=872
+  _globals['_MODELFILE']._serialized_end=927
+  _globals['_MODELMANIFEST']._serialized_start=929
+  _globals['_MODELMANIFEST']._serialized_end=1054
+  _globals['_FETCHMODELREQUEST']._serialized_start=1056
+  _globals['_FETCHMODELREQUEST']._serialized_end=1106
+  _globals['_MODELCHUNK']._serialized_start=1108
+  _globals['_MODELCHUNK']._serialized_end=1164
+  _globals['_CLOUD']._serialized_start=1271
+  _globals['_CLOUD']._serialized_end=1575
 # @@protoc_insertion_point(module_scope)

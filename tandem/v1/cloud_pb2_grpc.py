@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class CloudStub:
-    """The cloud service that edges call.
+    """The cloud service that edges call. Escalate is answered by each expert's Serve
+    application; ReportFeedback, GetManifest and FetchModel by the registry application.
     """
 
     def __init__(self, channel):
@@ -40,14 +41,51 @@ class CloudStub:
                 request_serializer=tandem_dot_v1_dot_cloud__pb2.EscalateRequest.SerializeToString,
                 response_deserializer=tandem_dot_v1_dot_cloud__pb2.EscalateResponse.FromString,
                 _registered_method=True)
+        self.ReportFeedback = channel.unary_unary(
+                '/tandem.v1.Cloud/ReportFeedback',
+                request_serializer=tandem_dot_v1_dot_cloud__pb2.ReportFeedbackRequest.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_cloud__pb2.ReportFeedbackResponse.FromString,
+                _registered_method=True)
+        self.GetManifest = channel.unary_unary(
+                '/tandem.v1.Cloud/GetManifest',
+                request_serializer=tandem_dot_v1_dot_cloud__pb2.GetManifestRequest.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_cloud__pb2.ModelManifest.FromString,
+                _registered_method=True)
+        self.FetchModel = channel.unary_stream(
+                '/tandem.v1.Cloud/FetchModel',
+                request_serializer=tandem_dot_v1_dot_cloud__pb2.FetchModelRequest.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_cloud__pb2.ModelChunk.FromString,
+                _registered_method=True)
 
 
 class CloudServicer:
-    """The cloud service that edges call.
+    """The cloud service that edges call. Escalate is answered by each expert's Serve
+    application; ReportFeedback, GetManifest and FetchModel by the registry application.
     """
 
     def Escalate(self, request, context):
         """Answers a request the edge was unsure about.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportFeedback(self, request, context):
+        """Stores a batch of feedback records durably; idempotent by record_id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetManifest(self, request, context):
+        """The promoted student of a task: its signed manifest and file list.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchModel(self, request, context):
+        """A student version's files, in chunks, file after file.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -61,6 +99,21 @@ def add_CloudServicer_to_server(servicer, server):
                     request_deserializer=tandem_dot_v1_dot_cloud__pb2.EscalateRequest.FromString,
                     response_serializer=tandem_dot_v1_dot_cloud__pb2.EscalateResponse.SerializeToString,
             ),
+            'ReportFeedback': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportFeedback,
+                    request_deserializer=tandem_dot_v1_dot_cloud__pb2.ReportFeedbackRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_cloud__pb2.ReportFeedbackResponse.SerializeToString,
+            ),
+            'GetManifest': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetManifest,
+                    request_deserializer=tandem_dot_v1_dot_cloud__pb2.GetManifestRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_cloud__pb2.ModelManifest.SerializeToString,
+            ),
+            'FetchModel': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchModel,
+                    request_deserializer=tandem_dot_v1_dot_cloud__pb2.FetchModelRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_cloud__pb2.ModelChunk.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'tandem.v1.Cloud', rpc_method_handlers)
@@ -70,7 +123,8 @@ def add_CloudServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Cloud:
-    """The cloud service that edges call.
+    """The cloud service that edges call. Escalate is answered by each expert's Serve
+    application; ReportFeedback, GetManifest and FetchModel by the registry application.
     """
 
     @staticmethod
@@ -90,6 +144,87 @@ class Cloud:
             '/tandem.v1.Cloud/Escalate',
             tandem_dot_v1_dot_cloud__pb2.EscalateRequest.SerializeToString,
             tandem_dot_v1_dot_cloud__pb2.EscalateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportFeedback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.Cloud/ReportFeedback',
+            tandem_dot_v1_dot_cloud__pb2.ReportFeedbackRequest.SerializeToString,
+            tandem_dot_v1_dot_cloud__pb2.ReportFeedbackResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetManifest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.Cloud/GetManifest',
+            tandem_dot_v1_dot_cloud__pb2.GetManifestRequest.SerializeToString,
+            tandem_dot_v1_dot_cloud__pb2.ModelManifest.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tandem.v1.Cloud/FetchModel',
+            tandem_dot_v1_dot_cloud__pb2.FetchModelRequest.SerializeToString,
+            tandem_dot_v1_dot_cloud__pb2.ModelChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -60,3 +60,21 @@ class InferResponse(_message.Message):
     expert: str
     timings: Timings
     def __init__(self, request_id: _Optional[str] = ..., task: _Optional[str] = ..., label: _Optional[str] = ..., confidence: _Optional[float] = ..., source: _Optional[_Union[Source, str]] = ..., reason: _Optional[str] = ..., model_version: _Optional[str] = ..., expert: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
+
+class CorrectRequest(_message.Message):
+    __slots__ = ("task", "text", "label", "request_id")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    task: str
+    text: bytes
+    label: str
+    request_id: str
+    def __init__(self, task: _Optional[str] = ..., text: _Optional[bytes] = ..., label: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class CorrectResponse(_message.Message):
+    __slots__ = ("record_id",)
+    RECORD_ID_FIELD_NUMBER: _ClassVar[int]
+    record_id: str
+    def __init__(self, record_id: _Optional[str] = ...) -> None: ...

@@ -40,6 +40,11 @@ class EdgeStub:
                 request_serializer=tandem_dot_v1_dot_edge__pb2.InferRequest.SerializeToString,
                 response_deserializer=tandem_dot_v1_dot_edge__pb2.InferResponse.FromString,
                 _registered_method=True)
+        self.Correct = channel.unary_unary(
+                '/tandem.v1.Edge/Correct',
+                request_serializer=tandem_dot_v1_dot_edge__pb2.CorrectRequest.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_edge__pb2.CorrectResponse.FromString,
+                _registered_method=True)
 
 
 class EdgeServicer:
@@ -53,6 +58,13 @@ class EdgeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Correct(self, request, context):
+        """Records a user's correction of an answer; delivered to the cloud for retraining.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EdgeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -60,6 +72,11 @@ def add_EdgeServicer_to_server(servicer, server):
                     servicer.Infer,
                     request_deserializer=tandem_dot_v1_dot_edge__pb2.InferRequest.FromString,
                     response_serializer=tandem_dot_v1_dot_edge__pb2.InferResponse.SerializeToString,
+            ),
+            'Correct': grpc.unary_unary_rpc_method_handler(
+                    servicer.Correct,
+                    request_deserializer=tandem_dot_v1_dot_edge__pb2.CorrectRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_edge__pb2.CorrectResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -90,6 +107,33 @@ class Edge:
             '/tandem.v1.Edge/Infer',
             tandem_dot_v1_dot_edge__pb2.InferRequest.SerializeToString,
             tandem_dot_v1_dot_edge__pb2.InferResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Correct(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.Edge/Correct',
+            tandem_dot_v1_dot_edge__pb2.CorrectRequest.SerializeToString,
+            tandem_dot_v1_dot_edge__pb2.CorrectResponse.FromString,
             options,
             channel_credentials,
             insecure,
