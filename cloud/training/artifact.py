@@ -1,7 +1,6 @@
 """Writing model directories atomically, with a manifest that pins their content."""
 
 import contextlib
-import hashlib
 import json
 import shutil
 import tempfile
@@ -10,13 +9,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+from tandem.signing import sha256_file
 
 
 @contextlib.contextmanager
