@@ -37,6 +37,10 @@ test: $(DEPS) prometheus
 demo: $(DEPS)
 	$(VENV)/bin/tandem demo
 
+# The standard load tests; the last line printed is the results folder (git ignores results/).
+bench: $(DEPS)
+	$(VENV)/bin/tandem bench suite --out results
+
 proto: $(DEPS)
 	$(PY) proto/generate.py
 

@@ -61,17 +61,17 @@ def _routes(cloud_cfg: CloudConfig) -> dict[str, tuple[str, Any]]:
 async def _measure(cfg: CloudBenchConfig, cloud_cfg: CloudConfig) -> dict[str, Any]:
     routes = _routes(cloud_cfg)
     texts = [e.text for e in next(iter(cloud_cfg.tasks.values())).spec.load("test")]
-    offline = {kind: await offline_rps(expert, texts[: cfg.requests[kind]], cloud_cfg.tasks[task].spec.label_names())
-               for kind, (task, expert) in routes.items()}
+    offline_rps = {kind: (await offline(expert, texts[: cfg.requests[kind]], cloud_cfg.tasks[task].spec.label_names()))["rps"]
+                   for kind, (task, expert) in routes.items()}
     raw_echo = await _raw_echo_p50()
     served = await _served(cfg, cloud_cfg, routes, texts)
     experts = {}
     for kind in routes:
         s = served["experts"][kind]
         experts[kind] = {
-            "offline_rps": offline[kind],
+            "offline_rps": offline_rps[kind],
             "served_rps": s["served_rps"],
-            "served_over_offline": s["served_rps"] / offline[kind],
+            "served_over_offline": s["served_rps"] / offline_rps[kind],
             "overhead_p50_ms": s["overhead_p50_ms"],
             "escalate_p50_ms": s["escalate_p50_ms"],
             "expert_p50_ms": s["expert_p50_ms"],
@@ -86,8 +86,9 @@ async def _measure(cfg: CloudBenchConfig, cloud_cfg: CloudConfig) -> dict[str, A
     }
 
 
-async def offline_rps(expert: Any, texts: list[str], labels: list[str]) -> float:
-    """All requests at once into one engine in this process; requests per second."""
+async def offline(expert: Any, texts: list[str], labels: list[str], sequential_requests: int = 20) -> dict[str, float]:
+    """One engine in this process: requests one at a time (latency), then all at once (the
+    most batching vLLM can do; throughput)."""
     from cloud.experts.engine import build_engine
 
     os.environ.update(expert.env)
@@ -102,9 +103,15 @@ async def offline_rps(expert: Any, texts: list[str], labels: list[str]) -> float
 
             runner = GenerateRunner(engine)
         await runner.answer("warm up", labels, "warm-0")  # grammar compile, first batch
+
+        async def one(i: int) -> None:
+            await runner.answer(texts[i % len(texts)], labels, f"offline-seq-{i}")
+
+        latency = (await sequential(one, sequential_requests)).latency
         started = time.perf_counter()
         await asyncio.gather(*(runner.answer(t, labels, f"offline-{i}") for i, t in enumerate(texts)))
-        return len(texts) / (time.perf_counter() - started)
+        return {"rps": len(texts) / (time.perf_counter() - started), "p50_ms": latency.percentile_ms(50),
+                "p99_ms": latency.percentile_ms(99)}
     finally:
         engine.shutdown()
 
@@ -113,8 +120,12 @@ async def _raw_echo_p50() -> float:
     with announced_server(["-m", "benchmarks.echo"]) as server:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             echo = echo_callable(channel)
-            await sequential(lambda i: echo(b"x" * 64, timeout=5), 100)
-            return (await sequential(lambda i: echo(b"x" * 64, timeout=5), 500)).latency.percentile_ms(50)
+
+            async def call(i: int) -> None:
+                await echo(b"x" * 64, timeout=5)
+
+            await sequential(call, 100)
+            return (await sequential(call, 500)).latency.percentile_ms(50)
 
 
 async def _served(cfg: CloudBenchConfig, cloud_cfg: CloudConfig, routes: dict[str, tuple[str, Any]],
@@ -137,7 +148,10 @@ async def _served(cfg: CloudBenchConfig, cloud_cfg: CloudConfig, routes: dict[st
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = cloud_pb2_grpc.CloudStub(channel)
             echo = [("application", "echo")]
-            echo_call = lambda i: stub.Escalate(cloud_pb2.EscalateRequest(task="echo", text="x"), metadata=echo, timeout=10)
+
+            async def echo_call(i: int) -> None:
+                await stub.Escalate(cloud_pb2.EscalateRequest(task="echo", text="x"), metadata=echo, timeout=10)
+
             await sequential(echo_call, 100)
             serve_echo = (await sequential(echo_call, 500)).latency.percentile_ms(50)
             experts = {kind: await _served_expert(cfg, stub, expert.name, task, texts[: cfg.requests[kind]], kind)
@@ -153,19 +167,22 @@ async def _served_expert(cfg: CloudBenchConfig, stub: cloud_pb2_grpc.CloudStub, 
     metadata = [("application", app)]
     overhead, expert = LatencyRecorder(), LatencyRecorder()
 
-    async def call(i: int) -> cloud_pb2.EscalateResponse:
+    async def escalate(i: int) -> cloud_pb2.EscalateResponse:
         request = cloud_pb2.EscalateRequest(task=task, text=texts[i % len(texts)], request_id=f"bench-{kind}-{i}")
         return await stub.Escalate(request, metadata=metadata, timeout=120)
 
+    async def call(i: int) -> None:
+        await escalate(i)
+
     async def measured(i: int) -> None:
         started = time.perf_counter()
-        r = await call(i)
+        r = await escalate(i)
         total_ms = (time.perf_counter() - started) * 1e3
         overhead.record(max(total_ms - r.expert_ms, 0.001) / 1e3)
         expert.record(r.expert_ms / 1e3)
 
     await sequential(call, 5)
-    escalate = await sequential(measured, cfg.sequential_requests)
+    timed = await sequential(measured, cfg.sequential_requests)
     # Saturation: as many requests as the offline run, `concurrency` at a time.
     counter = iter(range(len(texts)))
     started = time.perf_counter()
@@ -174,9 +191,9 @@ async def _served_expert(cfg: CloudBenchConfig, stub: cloud_pb2_grpc.CloudStub, 
     return {
         "served_rps": served_rps,
         "overhead_p50_ms": overhead.percentile_ms(50),
-        "escalate_p50_ms": escalate.latency.percentile_ms(50),
+        "escalate_p50_ms": timed.latency.percentile_ms(50),
         "expert_p50_ms": expert.percentile_ms(50),
-        "errors": dict(escalate.errors),
+        "errors": dict(timed.errors),
     }
 
 

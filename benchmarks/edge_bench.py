@@ -112,8 +112,8 @@ async def measure_echo(cfg: EdgeBenchConfig) -> dict[str, Any]:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             echo = echo_callable(channel)
 
-            async def call(i: int) -> object:
-                return await echo(payload, timeout=5)
+            async def call(i: int) -> None:
+                await echo(payload, timeout=5)
 
             await sequential(call, 100)
             back_to_back = await sequential(call, cfg.sequential_requests)
@@ -149,8 +149,8 @@ async def measure_daemon(cfg: EdgeBenchConfig, texts: list[str], max_batch: int)
                 stub = edge_pb2_grpc.EdgeStub(channel)
                 requests = [edge_pb2.InferRequest(task=cfg.task.name, text=t.encode()) for t in texts]
 
-                async def call(i: int) -> object:
-                    return await stub.Infer(requests[i % len(requests)], timeout=10)
+                async def call(i: int) -> None:
+                    await stub.Infer(requests[i % len(requests)], timeout=10)
 
                 for i in range(200):
                     await call(i)

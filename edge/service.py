@@ -45,7 +45,7 @@ class EdgeService(edge_pb2_grpc.EdgeServicer):
 
     async def Infer(self, request: edge_pb2.InferRequest, context: grpc.aio.ServicerContext) -> edge_pb2.InferResponse:
         try:
-            return await self._infer(request)
+            return await self.infer(request)
         except InvalidRequest as exc:
             self._metrics.rejected.labels(exc.field).inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -53,7 +53,8 @@ class EdgeService(edge_pb2_grpc.EdgeServicer):
             log.exception("Infer failed (request_id=%s)", request.request_id)
             await context.abort(grpc.StatusCode.INTERNAL, "internal error in the edge daemon; see its log")
 
-    async def _infer(self, request: edge_pb2.InferRequest) -> edge_pb2.InferResponse:
+    async def infer(self, request: edge_pb2.InferRequest) -> edge_pb2.InferResponse:
+        """The service without gRPC: raises InvalidRequest for bad input. Fleet mode calls it."""
         started = time.perf_counter()
         runtime, text = self._validate(request)
         request_id = request.request_id or uuid.uuid4().hex

@@ -96,6 +96,16 @@ def _bench_cloud(args: argparse.Namespace) -> int:
 
 
 @_imports("dev")
+def _bench_suite(args: argparse.Namespace) -> int:
+    from benchmarks.suite import SuiteConfig, run_suite
+    from tandem.settings import load_config
+
+    out = run_suite(load_config(SuiteConfig, args.config), args.out)
+    print(out)  # last line: the results folder, for scripts
+    return 0
+
+
+@_imports("dev")
 def _demo(args: argparse.Namespace) -> int:
     from benchmarks.demo import run_demo
 
@@ -130,6 +140,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="JSON results file")
     p = command(bench, "cloud", _bench_cloud, "each expert offline vs served through Serve's gRPC ingress")
     p.add_argument("--out", type=Path, required=True, help="JSON results file")
+    p = command(bench, "suite", _bench_suite, "the standard load tests with baselines, floors, sweep and plots")
+    p.add_argument("--out", type=Path, default=Path("results"), help="parent of the results folder")
 
     p = command(groups, "demo", _demo, "train or reuse models, run the system, print the report")
     p.add_argument("--out", type=Path, default=Path("results/demo"), help="folder for results")

@@ -1,0 +1,80 @@
+"""The suite's PNG plots (matplotlib, no display needed)."""
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never a window, even where a display exists
+
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_all(r: dict[str, Any], out: Path) -> dict[str, str]:
+    """Writes the plots into `out`; returns title -> file name."""
+    plots = {
+        "latency CDF per path": _latency_cdf(r["runs"], out / "latency_cdf.png"),
+        "accuracy and p99 against escalation rate": _sweep(r["sweep"], r["runs"], out / "accuracy_escalation.png"),
+        "throughput against offered load": _throughput(r["step_response"], out / "throughput.png"),
+    }
+    return {title: path.name for title, path in plots.items()}
+
+
+def _latency_cdf(runs: dict[str, Any], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, run in runs.items():
+        for p, points in sorted(run["cdf"].items()):
+            ms, pct = zip(*points)
+            ax.plot(ms, pct, label=f"{name}: {p}")
+    ax.set_xscale("log")
+    ax.set_xlabel("latency from scheduled send (ms, log scale)")
+    ax.set_ylabel("percentile")
+    ax.set_ylim(0, 100)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("Latency CDF per run and path")
+    return _save(fig, path)
+
+
+def _sweep(points: list[dict[str, Any]], runs: dict[str, Any], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(8, 5))
+    rates = [p["escalation_rate"] for p in points]
+    ax.plot(rates, [100 * p["accuracy"] for p in points], "o-", label="cascade accuracy")
+    for p in points:
+        ax.annotate(f"t={p['threshold']:g}", (p["escalation_rate"], 100 * p["accuracy"]), fontsize=7,
+                    xytext=(3, -10), textcoords="offset points")
+    for name in ("edge_only", "cloud_only"):
+        ax.axhline(100 * runs[name]["accuracy"], linestyle="--", alpha=0.6, label=f"{name} accuracy")
+    ax.set_xlabel("escalation rate")
+    ax.set_ylabel("accuracy (%)")
+    p99 = ax.twinx()
+    p99.plot(rates, [p["p99_ms"] for p in points], "s:", color="tab:red", label="cascade p99")
+    p99.set_ylabel("p99 latency (ms)", color="tab:red")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(True, alpha=0.3)
+    ax.set_title("Threshold sweep: accuracy and p99 against escalation rate")
+    return _save(fig, path)
+
+
+def _throughput(s: dict[str, Any], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(8, 5))
+    offered = [st["offered_rps"] for st in s["steps"]]
+    answered_by_cloud = [st["throughput_rps"] * st["by_path"].get("escalated", {}).get("share", 0) for st in s["steps"]]
+    ax.plot(offered, [st["throughput_rps"] for st in s["steps"]], "o-", label="answered (all paths)")
+    ax.plot(offered, answered_by_cloud, "s-", label="answered by the cloud")
+    ax.plot(offered, offered, ":", color="grey", label="offered")
+    if s["saturated_at_rps"] is not None:
+        ax.axvline(s["saturated_at_rps"], color="tab:red", alpha=0.5, label="cloud saturated")
+    ax.set_xlabel("offered load (req/s)")
+    ax.set_ylabel("throughput (req/s)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"Step response: {s['edges']} simulated edges, every request escalated")
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

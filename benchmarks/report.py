@@ -1,0 +1,145 @@
+"""Writing a suite's results: report.json (everything), summary.json (the three runs at a
+glance), report.md (tables) and the plots."""
+
+import json
+from pathlib import Path
+from typing import Any
+
+from benchmarks.plots import plot_all
+
+SUMMARY_KEYS = ("p50_ms", "p99_ms", "accuracy", "escalation_rate", "throughput_rps")
+PERCENTILES = ("p50_ms", "p90_ms", "p99_ms", "p99.9_ms")
+
+
+def write_report(report: dict[str, Any], out: Path) -> None:
+    report["targets"] = targets(report)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    summary = {name: {k: run[k] for k in SUMMARY_KEYS} for name, run in report["runs"].items()}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plots = plot_all(report, out)
+    (out / "report.md").write_text(markdown(report, plots))
+    print("\n" + _targets_table(report["targets"]))
+
+
+def _target(value: float, limit: float, at_most: bool = True) -> dict[str, Any]:
+    return {"value": value, "limit": limit, "ratio": value / limit if limit else None,
+            "met": value <= limit if at_most else value >= limit}
+
+
+def targets(r: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The issue's targets and each run's distance from its floor, as value / limit."""
+    runs, floors = r["runs"], r["floors"]
+    best_generator = max(r["generator"], key=lambda g: g["achieved_rps"])
+    edge_floor = floors["raw_onnx"]["p50_ms"] + floors["grpc_echo"]["p50_ms"]
+    out = {
+        "cascade p50 <= 1.2 x edge_only p50": _target(runs["cascade"]["p50_ms"], 1.2 * runs["edge_only"]["p50_ms"]),
+        "cascade accuracy >= cloud_only - 1 pt": _target(runs["cascade"]["accuracy"], runs["cloud_only"]["accuracy"] - 0.01,
+                                                         at_most=False),
+        "generator achieved rps >= 2000": _target(best_generator["achieved_rps"], 2000.0, at_most=False),
+        "edge_only p50 vs floor (raw ONNX + gRPC echo p50)": _target(runs["edge_only"]["p50_ms"], edge_floor),
+        "cloud_only p50 vs floor (edge floor + vLLM offline p50)": _target(
+            runs["cloud_only"]["p50_ms"], edge_floor + floors["vllm_offline"]["p50_ms"]),
+    }
+    saturated = r["step_response"]["saturated_at_rps"]
+    if saturated is not None:
+        out["cloud saturation vs vLLM offline rps"] = _target(saturated, floors["vllm_offline"]["rps"], at_most=False)
+    return out
+
+
+def markdown(r: dict[str, Any], plots: dict[str, str]) -> str:
+    lines = [
+        "# Tandem load tests",
+        "",
+        f"Environment: {r['environment']['cpus']} CPUs, {r['environment']['memory_gb']:.0f} GB, Python "
+        f"{r['environment']['python']}. Config: Poisson arrivals at {r['config']['rate_rps']:g} req/s; the same "
+        "query sequence for each run. Latency is measured from each request's scheduled send time.",
+        "",
+        "## Targets (value / limit measured in this run)",
+        "",
+        _targets_table(r["targets"]),
+        "",
+        "## Baselines",
+        "",
+        _runs_table(r["runs"]),
+        "",
+        "## Floors",
+        "",
+        "| floor | p50 ms | p99 ms | req/s |",
+        "|---|---:|---:|---:|",
+        *(f"| {name} | {f.get('p50_ms', 0):.3f} | {f.get('p99_ms', 0):.3f} | {f.get('rps', float('nan')):.0f} |"
+          for name, f in r["floors"].items()),
+        "",
+        "## Generator capacity (Poisson against the raw gRPC echo)",
+        "",
+        "| offered req/s | achieved req/s | ratio | p99 ms | send lateness p99 ms | errors |",
+        "|---:|---:|---:|---:|---:|---|",
+        *(f"| {g['offered_rps']:.0f} | {g['achieved_rps']:.0f} | {g['achieved_rps'] / g['offered_rps']:.2f} | "
+          f"{g['p99_ms']:.2f} | {g['send_lateness_p99_ms']:.2f} | {g['errors'] or ''} |" for g in r["generator"]),
+        "",
+        "## Threshold sweep",
+        "",
+        "| threshold | escalation rate | accuracy | p50 ms | p99 ms |",
+        "|---:|---:|---:|---:|---:|",
+        *(f"| {p['threshold']:g} | {p['escalation_rate']:.1%} | {p['accuracy']:.1%} | {p['p50_ms']:.2f} | {p['p99_ms']:.2f} |"
+          for p in r["sweep"]),
+        "",
+        _step_section(r["step_response"]),
+        "",
+        "## Plots",
+        "",
+        *(f"![{name}]({file})" for name, file in plots.items()),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _runs_table(runs: dict[str, Any]) -> str:
+    lines = [
+        "| run | path | share | accuracy | p50 ms | p90 ms | p99 ms | p99.9 ms |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, run in runs.items():
+        lines.append(f"| **{name}** | all | 100% | {run['accuracy']:.1%} | " + " | ".join(f"{run[p]:.2f}" for p in PERCENTILES) + " |")
+        for path, stats in run["paths"].items():
+            acc = run["by_path"][path]
+            lines.append(f"| | {path} | {acc['share']:.1%} | {acc['accuracy']:.1%} | "
+                         + " | ".join(f"{stats[p]:.2f}" for p in PERCENTILES) + " |")
+    lines += [
+        "",
+        "| run | escalation rate | throughput req/s | errors | edge CPU (cores) | edge RSS MB | cloud queued max | cloud running max |",
+        "|---|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for name, run in runs.items():
+        lines.append(f"| {name} | {run['escalation_rate']:.1%} | {run['throughput_rps']:.1f} | {run['errors'] or 0} | "
+                     f"{run['edge_cpu_cores']:.2f} | {run['edge_rss_mb_max']:.0f} | {run['cloud_queued_max']:.0f} | "
+                     f"{run['cloud_running_max']:.0f} |")
+    return "\n".join(lines)
+
+
+def _step_section(s: dict[str, Any]) -> str:
+    where = f"{s['saturated_at_rps']:g} req/s" if s["saturated_at_rps"] is not None else "not reached"
+    lines = [
+        "## Step response (fleet mode)",
+        "",
+        f"{s['edges']} simulated edges in one process share one ONNX Runtime session; every request is escalated "
+        f"(deadline {s['deadline_ms']:g} ms). Saturation (more than 5% fallbacks, or under 90% of the offered load "
+        f"answered): **{where}**. Past it, the edges answer locally (fallback), not with errors.",
+        "",
+        "| offered req/s | achieved req/s | escalated | fallback | p50 ms | p99 ms | errors | cloud queued max |",
+        "|---:|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for st in s["steps"]:
+        shares = st["by_path"]
+        lines.append(
+            f"| {st['offered_rps']:g} | {st['throughput_rps']:.1f} | {shares.get('escalated', {}).get('share', 0):.1%} | "
+            f"{shares.get('fallback', {}).get('share', 0):.1%} | {st['p50_ms']:.2f} | {st['p99_ms']:.2f} | "
+            f"{st['errors'] or 0} | {st['cloud_queued_max']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def _targets_table(t: dict[str, dict[str, Any]]) -> str:
+    lines = ["| target | value | limit | ratio | met |", "|---|---:|---:|---:|---|"]
+    for name, v in t.items():
+        lines.append(f"| {name} | {v['value']:.4g} | {v['limit']:.4g} | {v['ratio']:.2f} | {'yes' if v['met'] else 'NO'} |")
+    return "\n".join(lines)

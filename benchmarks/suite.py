@@ -1,0 +1,214 @@
+"""`tandem bench suite` (`make bench`): the standard load tests, with their baselines and
+floors measured in the same run, written as JSON, Markdown and plots.
+
+1. Floors: raw ONNX Runtime and a raw grpc.aio echo (in `tandem bench edge`'s way), and
+   the vLLM classify expert offline (in `tandem bench cloud`'s way).
+2. The generator's own capacity: Poisson load on the echo server at rising rates.
+3. With the cloud up, the same Poisson-timed replay of the test split through three edge
+   daemons: edge_only, cloud_only and the cascade at the configured policy.
+4. A threshold sweep: the cascade at several thresholds.
+5. A step response: a fleet of simulated edges, every request escalated, offered load
+   raised in steps until the cloud saturates.
+"""
+
+import asyncio
+import datetime
+import json
+import os
+import platform
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from benchmarks.echo import echo_callable
+from benchmarks.edge_bench import EdgeBenchConfig, measure_echo, measure_raw
+from benchmarks.edge_load import replay
+from benchmarks.loadgen import open_loop, poisson
+from benchmarks.monitor import Monitor
+from benchmarks.processes import announced_server
+from benchmarks.report import write_report
+from benchmarks.system import Cloud, cloud, cloud_config, edge_config, edge_daemon
+from tandem.settings import TandemSettings, load_config
+from tandem.tasks import Example
+from tandem.v1 import edge_pb2_grpc
+
+EXPERT = "banking77-classifier"
+
+
+class SuiteConfig(TandemSettings):
+    model_config = SettingsConfigDict(env_prefix="TANDEM_BENCH_")
+
+    train_config: Path | None = Field(None, description="Training config (task, model cache); default: built in.")
+    rate_rps: float = Field(50.0, gt=0, description="Poisson arrival rate of the baseline and sweep runs.")
+    queries: int | None = Field(
+        None, ge=10, description="Queries per baseline run (the same sequence for each); None: the whole test split."
+    )
+    sweep_thresholds: list[float] = Field(
+        default_factory=lambda: [0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95], description="Cascade thresholds of the sweep."
+    )
+    sweep_queries: int = Field(600, ge=10, description="Queries per sweep point.")
+    step_rates: list[float] = Field(
+        default_factory=lambda: [20, 40, 80, 120, 160, 240, 320], description="Offered load of each step, req/s."
+    )
+    step_duration_s: float = Field(8.0, gt=0, description="Length of each step.")
+    fleet_edges: int = Field(200, ge=1, description="Simulated edges in the step response (fleet mode).")
+    generator_rates: list[float] = Field(
+        default_factory=lambda: [1000, 2000, 3000], description="Offered load on the echo server, req/s."
+    )
+    generator_duration_s: float = Field(5.0, gt=0)
+    seed: int = 0
+
+
+def run_suite(cfg: SuiteConfig, out_root: Path) -> Path:
+    """Runs everything; returns the results folder."""
+    from cloud.prepare import ensure_trained
+    from cloud.training.config import TrainConfig
+
+    train_cfg = load_config(TrainConfig, cfg.train_config)
+    teacher = ensure_trained(train_cfg, "teacher")
+    ensure_trained(train_cfg, "student")
+    out = out_root / f"bench-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    out.mkdir(parents=True)
+    report = asyncio.run(_measure(cfg, train_cfg))
+    report["models"] = {"expert_test_accuracy": teacher["metrics"]["test_accuracy"]}
+    write_report(report, out)
+    return out
+
+
+async def _measure(cfg: SuiteConfig, train_cfg: Any) -> dict[str, Any]:
+    task = train_cfg.task
+    test = task.load("test")
+    student = train_cfg.model_dir("student")
+    queries = _sequence(test, cfg.queries or len(test), cfg.seed)
+    report: dict[str, Any] = {"config": json.loads(cfg.model_dump_json()), "environment": _environment()}
+    print("\n== floors ==", flush=True)
+    report["floors"] = await _floors(cfg, student, train_cfg, [e.text for e in test])
+    print("\n== generator capacity (Poisson, against the raw echo server) ==", flush=True)
+    report["generator"] = await _generator_capacity(cfg)
+    with cloud(cloud_config({EXPERT})) as c:
+        runs = {}
+        for name, policy in (("edge_only", {"mode": "edge_only"}), ("cloud_only", {"mode": "cloud_only"}), ("cascade", {})):
+            print(f"\n== {name}: {len(queries)} queries, Poisson {cfg.rate_rps:g} req/s ==", flush=True)
+            runs[name] = await _daemon_run(edge_config(task.name, student, c.target, policy=policy), c, task.name, queries,
+                                           cfg.rate_rps, cfg.seed, name)
+        report["runs"] = runs
+        report["sweep"] = await _sweep(cfg, c, task.name, student, test)
+        report["step_response"] = await _step_response(cfg, c, task.name, student, test)
+    return report
+
+
+def _sequence(examples: Sequence[Example], count: int, seed: int) -> list[Example]:
+    """`count` examples in a seeded order (repeating the split if count exceeds it)."""
+    order = list(examples)
+    random.Random(seed).shuffle(order)
+    return [order[i % len(order)] for i in range(count)]
+
+
+async def _daemon_run(edge_cfg: dict[str, Any], c: Cloud, task: str, queries: list[Example], rate: float, seed: int,
+                      name: str) -> dict[str, Any]:
+    with edge_daemon(edge_cfg) as daemon:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{daemon.port}") as channel:
+            stub = edge_pb2_grpc.EdgeStub(channel)
+            await replay([stub.Infer], task, queries[:50], [0.02 * i for i in range(50)], f"warm-{name}")
+            with Monitor([daemon.process.pid], c.metrics_url) as monitor:
+                result = await replay([stub.Infer], task, queries, poisson(rate, count=len(queries), seed=seed), name)
+    result.update(monitor.summary(), policy=edge_cfg["policy"], offered_rps=rate)
+    _print_run(name, result)
+    return result
+
+
+async def _sweep(cfg: SuiteConfig, c: Cloud, task: str, student: Path, test: list[Example]) -> list[dict[str, Any]]:
+    queries = _sequence(test, cfg.sweep_queries, cfg.seed + 1)
+    points = []
+    for threshold in cfg.sweep_thresholds:
+        print(f"\n== sweep: threshold {threshold:g} ==", flush=True)
+        edge_cfg = edge_config(task, student, c.target, policy={"mode": "threshold", "threshold": threshold})
+        points.append({"threshold": threshold, **await _daemon_run(edge_cfg, c, task, queries, cfg.rate_rps, cfg.seed, f"sweep-{threshold:g}")})
+    return points
+
+
+async def _step_response(cfg: SuiteConfig, c: Cloud, task: str, student: Path, test: list[Example]) -> dict[str, Any]:
+    from benchmarks.fleet import Fleet
+
+    steps = []
+    edge_cfg = edge_config(task, student, c.target, policy={"mode": "cloud_only"})
+    async with Fleet(edge_cfg, cfg.fleet_edges) as fleet:
+        saturated_at = None
+        for i, rate in enumerate(cfg.step_rates):
+            print(f"\n== step response: {cfg.fleet_edges} simulated edges, every request escalated, {rate:g} req/s ==", flush=True)
+            queries = _sequence(test, int(rate * cfg.step_duration_s), cfg.seed + 2 + i)
+            with Monitor([os.getpid()], c.metrics_url) as monitor:
+                step = await replay(fleet.edges, task, queries, poisson(rate, count=len(queries), seed=cfg.seed + i), f"step-{i}")
+            step.update(monitor.summary(), offered_rps=rate)
+            step.pop("cdf")
+            _print_run(f"{rate:g} req/s", step)
+            steps.append(step)
+            if _saturated(step):
+                saturated_at = saturated_at or rate
+                if len([s for s in steps if _saturated(s)]) == 2:
+                    break
+    return {"edges": cfg.fleet_edges, "deadline_ms": edge_cfg["cloud"]["deadline_ms"], "steps": steps,
+            "saturated_at_rps": saturated_at}
+
+
+def _saturated(step: dict[str, Any]) -> bool:
+    """The cloud answered less than 95% of what was sent to it (the rest fell back)."""
+    return (step["fallback_rate"] or 0) > 0.05 or step["throughput_rps"] < 0.9 * step["offered_rps"]
+
+
+async def _floors(cfg: SuiteConfig, student: Path, train_cfg: Any, texts: list[str]) -> dict[str, Any]:
+    from benchmarks.cloud_bench import offline
+    from cloud.config import CloudConfig
+
+    bench = EdgeBenchConfig(student=student, task=train_cfg.task, rate_rps=cfg.rate_rps, duration_s=5.0, sequential_requests=1000)
+    raw = measure_raw(bench, texts)
+    echo = await measure_echo(bench)
+    expert = next(e for e in CloudConfig.model_validate(cloud_config({EXPERT})).experts)
+    vllm = await offline(expert, texts[:400], train_cfg.task.label_names())
+    floors = {
+        "raw_onnx": {k: raw[k] for k in ("p50_ms", "p99_ms", "rps")},
+        "grpc_echo": {"p50_ms": echo["p50_ms"], "p99_ms": echo["p99_ms"]},
+        "vllm_offline": vllm,
+    }
+    print(json.dumps(floors, indent=1), flush=True)
+    return floors
+
+
+async def _generator_capacity(cfg: SuiteConfig) -> list[dict[str, Any]]:
+    runs = []
+    with announced_server(["-m", "benchmarks.echo"]) as server:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            echo = echo_callable(channel)
+
+            async def call(i: int) -> None:
+                await echo(b"x" * 64, timeout=5)
+
+            await open_loop(call, poisson(500, count=500))
+            for rate in cfg.generator_rates:
+                r = (await open_loop(call, poisson(rate, duration_s=cfg.generator_duration_s, seed=cfg.seed))).summary()
+                runs.append({"offered_rps": rate, "achieved_rps": r["throughput_rps"], "p50_ms": r["p50_ms"],
+                             "p99_ms": r["p99_ms"], "send_lateness_p99_ms": r["send_lateness_p99_ms"], "errors": r["errors"]})
+                print(f"offered {rate:6.0f} req/s  achieved {r['throughput_rps']:6.0f}  p50 {r['p50_ms']:.2f} ms  "
+                      f"p99 {r['p99_ms']:.2f} ms  send lateness p99 {r['send_lateness_p99_ms']:.2f} ms  errors {r['errors']}", flush=True)
+    return runs
+
+
+def _print_run(name: str, r: dict[str, Any]) -> None:
+    if not r["answered"]:
+        print(f"{name}: no answers; errors {r['errors']} {r['error_examples']}", flush=True)
+        return
+    paths = "  ".join(f"{p} {v['share']:.0%} acc {v['accuracy']:.1%}" for p, v in r["by_path"].items())
+    print(f"{name}: p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  {r['throughput_rps']:.0f} req/s  "
+          f"accuracy {r['accuracy']:.1%}  escalated {r['escalation_rate']:.1%}  [{paths}]  errors {r['errors']}", flush=True)
+
+
+def _environment() -> dict[str, Any]:
+    import psutil
+
+    return {"cpus": os.cpu_count(), "memory_gb": psutil.virtual_memory().total / 2**30, "python": platform.python_version(),
+            "platform": platform.platform(), "ci": os.environ.get("CI") == "true"}
