@@ -59,5 +59,9 @@ def _wait_for_port(process: subprocess.Popen[str], timeout_s: float) -> int:
     except queue.Empty:
         port = None
     if port is None:
-        raise RuntimeError(f"{process.args} announced no port within {timeout_s:.0f} s (exit code {process.poll()})")
+        try:
+            code = process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"{process.args} announced no port within {timeout_s:.0f} s") from None
+        raise RuntimeError(f"{process.args} exited with code {code} before announcing its port; see its stderr above")
     return port
