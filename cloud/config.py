@@ -103,6 +103,30 @@ class CloudConfig(TandemSettings):
         30.0, gt=0, description="Longest an expert may take before DEADLINE_EXCEEDED (edges set shorter deadlines)."
     )
 
+    registry_app: str = Field(
+        "registry", description="Serve application (and route) answering ReportFeedback, GetManifest and FetchModel: "
+        "edges send it as the `application` metadata for those calls.",
+    )
+    registry_dir: Path = Field(
+        default_factory=lambda: envs.TANDEM_CACHE_DIR / "registry",
+        description="Model registry root: <task>/<version>/ signed students, <task>/promoted.json.",
+    )
+    feedback_uri: str = Field(
+        default_factory=lambda: str(envs.TANDEM_CACHE_DIR / "feedback"),
+        description="Feedback store: a local directory or a pyarrow filesystem URI, e.g. "
+        "s3://bucket/feedback?region=eu-west-1 (S3-compatible stores take endpoint_override=...).",
+    )
+    feedback_max_batch: int = Field(
+        1000, ge=1, description="Most records one ReportFeedback may carry; more are refused with INVALID_ARGUMENT."
+    )
+    feedback_flush_records: int = Field(
+        64, ge=1, description="An expert sends its answered escalations to the registry once this many are pending..."
+    )
+    feedback_flush_s: float = Field(1.0, gt=0, description="...or this long after its last send, whichever comes first.")
+    feedback_retries: int = Field(
+        3, ge=1, description="Attempts to send a batch of escalation records before it is dropped (with an error log)."
+    )
+
     tasks: dict[str, CloudTask] = Field(
         default_factory=lambda: {"banking77": CloudTask(spec=banking77(), expert="banking77-classifier")}
     )
@@ -123,4 +147,6 @@ class CloudConfig(TandemSettings):
         idle = set(names) - {t.expert for t in self.tasks.values()}
         if idle:
             raise ValueError(f"experts {sorted(idle)} answer no task")
+        if self.registry_app in names:
+            raise ValueError(f"registry_app {self.registry_app!r} is also an expert's name; applications need unique names")
         return self

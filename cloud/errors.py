@@ -1,20 +1,30 @@
 """Every error the cloud turns into a gRPC status, in one tree.
 
-    EscalationError
-    ├── InvalidEscalation    bad request          → INVALID_ARGUMENT
-    ├── ExpertTimeout        expert too slow      → DEADLINE_EXCEEDED
-    ├── ExpertUnavailable    engine or replica down → UNAVAILABLE (edges retry: another replica may answer)
-    └── InvalidAnswer        no whole label in the answer → INTERNAL (not retried: it would recur)
+    CloudError
+    ├── EscalationError
+    │   ├── InvalidEscalation    bad request          → INVALID_ARGUMENT
+    │   ├── ExpertTimeout        expert too slow      → DEADLINE_EXCEEDED
+    │   ├── ExpertUnavailable    engine or replica down → UNAVAILABLE (edges retry: another replica may answer)
+    │   └── InvalidAnswer        no whole label in the answer → INTERNAL (not retried: it would recur)
+    └── RegistryError
+        ├── InvalidFeedback      bad feedback record or batch → INVALID_ARGUMENT
+        ├── NotFound             unknown task, no promoted or no such version → NOT_FOUND
+        └── StoreUnavailable     the feedback store failed to write → UNAVAILABLE (edges keep the batch, retry later)
 
-`cloud.app.Expert.Escalate` is the one place these become statuses. A full queue never
-reaches it: Serve's proxy refuses past `max_queued_requests` with RESOURCE_EXHAUSTED.
+`cloud.app.Expert.Escalate` and `cloud.registry.service.RegistryServicer` are the places
+these become statuses. A full queue never reaches them: Serve's proxy refuses past
+`max_queued_requests` with RESOURCE_EXHAUSTED.
 """
 
 import grpc
 
 
-class EscalationError(Exception):
+class CloudError(Exception):
     code = grpc.StatusCode.INTERNAL
+
+
+class EscalationError(CloudError):
+    pass
 
 
 class InvalidEscalation(EscalationError):
@@ -34,3 +44,22 @@ class ExpertUnavailable(EscalationError):
 
 class InvalidAnswer(EscalationError):
     code = grpc.StatusCode.INTERNAL
+
+
+class RegistryError(CloudError):
+    pass
+
+
+class InvalidFeedback(RegistryError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+
+
+class NotFound(RegistryError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class StoreUnavailable(RegistryError):
+    code = grpc.StatusCode.UNAVAILABLE

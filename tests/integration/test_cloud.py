@@ -15,6 +15,7 @@ import yaml
 
 from benchmarks.ports import free_port
 from benchmarks.processes import Server, announced_server
+from cloud.feedback import FeedbackStore
 from edge.config import CloudConfig, PolicyConfig
 from tandem.tasks import banking77
 from tandem.v1 import cloud_pb2, cloud_pb2_grpc, edge_pb2
@@ -24,18 +25,25 @@ from .conftest import running_daemon
 pytestmark = pytest.mark.integration
 
 APPLICATION = {"banking77": "classifier", "banking77-llm": "llm"}  # task -> expert application
+REGISTRY = [("application", "registry")]  # ReportFeedback, GetManifest, FetchModel
 LABELS = banking77().label_names()
 
 
 @pytest.fixture(scope="module")
-def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, int]]:
+def cloud_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The cloud's config, feedback store (feedback/) and model registry (registry/)."""
+    return tmp_path_factory.mktemp("cloud")
+
+
+@pytest.fixture(scope="module")
+def cloud(cloud_dir: Path) -> Iterator[tuple[Server, int]]:
     """Both expert kinds: a briefly trained classifier and SmolLM2 (prepared into the cache)."""
     from cloud.prepare import SMOLLM2_DIR, prepare_smollm2
     from cloud.training.config import FitConfig, TrainConfig
     from cloud.training.teacher import train_teacher
     from tandem import envs
 
-    tmp = tmp_path_factory.mktemp("cloud")
+    tmp = cloud_dir
     teacher = tmp / "teacher"
     train_teacher(TrainConfig(teacher=FitConfig(layers=2, lr=5e-4, epochs=1, max_examples=2000)), teacher)
     smollm2 = prepare_smollm2(envs.TANDEM_CACHE_DIR / "models" / SMOLLM2_DIR)
@@ -44,6 +52,7 @@ def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, in
     cfg = {
         "grpc_port": free_port(), "http_port": free_port(), "ray_metrics_port": metrics_port,
         "max_text_bytes": 512,
+        "feedback_uri": str(tmp / "feedback"), "registry_dir": str(tmp / "registry"), "feedback_flush_s": 0.2,
         "tasks": {"banking77": {"spec": spec, "expert": "classifier"}, "banking77-llm": {"spec": spec, "expert": "llm"}},
         "experts": [
             {"name": "classifier", "kind": "classify", "model": str(teacher), "dtype": "float32", "max_model_len": 128,
@@ -133,6 +142,56 @@ def test_bad_escalations_are_invalid_argument(stub: cloud_pb2_grpc.CloudStub, ta
     with pytest.raises(grpc.RpcError) as info:
         _escalate(stub, task, text, timeout=30)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and fragment in info.value.details()
+
+
+def test_answered_escalations_are_recorded_in_the_feedback_store(stub: cloud_pb2_grpc.CloudStub, cloud_dir: Path) -> None:
+    edge = cloud_pb2.EdgePrediction(label="lost_or_stolen_card", confidence=0.41, model_version="student-v1")
+    r = stub.Escalate(cloud_pb2.EscalateRequest(request_id="fb-1", task="banking77", text="my card never came",
+                                                edge=edge, device_id="kiosk-7"),
+                      metadata=_metadata("banking77"), timeout=60)
+    store = FeedbackStore(str(cloud_dir / "feedback"))
+    deadline = time.monotonic() + 10
+    while not (rows := [row for row in store.read("banking77").to_pylist() if row["record_id"] == "esc-fb-1"]):
+        assert time.monotonic() < deadline, "the escalation never reached the feedback store"
+        time.sleep(0.5)
+    row = rows[0]
+    assert (row["kind"], row["request_id"], row["text"], row["device_id"]) == ("ESCALATION", "fb-1", "my card never came", "kiosk-7")
+    assert (row["edge_label"], row["edge_model_version"]) == ("lost_or_stolen_card", "student-v1")
+    assert (row["label"], row["expert"]) == (r.label, "classifier")
+    assert [d["label"] for d in row["distribution"]] == [d.label for d in r.distribution]
+    assert row["created_unix_ms"] <= row["stored_unix_ms"]
+
+
+def test_feedback_reported_through_the_proxy_is_stored_once(cloud: tuple[Server, int], stub: cloud_pb2_grpc.CloudStub,
+                                                            cloud_dir: Path) -> None:
+    records = [cloud_pb2.FeedbackRecord(record_id=f"fix-{i}", task="banking77", kind=cloud_pb2.CORRECTION,
+                                        text="card still not here", label="card_arrival", created_unix_ms=1_700_000_000_000)
+               for i in range(2)]
+    request = cloud_pb2.ReportFeedbackRequest(records=records)
+    first = stub.ReportFeedback(request, metadata=REGISTRY, timeout=30)
+    again = stub.ReportFeedback(request, metadata=REGISTRY, timeout=30)
+    assert (first.stored, first.duplicates, again.stored, again.duplicates) == (2, 0, 0, 2)
+    stored = FeedbackStore(str(cloud_dir / "feedback")).read("banking77")["record_id"].to_pylist()
+    assert stored.count("fix-0") == stored.count("fix-1") == 1
+    pattern = re.compile(r'^ray_tandem_feedback_records_total\{(?=.*kind="CORRECTION")(?=.*outcome="duplicate").*\} (\S+)$', re.M)
+    deadline = time.monotonic() + 60
+    while not ((m := pattern.search(urllib.request.urlopen(f"http://127.0.0.1:{cloud[1]}/metrics", timeout=5).read().decode()))
+               and float(m.group(1)) >= 2):
+        assert time.monotonic() < deadline, "the registry's duplicate count never reached Prometheus"
+        time.sleep(2)
+
+
+def test_bad_feedback_is_invalid_argument_and_a_task_without_a_promoted_model_not_found(stub: cloud_pb2_grpc.CloudStub) -> None:
+    blank = cloud_pb2.FeedbackRecord(record_id="blank", task="banking77", kind=cloud_pb2.AUDIT, text=" ", created_unix_ms=1)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ReportFeedback(cloud_pb2.ReportFeedbackRequest(records=[blank]), metadata=REGISTRY, timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "records[0].text: must not be empty" in info.value.details()
+    with pytest.raises(grpc.RpcError) as info:
+        stub.GetManifest(cloud_pb2.GetManifestRequest(task="banking77"), metadata=REGISTRY, timeout=30)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND and "task 'banking77' has no promoted model" in info.value.details()
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.FetchModel(cloud_pb2.FetchModelRequest(task="banking77", version="v0"), metadata=REGISTRY, timeout=30))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND and "task 'banking77' has no published version 'v0'" in info.value.details()
 
 
 def test_overload_is_refused_with_resource_exhausted_before_queued_work_finishes(cloud: tuple[Server, int]) -> None:

@@ -33,16 +33,20 @@ def test_edge_configs_load(tmp_path: Path) -> None:
     assert load_config(EdgeConfig, tmp_path / "edge.yaml").policy.budget_per_s == 20
 
 
-def test_serve_config_has_one_application_per_expert() -> None:
+def test_serve_config_has_the_registry_then_one_application_per_expert() -> None:
     serve_cfg = yaml.safe_load((ROOT / "cloud/serve_config.yaml").read_text())
     assert serve_cfg["grpc_options"]["grpc_servicer_functions"] == ["tandem.v1.cloud_pb2_grpc.add_CloudServicer_to_server"]
     cloud = load_config(CloudConfig, ROOT / "cloud/cloud.yaml")
-    apps = serve_cfg["applications"]
-    assert [a["name"] for a in apps] == [e.name for e in cloud.experts] == [a["args"]["expert"] for a in apps]
-    assert all(a["import_path"] == "cloud.app:app_builder" and (ROOT / a["args"]["config"]).exists() for a in apps)
+    registry, *experts = serve_cfg["applications"]
+    # First: the experts record escalations through a handle to the registry.
+    assert registry["name"] == cloud.registry_app and registry["import_path"] == "cloud.app:registry_builder"
+    assert [a["name"] for a in experts] == [e.name for e in cloud.experts] == [a["args"]["expert"] for a in experts]
+    assert all(a["import_path"] == "cloud.app:app_builder" for a in experts)
+    assert all((ROOT / a["args"]["config"]).exists() for a in serve_cfg["applications"])
 
 
 def test_edge_sends_each_task_to_an_expert_of_the_cloud() -> None:
     edge = load_config(EdgeConfig, ROOT / "edge/edge.yaml")
     cloud = load_config(CloudConfig, ROOT / "cloud/cloud.yaml")
     assert {t: cloud.tasks[t].expert for t in edge.tasks} == edge.cloud.applications
+    assert edge.cloud.registry_application == cloud.registry_app

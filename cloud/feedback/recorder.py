@@ -1,0 +1,83 @@
+"""Sending feedback records in the background, in batches, off the request path."""
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from tandem.v1 import cloud_pb2
+
+log = logging.getLogger("ray.serve")
+
+Send = Callable[[list[cloud_pb2.FeedbackRecord]], Awaitable[object]]
+
+
+class FeedbackRecorder:
+    """`add` only queues: a background task sends `batch_size` records at once, or whatever is
+    pending every `interval_s`. A failed send is logged and retried `retries` times, then its
+    records are dropped (logged); records beyond `max_pending` are dropped (logged) too, so an
+    unreachable store costs bounded memory and never an answer."""
+
+    def __init__(self, send: Send, batch_size: int = 64, interval_s: float = 1.0, retries: int = 3,
+                 backoff_s: float = 0.5, max_pending: int = 10_000) -> None:
+        self._send = send
+        self._batch_size = batch_size
+        self._interval_s = interval_s
+        self._retries = retries
+        self._backoff_s = backoff_s
+        self._max_pending = max_pending
+        self._pending: list[cloud_pb2.FeedbackRecord] = []
+        self._dropped = 0
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, record: cloud_pb2.FeedbackRecord) -> None:
+        """Queues a record; never blocks or raises. Call from the event loop."""
+        if len(self._pending) >= self._max_pending:
+            if not self._dropped:
+                log.error("feedback: %d records pending, dropping new ones until sends succeed", len(self._pending))
+            self._dropped += 1
+            return
+        self._pending.append(record)
+        if len(self._pending) >= self._batch_size:
+            self._wake.set()
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def close(self) -> None:
+        """Sends everything pending, then stops."""
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+
+    async def _run(self) -> None:
+        while self._pending or not self._closing:
+            if not self._closing and len(self._pending) < self._batch_size:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self._interval_s)
+                except TimeoutError:
+                    pass
+            self._wake.clear()
+            if self._pending:
+                await self._send_batch()
+
+    async def _send_batch(self) -> None:
+        # `add` only appends, so the batch stays at the head of `_pending` until it is removed.
+        batch = self._pending[: self._batch_size]
+        for attempt in range(1, self._retries + 1):
+            try:
+                await self._send(batch)
+                break
+            except Exception:
+                log.warning("feedback: sending %d records failed (attempt %d of %d)", len(batch), attempt,
+                            self._retries, exc_info=True)
+                if attempt < self._retries:
+                    await asyncio.sleep(self._backoff_s * 2 ** (attempt - 1))
+        else:
+            log.error("feedback: dropped %d records (%s, ...) after %d failed attempts", len(batch),
+                      batch[0].record_id, self._retries)
+        del self._pending[: len(batch)]
+        if self._dropped:
+            log.error("feedback: dropped %d records while %d were pending", self._dropped, self._max_pending)
+            self._dropped = 0

@@ -1,0 +1,138 @@
+"""The feedback store: an append-only Parquet dataset on any pyarrow filesystem.
+
+    <root>/task=<task>/date=<YYYY-MM-DD>/part-<uuid>.parquet
+
+Hive-partitioned by task and the UTC day of storage, so a retrainer reads one task's
+records, or a range of days, with pyarrow.dataset alone. Every append writes new files and
+never touches old ones; each file appears whole or not at all.
+"""
+
+import os
+import threading
+import time
+import uuid
+from collections.abc import Collection, Mapping, Sequence
+from datetime import datetime, timezone
+from itertools import groupby
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from cloud.feedback.records import PARTITIONS, SCHEMA, check, to_table
+from tandem.v1 import cloud_pb2
+
+HIVE = ds.partitioning(PARTITIONS, flavor="hive")
+
+
+class FeedbackStore:
+    """Stores feedback records once each, by record_id (per task).
+
+    The ids already stored are kept in memory, loaded per task on its first append, so an
+    append reads nothing back. That index makes this object the store's one writer: a second
+    writer (another process or Serve replica) on the same dataset could store a record that
+    both receive at once twice; `read` hides such copies.
+
+    Safe to call from several threads; blocking I/O, so async callers use a thread.
+    """
+
+    def __init__(self, uri: str, tasks: Mapping[str, Collection[str]] | None = None, max_text_bytes: int = 2048) -> None:
+        """`uri`: a local directory or a pyarrow filesystem URI (s3://bucket/feedback?region=...).
+        `tasks` (task -> labels), where given, refuses records of other tasks or labels."""
+        self._fs, self._root = _filesystem(uri)
+        self._tasks = tasks
+        self._max_text_bytes = max_text_bytes
+        self._ids: dict[str, set[str]] = {}
+        self._lock = threading.Lock()
+
+    def append(self, records: Sequence[cloud_pb2.FeedbackRecord]) -> tuple[int, int]:
+        """(stored, duplicates): see `add`."""
+        new = self.add(records)
+        return len(new), len(records) - len(new)
+
+    def add(self, records: Sequence[cloud_pb2.FeedbackRecord]) -> list[cloud_pb2.FeedbackRecord]:
+        """Stores the records whose id is neither stored yet nor earlier in the batch, one file
+        per task, and returns them. InvalidFeedback (nothing stored) if any record is invalid."""
+        check(records, self._tasks, self._max_text_bytes)
+        with self._lock:
+            new = self._unseen(records)
+            now = time.time()
+            day = datetime.fromtimestamp(now, timezone.utc).date()
+            for task, group in groupby(sorted(new, key=lambda r: r.task), key=lambda r: r.task):
+                batch = list(group)
+                self._write(f"{self._root}/task={task}/date={day.isoformat()}", to_table(batch, int(now * 1000)))
+                self._ids[task].update(r.record_id for r in batch)
+        return new
+
+    def read(self, task: str) -> pa.Table:
+        """All records of `task` (SCHEMA), each id once (its first stored copy), oldest first."""
+        table = self._scan(task).sort_by([("stored_unix_ms", "ascending"), ("record_id", "ascending")])
+        rows = pa.array(range(len(table)), pa.int64())
+        first = table.select(["record_id"]).append_column("row", rows).group_by("record_id", use_threads=False)
+        return table.take(first.aggregate([("row", "min")])["row_min"].sort())
+
+    def _unseen(self, records: Sequence[cloud_pb2.FeedbackRecord]) -> list[cloud_pb2.FeedbackRecord]:
+        batch: set[tuple[str, str]] = set()
+        new = []
+        for r in records:
+            key = (r.task, r.record_id)
+            if key not in batch and r.record_id not in self._stored_ids(r.task):
+                batch.add(key)
+                new.append(r)
+        return new
+
+    def _stored_ids(self, task: str) -> set[str]:
+        if task not in self._ids:
+            self._ids[task] = set(self._scan(task, ["record_id"])["record_id"].to_pylist())
+        return self._ids[task]
+
+    def _scan(self, task: str, columns: list[str] | None = None) -> pa.Table:
+        directory = f"{self._root}/task={task}"
+        if self._fs.get_file_info(directory).type == pafs.FileType.NotFound:
+            return SCHEMA.empty_table().select(columns or SCHEMA.names)
+        # Discovery skips names starting with '.' or '_': an unfinished temporary file is never read.
+        dataset = ds.dataset(directory, schema=SCHEMA, format="parquet", filesystem=self._fs,
+                             partitioning=HIVE, partition_base_dir=self._root)
+        return dataset.to_table(columns=columns)
+
+    def _write(self, directory: str, table: pa.Table) -> None:
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        path = f"{directory}/part-{uuid.uuid4().hex}.parquet"
+        self._fs.create_dir(directory)
+        if isinstance(self._fs, pafs.LocalFileSystem):
+            _write_atomically(Path(path), sink.getvalue().to_pybytes())
+        else:
+            # Object stores (S3 and compatible, GCS) make an object visible only once its
+            # upload completes, a single PUT or a completed multipart upload: the final name
+            # is already atomic, and a rename there would be a copy.
+            with self._fs.open_output_stream(path) as f:
+                f.write(sink.getvalue())
+
+
+def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    if "://" not in uri:  # a plain path; from_uri wants it absolute
+        uri = str(Path(uri).expanduser().resolve())
+    return pafs.FileSystem.from_uri(uri)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Writes and syncs a hidden temporary file, then renames it into place, so the file is
+    whole under its final name even after a crash or power loss."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with tmp.open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the rename itself survives a power loss
+    finally:
+        os.close(directory)

@@ -1,0 +1,143 @@
+"""`tandem.v1.Cloud` minus Escalate: feedback in, signed students out.
+
+The methods take `(request, grpc_context)` and touch the context only through `set_code`
+and `set_details`, so one class serves both on a plain grpc.aio server (which passes the
+context positionally) and as a Ray Serve deployment (which passes a RayServegRPCContext by
+the keyword `grpc_context`; see `cloud.app.Registry`).
+"""
+
+import asyncio
+import json
+import logging
+from collections import Counter
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from cloud.errors import InvalidFeedback, NotFound, RegistryError, StoreUnavailable
+from cloud.feedback.records import KINDS
+from cloud.feedback.store import FeedbackStore
+from cloud.registry.models import ModelNotFound, ModelRegistry
+from tandem.signing import MANIFEST, SIGNATURE
+from tandem.v1 import cloud_pb2, cloud_pb2_grpc
+
+log = logging.getLogger("ray.serve")
+
+CHUNK_BYTES = 256 << 10
+
+
+class RegistryMetrics:
+    """What the servicer counts; this base counts nothing (`cloud.app` exports to Prometheus)."""
+
+    def request(self, method: str, code: grpc.StatusCode) -> None:
+        """One RPC answered with `code`."""
+
+    def feedback(self, task: str, kind: str, outcome: str, count: int) -> None:
+        """`count` (> 0) records of a task and kind were `stored` or a `duplicate`."""
+
+
+class RegistryServicer(cloud_pb2_grpc.CloudServicer):
+    """ReportFeedback into a FeedbackStore; GetManifest and FetchModel from a ModelRegistry."""
+
+    def __init__(self, feedback: FeedbackStore, models: ModelRegistry, metrics: RegistryMetrics | None = None,
+                 max_batch: int = 1000, chunk_bytes: int = CHUNK_BYTES) -> None:
+        self._feedback = feedback
+        self._models = models
+        self._metrics = metrics or RegistryMetrics()
+        self._max_batch = max_batch
+        self._chunk_bytes = chunk_bytes
+
+    async def Escalate(self, request: cloud_pb2.EscalateRequest, grpc_context: Any) -> cloud_pb2.EscalateResponse:
+        # The base class's version takes its context positionally, which Serve does not pass.
+        grpc_context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        grpc_context.set_details("Escalate is answered by the experts' applications, not the registry's")
+        return cloud_pb2.EscalateResponse()
+
+    async def ReportFeedback(self, request: cloud_pb2.ReportFeedbackRequest, grpc_context: Any) -> cloud_pb2.ReportFeedbackResponse:
+        try:
+            stored, duplicates = await self.store(request.records)
+        except RegistryError as exc:
+            self._refuse("ReportFeedback", exc, grpc_context)
+            return cloud_pb2.ReportFeedbackResponse()
+        self._metrics.request("ReportFeedback", grpc.StatusCode.OK)
+        return cloud_pb2.ReportFeedbackResponse(stored=stored, duplicates=duplicates)
+
+    async def GetManifest(self, request: cloud_pb2.GetManifestRequest, grpc_context: Any) -> cloud_pb2.ModelManifest:
+        try:
+            version, directory = self._resolve(request.task, "")
+        except RegistryError as exc:
+            self._refuse("GetManifest", exc, grpc_context)
+            return cloud_pb2.ModelManifest()
+        manifest_json = (directory / MANIFEST).read_bytes()
+        files = json.loads(manifest_json)["files"]
+        self._metrics.request("GetManifest", grpc.StatusCode.OK)
+        return cloud_pb2.ModelManifest(
+            task=request.task,
+            version=version,
+            manifest_json=manifest_json,
+            signature=(directory / SIGNATURE).read_bytes(),
+            files=[cloud_pb2.ModelFile(name=name, size=f["size"], sha256=f["sha256"]) for name, f in files.items()],
+        )
+
+    async def FetchModel(self, request: cloud_pb2.FetchModelRequest, grpc_context: Any) -> AsyncIterator[cloud_pb2.ModelChunk]:
+        """The manifest and its signature first (a client can verify before the payload
+        arrives), then every file the manifest lists. An empty version means the promoted one."""
+        try:
+            _, directory = self._resolve(request.task, request.version)
+        except RegistryError as exc:
+            self._refuse("FetchModel", exc, grpc_context)
+            return
+        names = [MANIFEST, SIGNATURE, *json.loads((directory / MANIFEST).read_bytes())["files"]]
+        for name in names:
+            async for chunk in self._chunks(directory / name):
+                yield chunk
+        self._metrics.request("FetchModel", grpc.StatusCode.OK)
+
+    async def store(self, records: Sequence[cloud_pb2.FeedbackRecord]) -> tuple[int, int]:
+        """(stored, duplicates), or InvalidFeedback / StoreUnavailable."""
+        if len(records) > self._max_batch:
+            raise InvalidFeedback("records", f"{len(records)} records exceed the batch limit of {self._max_batch}")
+        try:
+            new = await asyncio.to_thread(self._feedback.add, records)
+        except OSError as exc:  # pyarrow's I/O errors too
+            raise StoreUnavailable(f"feedback store failed: {exc}") from exc
+        self._count(records, new)
+        return len(new), len(records) - len(new)
+
+    def _resolve(self, task: str, version: str) -> tuple[str, Path]:
+        try:
+            version = version or self._models.promoted(task) or ""
+            if not version:
+                raise NotFound(f"task {task!r} has no promoted model")
+            return version, self._models.path(task, version)
+        except ModelNotFound as exc:
+            raise NotFound(str(exc)) from exc
+
+    async def _chunks(self, path: Path) -> AsyncIterator[cloud_pb2.ModelChunk]:
+        offset = 0
+        with path.open("rb") as f:
+            while True:
+                data = await asyncio.to_thread(f.read, self._chunk_bytes)
+                if data or not offset:  # an empty file still arrives, as one empty chunk
+                    yield cloud_pb2.ModelChunk(file=path.name, offset=offset, data=data)
+                offset += len(data)
+                if len(data) < self._chunk_bytes:
+                    return
+
+    def _refuse(self, method: str, exc: RegistryError, grpc_context: Any) -> None:
+        """The one place registry errors become statuses."""
+        # Tracebacks for server-side failures; a bad request is not worth one.
+        client_error = isinstance(exc, (InvalidFeedback, NotFound))
+        log.warning("%s failed: %s %s", method, exc.code.name, exc, exc_info=not client_error)
+        self._metrics.request(method, exc.code)
+        grpc_context.set_code(exc.code)
+        grpc_context.set_details(str(exc))
+
+    def _count(self, records: Sequence[cloud_pb2.FeedbackRecord], new: list[cloud_pb2.FeedbackRecord]) -> None:
+        stored = Counter((r.task, KINDS[r.kind]) for r in new)
+        duplicates = Counter((r.task, KINDS[r.kind]) for r in records) - stored  # keeps counts > 0
+        for outcome, counts in (("stored", stored), ("duplicate", duplicates)):
+            for (task, kind), count in counts.items():
+                self._metrics.feedback(task, kind, outcome, count)

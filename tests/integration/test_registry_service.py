@@ -1,0 +1,151 @@
+"""RegistryServicer on a plain grpc.aio server: a FeedbackStore and a ModelRegistry on temporary
+directories, as an edge's tests run it (no Ray)."""
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+import pytest_asyncio
+
+from cloud.feedback import FeedbackStore
+from cloud.registry import ModelRegistry
+from cloud.registry.service import CHUNK_BYTES, RegistryServicer
+from cloud.training.artifact import write_manifest
+from tandem.signing import (MANIFEST, SIGNATURE, generate_key, load_private_key, load_public_key, public_path,
+                            sign_artifact, verify_artifact)
+from tandem.v1 import cloud_pb2, cloud_pb2_grpc
+
+pytestmark = pytest.mark.integration
+
+TASKS = {"t": ["card_arrival", "lost_card"], "u": ["card_arrival"]}
+Served = tuple[cloud_pb2_grpc.CloudStub, FeedbackStore, ModelRegistry]
+
+
+@pytest.fixture()
+def key_path(tmp_path: Path) -> Path:
+    path = tmp_path / "keys" / "signing.pem"
+    generate_key(path)
+    return path
+
+
+@pytest_asyncio.fixture()
+async def registry(tmp_path: Path) -> AsyncIterator[Served]:
+    store, models = FeedbackStore(str(tmp_path / "feedback"), TASKS), ModelRegistry(tmp_path / "registry")
+    server = grpc.aio.server()
+    cloud_pb2_grpc.add_CloudServicer_to_server(RegistryServicer(store, models, max_batch=10), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield cloud_pb2_grpc.CloudStub(channel), store, models
+    finally:
+        await server.stop(0)
+
+
+def _record(record_id: str, **fields: object) -> cloud_pb2.FeedbackRecord:
+    values = {"task": "t", "kind": cloud_pb2.CORRECTION, "text": "where is my card", "label": "card_arrival",
+              "created_unix_ms": 1_700_000_000_000, **fields}
+    return cloud_pb2.FeedbackRecord(record_id=record_id, **values)
+
+
+def _artifact(key_path: Path, name: str, payload: bytes) -> Path:
+    directory = key_path.parent.parent / "build" / name
+    directory.mkdir(parents=True)
+    (directory / "model.onnx").write_bytes(payload)
+    (directory / "labels.json").write_text('["card_arrival", "lost_card"]\n')
+    (directory / "empty.txt").write_bytes(b"")
+    write_manifest(directory, kind="student", task="t", payload="model.onnx")
+    sign_artifact(directory, load_private_key(key_path))
+    return directory
+
+
+async def test_the_same_feedback_batch_sent_twice_is_stored_once(registry: Served) -> None:
+    stub, store, _ = registry
+    request = cloud_pb2.ReportFeedbackRequest(records=[_record("c1"), _record("c2"), _record("c1")])
+    first = await stub.ReportFeedback(request, timeout=10)
+    second = await stub.ReportFeedback(request, timeout=10)
+    assert (first.stored, first.duplicates) == (2, 1)
+    assert (second.stored, second.duplicates) == (0, 3)
+    assert store.read("t")["record_id"].to_pylist() == ["c1", "c2"]
+
+
+@pytest.mark.parametrize(
+    ("records", "details"),
+    [
+        ([_record("ok"), _record("big", text="x" * 2049)], "records[1].text: 2049 bytes exceeds the limit of 2048 bytes"),
+        ([_record("w", task="weather")], "records[0].task: unknown task 'weather'"),
+        ([_record(f"r{i}") for i in range(11)], "records: 11 records exceed the batch limit of 10"),
+    ],
+)
+async def test_invalid_feedback_is_invalid_argument(registry: Served, records: list[cloud_pb2.FeedbackRecord],
+                                                    details: str) -> None:
+    stub, store, _ = registry
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.ReportFeedback(cloud_pb2.ReportFeedbackRequest(records=records), timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and details in info.value.details()
+    assert store.read("t").num_rows == 0
+
+
+async def test_the_promoted_student_arrives_byte_identical_and_verifies(registry: Served, key_path: Path,
+                                                                        tmp_path: Path) -> None:
+    stub, _, models = registry
+    payload = os.urandom(2 * CHUNK_BYTES + 12345)  # three chunks, the last one short
+    older = models.publish("t", _artifact(key_path, "old", b"old model"))
+    version = models.publish("t", _artifact(key_path, "new", payload))
+    models.promote("t", version)
+
+    manifest = await stub.GetManifest(cloud_pb2.GetManifestRequest(task="t"), timeout=10)
+    published = models.path("t", version)
+    assert (manifest.task, manifest.version) == ("t", version)
+    assert manifest.manifest_json == (published / MANIFEST).read_bytes()
+    assert manifest.signature == (published / SIGNATURE).read_bytes()
+    assert {f.name: f.size for f in manifest.files} == {
+        p.name: p.stat().st_size for p in published.iterdir() if p.name not in (MANIFEST, SIGNATURE)
+    }
+    assert {f.name for f in manifest.files} == {"empty.txt", "labels.json", "model.onnx"}
+
+    chunks = [c async for c in stub.FetchModel(cloud_pb2.FetchModelRequest(task="t", version=version), timeout=10)]
+    assert [c.file for c in chunks[:2]] == [MANIFEST, SIGNATURE]
+    assert max(len(c.data) for c in chunks) == CHUNK_BYTES
+    received = _reassemble(chunks, tmp_path / "received")
+    assert {p.name: p.read_bytes() for p in received.iterdir()} == {p.name: p.read_bytes() for p in published.iterdir()}
+    assert verify_artifact(received, load_public_key(public_path(key_path)))["version"] == version
+
+    old = [c async for c in stub.FetchModel(cloud_pb2.FetchModelRequest(task="t", version=older), timeout=10)]
+    assert b"".join(c.data for c in old if c.file == "model.onnx") == b"old model"
+    promoted = [c async for c in stub.FetchModel(cloud_pb2.FetchModelRequest(task="t"), timeout=10)]
+    assert promoted == chunks, "an empty version means the promoted one"
+
+
+@pytest.mark.parametrize(
+    ("call", "details"),
+    [
+        ("GetManifest:weather", "task 'weather' has no promoted model"),
+        ("GetManifest:t", "task 't' has no promoted model"),
+        ("FetchModel:t:absent", "task 't' has no published version 'absent'"),
+        ("FetchModel:t:../t", "invalid version name '../t'"),
+    ],
+)
+async def test_unknown_tasks_and_versions_are_not_found(registry: Served, key_path: Path, call: str,
+                                                        details: str) -> None:
+    stub, _, models = registry
+    models.publish("t", _artifact(key_path, "unpromoted", b"model"))
+    method, task, *version = call.split(":")
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        if method == "GetManifest":
+            await stub.GetManifest(cloud_pb2.GetManifestRequest(task=task), timeout=10)
+        else:
+            [c async for c in stub.FetchModel(cloud_pb2.FetchModelRequest(task=task, version=version[0]), timeout=10)]
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND and details in info.value.details()
+
+
+def _reassemble(chunks: list[cloud_pb2.ModelChunk], directory: Path) -> Path:
+    directory.mkdir()
+    for chunk in chunks:
+        path = directory / chunk.file
+        assert (path.stat().st_size if path.exists() else 0) == chunk.offset, "chunks arrive in order, file after file"
+        with path.open("ab") as f:
+            f.write(chunk.data)
+    return directory

@@ -1,0 +1,162 @@
+import os
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from cloud.errors import InvalidFeedback
+from cloud.feedback import FeedbackStore
+from cloud.feedback.records import SCHEMA
+from tandem.v1 import cloud_pb2, common_pb2
+
+TASKS = {"t": ["card_arrival", "lost_card"], "u": ["card_arrival"]}
+NOW_MS = 1_700_000_000_000
+
+
+def _record(record_id: str, task: str = "t", kind: int = cloud_pb2.CORRECTION, **fields: object) -> cloud_pb2.FeedbackRecord:
+    values = {"text": f"text of {record_id}", "label": "card_arrival", "created_unix_ms": NOW_MS, **fields}
+    return cloud_pb2.FeedbackRecord(record_id=record_id, task=task, kind=kind, **values)
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def test_the_same_batch_sent_twice_is_stored_once(tmp_path: Path) -> None:
+    store = FeedbackStore(str(tmp_path), TASKS)
+    batch = [_record("r1"), _record("r2", kind=cloud_pb2.FALLBACK, label=""), _record("r3")]
+    assert store.append(batch) == (3, 0)
+    assert store.append(batch) == (0, 3)
+    assert store.read("t")["record_id"].to_pylist() == ["r1", "r2", "r3"]
+    assert len(_files(tmp_path)) == 1, "a batch of duplicates must write nothing"
+
+
+def test_duplicates_within_a_batch_are_stored_once(tmp_path: Path) -> None:
+    store = FeedbackStore(str(tmp_path), TASKS)
+    assert store.append([_record("r1"), _record("r1", text="again"), _record("r2")]) == (2, 1)
+    assert store.read("t")["text"].to_pylist() == ["text of r1", "text of r2"]
+
+
+def test_a_new_store_on_the_same_directory_knows_what_is_stored(tmp_path: Path) -> None:
+    FeedbackStore(str(tmp_path), TASKS).append([_record("r1"), _record("r2")])
+    assert FeedbackStore(str(tmp_path), TASKS).append([_record("r2"), _record("r3")]) == (1, 1)
+
+
+def test_records_are_partitioned_by_task_and_day_with_the_documented_columns(tmp_path: Path) -> None:
+    store = FeedbackStore(str(tmp_path), TASKS)
+    escalation = _record(
+        "esc-1", kind=cloud_pb2.ESCALATION, request_id="req-1", expert="classifier", device_id="kiosk-7",
+        edge=cloud_pb2.EdgePrediction(label="lost_card", confidence=0.5, model_version="v1"),
+        distribution=[common_pb2.LabelScore(label="card_arrival", probability=0.75)],
+    )
+    store.append([escalation, _record("u-1", task="u")])
+    today = datetime.now(timezone.utc).date()
+    assert [f.rsplit("/", 1)[0] for f in _files(tmp_path)] == [f"task=t/date={today}", f"task=u/date={today}"]
+    assert all(f.rsplit("/", 1)[1].startswith("part-") for f in _files(tmp_path))
+    table = store.read("t")
+    assert table.schema == SCHEMA
+    row = table.to_pylist()[0]
+    stored = row.pop("stored_unix_ms")
+    assert abs(stored - datetime.now(timezone.utc).timestamp() * 1000) < 60_000
+    assert row == {
+        "record_id": "esc-1", "request_id": "req-1", "kind": "ESCALATION", "text": "text of esc-1",
+        "edge_label": "lost_card", "edge_confidence": 0.5, "edge_model_version": "v1", "label": "card_arrival",
+        "distribution": [{"label": "card_arrival", "probability": 0.75}], "expert": "classifier",
+        "device_id": "kiosk-7", "created_unix_ms": NOW_MS, "task": "t", "date": today,
+    }
+    assert store.read("u")["record_id"].to_pylist() == ["u-1"]
+    assert store.read("absent").num_rows == 0 and store.read("absent").schema == SCHEMA
+
+
+def test_a_failed_write_leaves_nothing_visible_and_can_be_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = FeedbackStore(str(tmp_path), TASKS)
+    store.append([_record("r1")])
+
+    def crash(src: str, dst: str) -> None:  # the temporary file is written; the rename never happens
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk gone"):
+        store.append([_record("r2")])
+    monkeypatch.undo()
+    assert store.read("t")["record_id"].to_pylist() == ["r1"]
+    assert len(_files(tmp_path)) == 1
+    assert store.append([_record("r2")]) == (1, 0)
+
+
+def test_a_temporary_file_left_by_a_crash_is_never_read(tmp_path: Path) -> None:
+    store = FeedbackStore(str(tmp_path), TASKS)
+    store.append([_record("r1")])
+    partition = next(tmp_path.rglob("part-*")).parent
+    (partition / ".part-crashed.parquet.tmp").write_bytes(b"PAR1 half a file")
+    assert FeedbackStore(str(tmp_path), TASKS).read("t")["record_id"].to_pylist() == ["r1"]
+
+
+def test_read_hides_a_copy_stored_by_a_second_writer(tmp_path: Path) -> None:
+    first, second = FeedbackStore(str(tmp_path), TASKS), FeedbackStore(str(tmp_path), TASKS)
+    first.append([_record("r0")])
+    second.append([_record("r00")])  # both have loaded their id index now
+    assert first.append([_record("r1")]) == second.append([_record("r1")]) == (1, 0)
+    assert first.read("t")["record_id"].to_pylist() == ["r0", "r00", "r1"]
+
+
+def test_concurrent_appends_store_each_record_once(tmp_path: Path) -> None:
+    store = FeedbackStore(str(tmp_path), TASKS)
+    results: list[tuple[int, int]] = []
+    threads = [threading.Thread(target=lambda: results.append(store.append([_record(f"r{i}") for i in range(20)])))
+               for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(results) == [(0, 20)] * 3 + [(20, 0)]
+    assert store.read("t").num_rows == 20
+
+
+def test_a_filesystem_uri_serves_as_well() -> None:
+    """pyarrow's in-memory mock:// filesystem stands in for s3://: no rename, one write per file."""
+    store = FeedbackStore("mock:///bucket/feedback", TASKS)
+    assert store.append([_record("r1"), _record("r1")]) == (1, 1)
+    assert store.append([_record("r1"), _record("r2")]) == (1, 1)
+    assert store.read("t")["record_id"].to_pylist() == ["r1", "r2"]
+
+
+def test_a_file_uri_is_a_local_directory(tmp_path: Path) -> None:
+    FeedbackStore(tmp_path.as_uri(), TASKS).append([_record("r1")])
+    assert FeedbackStore(str(tmp_path), TASKS).read("t").num_rows == 1
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"record_id": ""}, "records[1].record_id: '' must be 1 to 128 printable ASCII characters"),
+        ({"record_id": "x" * 129}, "records[1].record_id"),
+        ({"record_id": "has space"}, "records[1].record_id"),
+        ({"task": "weather"}, "records[1].task: unknown task 'weather'; the cloud has ['t', 'u']"),
+        ({"task": "../t"}, "records[1].task: invalid task name '../t'"),
+        ({"kind": cloud_pb2.FEEDBACK_KIND_UNSPECIFIED}, "records[1].kind: must be one of ESCALATION, CORRECTION, FALLBACK, AUDIT"),
+        ({"kind": 9}, "records[1].kind"),
+        ({"text": "  "}, "records[1].text: must not be empty or blank"),
+        ({"text": "é" * 1025}, "records[1].text: 2050 bytes exceeds the limit of 2048 bytes"),
+        ({"label": ""}, "records[1].label: required for CORRECTION records"),
+        ({"label": "weather"}, "records[1].label: 'weather' is not a label of task t"),
+        ({"created_unix_ms": 0}, "records[1].created_unix_ms: must be set"),
+    ],
+)
+def test_invalid_records_are_refused_naming_the_field_and_nothing_is_stored(
+    tmp_path: Path, fields: dict[str, object], message: str
+) -> None:
+    store = FeedbackStore(str(tmp_path), TASKS)
+    values = {"record_id": "bad", "task": "t", "kind": cloud_pb2.CORRECTION, **fields}
+    record = _record(values.pop("record_id"), values.pop("task"), values.pop("kind"), **values)
+    with pytest.raises(InvalidFeedback) as info:
+        store.append([_record("good"), record])
+    assert message in str(info.value)
+    assert _files(tmp_path) == []
+
+
+def test_without_a_task_list_any_safe_task_name_is_stored(tmp_path: Path) -> None:
+    store = FeedbackStore(str(tmp_path))
+    assert store.append([_record("r1", task="anything", label="whatever")]) == (1, 0)
+    assert store.read("anything")["label"].to_pylist() == ["whatever"]
