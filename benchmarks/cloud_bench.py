@@ -11,6 +11,8 @@ For each expert kind, in one run:
 import asyncio
 import json
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -138,6 +140,9 @@ async def _served(cfg: CloudBenchConfig, cloud_cfg: CloudConfig, routes: dict[st
     from cloud.app import SERVICER, build_apps
 
     port = free_port()
+    # The system as deployed, feedback capture included, into a scratch store and registry.
+    scratch = Path(tempfile.mkdtemp(prefix="tandem-bench-cloud-"))
+    cloud_cfg = cloud_cfg.model_copy(update={"feedback_uri": str(scratch / "feedback"), "registry_dir": scratch / "registry"})
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
     try:
         serve.start(http_options=HTTPOptions(host="127.0.0.1", port=free_port()),
@@ -159,6 +164,7 @@ async def _served(cfg: CloudBenchConfig, cloud_cfg: CloudConfig, routes: dict[st
     finally:
         serve.shutdown()
         ray.shutdown()
+        shutil.rmtree(scratch, ignore_errors=True)
     return {"serve_echo_p50_ms": serve_echo, "experts": experts}
 
 
