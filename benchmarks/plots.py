@@ -73,6 +73,22 @@ def _throughput(s: dict[str, Any], path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_flywheel(rows: list[dict[str, Any]], path: Path) -> Path:
+    """The learning loop's curves over rounds."""
+    rounds = [r["round"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, label in (("escalation_rate_for_target", "escalation rate needed (expert - 1 pt)"),
+                       ("student_accuracy", "student accuracy"), ("cascade_accuracy", "cascade accuracy (default policy)")):
+        ax.plot(rounds, [100 * r[key] for r in rows], "o-", label=label)
+    ax.set_xlabel("round")
+    ax.set_ylabel("%")
+    ax.set_xticks(rounds)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("Learning loop on banking77: each round retrains on the traffic's feedback")
+    return _save(fig, path)
+
+
 def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import random
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -90,16 +91,23 @@ async def _measure(cfg: SuiteConfig, train_cfg: Any) -> dict[str, Any]:
     report["floors"] = await _floors(cfg, student, train_cfg, [e.text for e in test])
     print("\n== generator capacity (Poisson, against the raw echo server) ==", flush=True)
     report["generator"] = await _generator_capacity(cfg)
-    with cloud(cloud_config({EXPERT})) as c:
-        runs = {}
-        for name, policy in (("edge_only", {"mode": "edge_only"}), ("cloud_only", {"mode": "cloud_only"}), ("cascade", {})):
-            print(f"\n== {name}: {len(queries)} queries, Poisson {cfg.rate_rps:g} req/s ==", flush=True)
-            runs[name] = await _daemon_run(edge_config(task.name, student, c.target, policy=policy), c, task.name, queries,
-                                           cfg.rate_rps, cfg.seed, name)
-        report["runs"] = runs
-        report["sweep"] = await _sweep(cfg, c, task.name, student, test)
-        report["step_response"] = await _step_response(cfg, c, task.name, student, test)
+    # The whole system runs, feedback capture included, into a scratch store and registry.
+    with tempfile.TemporaryDirectory(prefix="tandem-bench-") as tmp:
+        work = Path(tmp)
+        with cloud(cloud_config({EXPERT}, feedback_uri=str(work / "feedback"), registry_dir=str(work / "registry"))) as c:
+            runs = {}
+            for name, policy in (("edge_only", {"mode": "edge_only"}), ("cloud_only", {"mode": "cloud_only"}), ("cascade", {})):
+                print(f"\n== {name}: {len(queries)} queries, Poisson {cfg.rate_rps:g} req/s ==", flush=True)
+                runs[name] = await _daemon_run(_edge(task.name, student, c, work, name, policy), c, task.name, queries,
+                                               cfg.rate_rps, cfg.seed, name)
+            report["runs"] = runs
+            report["sweep"] = await _sweep(cfg, c, task.name, student, test, work)
+            report["step_response"] = await _step_response(cfg, c, task.name, student, test, work)
     return report
+
+
+def _edge(task: str, student: Path, c: Cloud, work: Path, name: str, policy: dict[str, Any]) -> dict[str, Any]:
+    return edge_config(task, student, c.target, policy=policy, feedback={"outbox": str(work / f"outbox-{name}.sqlite3")})
 
 
 def _sequence(examples: Sequence[Example], count: int, seed: int) -> list[Example]:
@@ -122,21 +130,22 @@ async def _daemon_run(edge_cfg: dict[str, Any], c: Cloud, task: str, queries: li
     return result
 
 
-async def _sweep(cfg: SuiteConfig, c: Cloud, task: str, student: Path, test: list[Example]) -> list[dict[str, Any]]:
+async def _sweep(cfg: SuiteConfig, c: Cloud, task: str, student: Path, test: list[Example], work: Path) -> list[dict[str, Any]]:
     queries = _sequence(test, cfg.sweep_queries, cfg.seed + 1)
     points = []
     for threshold in cfg.sweep_thresholds:
         print(f"\n== sweep: threshold {threshold:g} ==", flush=True)
-        edge_cfg = edge_config(task, student, c.target, policy={"mode": "threshold", "threshold": threshold})
-        points.append({"threshold": threshold, **await _daemon_run(edge_cfg, c, task, queries, cfg.rate_rps, cfg.seed, f"sweep-{threshold:g}")})
+        name = f"sweep-{threshold:g}"
+        edge_cfg = _edge(task, student, c, work, name, {"mode": "threshold", "threshold": threshold})
+        points.append({"threshold": threshold, **await _daemon_run(edge_cfg, c, task, queries, cfg.rate_rps, cfg.seed, name)})
     return points
 
 
-async def _step_response(cfg: SuiteConfig, c: Cloud, task: str, student: Path, test: list[Example]) -> dict[str, Any]:
+async def _step_response(cfg: SuiteConfig, c: Cloud, task: str, student: Path, test: list[Example], work: Path) -> dict[str, Any]:
     from benchmarks.fleet import Fleet
 
     steps = []
-    edge_cfg = edge_config(task, student, c.target, policy={"mode": "cloud_only"})
+    edge_cfg = _edge(task, student, c, work, "fleet", {"mode": "cloud_only"})
     async with Fleet(edge_cfg, cfg.fleet_edges) as fleet:
         saturated_at = None
         for i, rate in enumerate(cfg.step_rates):

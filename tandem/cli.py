@@ -106,6 +106,26 @@ def _bench_suite(args: argparse.Namespace) -> int:
 
 
 @_imports("dev")
+def _bench_flywheel(args: argparse.Namespace) -> int:
+    from benchmarks.flywheel import FlywheelConfig, run_flywheel
+    from tandem.settings import load_config
+
+    run_flywheel(load_config(FlywheelConfig, args.config), args.out)
+    return 0
+
+
+@_imports("train")
+def _train_distill(args: argparse.Namespace) -> int:
+    from cloud.training.config import DistillConfig
+    from cloud.training.distill import run_schedule
+    from tandem.settings import load_config
+
+    cfg = load_config(DistillConfig, args.config)
+    run_schedule(cfg.model_copy(update={"interval_s": None}) if args.once else cfg)
+    return 0
+
+
+@_imports("dev")
 def _demo(args: argparse.Namespace) -> int:
     from benchmarks.demo import run_demo
 
@@ -135,6 +155,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--out", type=Path, help="output directory (default: in the cache)")
         p.set_defaults(kind=kind)
 
+    p = command(train, "distill", _train_distill, "one retraining round from feedback (or rounds on the config's schedule)")
+    p.add_argument("--once", action="store_true", help="one round, even if the config sets interval_s")
+
     bench = groups.add_parser("bench", help="benchmarks").add_subparsers(required=True)
     p = command(bench, "edge", _bench_edge, "edge daemon against raw ONNX Runtime and a gRPC echo")
     p.add_argument("--out", type=Path, required=True, help="JSON results file")
@@ -142,6 +165,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="JSON results file")
     p = command(bench, "suite", _bench_suite, "the standard load tests with baselines, floors, sweep and plots")
     p.add_argument("--out", type=Path, default=Path("results"), help="parent of the results folder")
+    p = command(bench, "flywheel", _bench_flywheel, "the learning loop round by round: retrain, gate, roll out, measure")
+    p.add_argument("--out", type=Path, required=True, help="JSON results file (the plot goes beside it)")
 
     p = command(groups, "demo", _demo, "train or reuse models, run the system, print the report")
     p.add_argument("--out", type=Path, default=Path("results/demo"), help="folder for results")
