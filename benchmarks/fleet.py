@@ -2,7 +2,8 @@
 
 Every edge is a real `EdgeService` with its own policy and its own gRPC channel to the
 cloud, as separate devices have; they share one student session and micro-batcher, so
-a laptop can play a fleet and the cloud sees a fleet's connections and load.
+one machine can play a fleet and the cloud sees a fleet's connections and load. The
+simulated edges record no feedback (a real device's outbox is its own disk).
 """
 
 from types import TracebackType
@@ -11,12 +12,13 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from benchmarks.edge_load import Infer
-from edge.batcher import MicroBatcher
-from edge.cloud_client import GrpcEscalator
+from edge.cloud_client import CloudClient
 from edge.config import EdgeConfig
 from edge.metrics import EdgeMetrics
 from edge.policy import Policy
-from edge.service import EdgeService, TaskRuntime
+from edge.redact import Redactor
+from edge.runtime import Serving, TaskRuntime
+from edge.service import EdgeService
 from edge.student import SessionOptions, Student
 
 
@@ -24,27 +26,27 @@ class Fleet:
     def __init__(self, edge_cfg: dict[str, Any], edges: int) -> None:
         self._cfg = EdgeConfig.model_validate(edge_cfg)
         self._count = edges
-        self._escalators: list[GrpcEscalator] = []
-        self._batchers: list[MicroBatcher] = []
+        self._clients: list[CloudClient] = []
+        self._serving: dict[str, Serving] = {}
         self.edges: list[Infer] = []
 
     async def __aenter__(self) -> "Fleet":
         cfg = self._cfg
-        students = {task: Student(path, SessionOptions(cfg.intra_op_threads, cfg.allow_spinning)) for task, path in cfg.tasks.items()}
-        self._batchers = [MicroBatcher(s.predict, cfg.max_batch) for s in students.values()]
-        for batcher in self._batchers:
-            batcher.start()
+        options = SessionOptions(cfg.intra_op_threads, cfg.allow_spinning)
+        self._serving = {task: Serving.start(Student(path, options), cfg.max_batch) for task, path in cfg.tasks.items()}
         # One registry for the fleet: the edges' metrics add up, like a fleet-wide scrape.
         metrics = EdgeMetrics(CollectorRegistry())
-        for _ in range(self._count):
-            escalator = GrpcEscalator(cfg.cloud)
-            self._escalators.append(escalator)
-            runtimes = {task: TaskRuntime(s, b, Policy(cfg.policy)) for (task, s), b in zip(students.items(), self._batchers)}
-            self.edges.append(EdgeService(runtimes, escalator, metrics, cfg.max_text_bytes).infer)
+        redact = Redactor(cfg.redaction)
+        for i in range(self._count):
+            client = CloudClient(cfg.cloud)
+            self._clients.append(client)
+            runtimes = {task: TaskRuntime(s, Policy(cfg.policy), cfg.max_batch) for task, s in self._serving.items()}
+            service = EdgeService(runtimes, client, metrics, cfg.max_text_bytes, redact, f"{cfg.device_id}-{i}", None)
+            self.edges.append(service.infer)
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        for escalator in self._escalators:
-            await escalator.close()
-        for batcher in self._batchers:
-            await batcher.close()
+        for client in self._clients:
+            await client.close()
+        for serving in self._serving.values():
+            await serving.batcher.close()

@@ -1,4 +1,5 @@
-"""Tandem's edge daemon: ONNX Runtime students, a confidence policy and a cloud fallback.
+"""Tandem's edge daemon: ONNX Runtime students, a confidence policy, a cloud fallback, a
+durable feedback outbox and a model updater.
 
 Imports nothing from `cloud`: the wire contract (`tandem.v1`) is all the two share.
 """

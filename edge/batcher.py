@@ -35,8 +35,11 @@ class MicroBatcher:
     def start(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(self._run())
 
-    async def close(self) -> None:
-        """Stops the worker; callers still waiting get an error instead of waiting forever."""
+    async def close(self, drain: bool = False) -> None:
+        """Stops the worker; callers still waiting get an error instead of waiting forever.
+        With `drain`, everything already submitted is answered first (a model swap)."""
+        if drain and self._worker is not None and not self._worker.done():
+            await self._queue.join()
         if self._worker is not None:
             self._worker.cancel()
             await asyncio.gather(self._worker, return_exceptions=True)
@@ -69,6 +72,7 @@ class MicroBatcher:
             except Exception as exc:  # delivered to every waiting caller, not swallowed
                 results = [exc] * len(batch)
             for (_, _, future), result in zip(batch, results, strict=True):
+                self._queue.task_done()
                 if future.done():  # the caller gave up (deadline, cancellation)
                     continue
                 if isinstance(result, Exception):

@@ -1,7 +1,13 @@
-"""Escalation to the cloud. `Escalator` is the seam: the daemon depends on the
-protocol, `GrpcEscalator` is the real transport, and tests may plug in their own."""
+"""Calls to the cloud over one channel. `Escalator` is the seam for escalation: the daemon
+depends on the protocol, `CloudClient` is the real transport, and tests may plug in their own.
 
+Escalate goes to the task's expert application; ReportFeedback, GetManifest and FetchModel
+go to the registry application (Serve's proxy routes by the `application` metadata).
+"""
+
+import contextlib
 import json
+from collections.abc import AsyncIterator, Iterator
 from typing import Protocol
 
 import grpc
@@ -52,12 +58,15 @@ def channel_options(cfg: CloudConfig) -> list[tuple[str, int | str]]:
     ]
 
 
-class GrpcEscalator:
+class CloudClient:
+    """Every call raises CloudError on failure, never a raw gRPC error."""
+
     def __init__(self, cfg: CloudConfig) -> None:
         if cfg.target is None:
             raise ValueError("cloud.target is not set")
         self._timeout_s = cfg.deadline_ms / 1000
         self._applications = cfg.applications
+        self._registry = (("application", cfg.registry_application),)
         self._channel = grpc.aio.insecure_channel(cfg.target, options=channel_options(cfg))
         self._stub = cloud_pb2_grpc.CloudStub(self._channel)
 
@@ -68,10 +77,40 @@ class GrpcEscalator:
             raise CloudError(grpc.StatusCode.UNAVAILABLE, "not connected; reconnecting in the background")
         application = self._applications.get(request.task, request.task)
         metadata = (("application", application), ("x-request-id", request.request_id))
-        try:
+        with _cloud_errors():
             return await self._stub.Escalate(request, timeout=self._timeout_s, metadata=metadata)
-        except grpc.aio.AioRpcError as exc:
-            raise CloudError(exc.code(), exc.details() or "") from exc
+
+    async def report_feedback(
+        self, records: list[cloud_pb2.FeedbackRecord], timeout_s: float
+    ) -> cloud_pb2.ReportFeedbackResponse:
+        request = cloud_pb2.ReportFeedbackRequest(records=records)
+        with _cloud_errors():
+            return await self._stub.ReportFeedback(request, timeout=timeout_s, metadata=self._registry)
+
+    async def get_manifest(self, task: str, timeout_s: float) -> cloud_pb2.ModelManifest:
+        with _cloud_errors():
+            return await self._stub.GetManifest(
+                cloud_pb2.GetManifestRequest(task=task), timeout=timeout_s, metadata=self._registry
+            )
+
+    async def fetch_model(self, task: str, version: str, timeout_s: float) -> AsyncIterator[cloud_pb2.ModelChunk]:
+        """The version's chunks in order; `timeout_s` bounds the whole download."""
+        request = cloud_pb2.FetchModelRequest(task=task, version=version)
+        call = self._stub.FetchModel(request, timeout=timeout_s, metadata=self._registry)
+        try:
+            with _cloud_errors():
+                async for chunk in call:
+                    yield chunk
+        finally:
+            call.cancel()  # a consumer that stops early must not leave the stream open
 
     async def close(self) -> None:
         await self._channel.close()
+
+
+@contextlib.contextmanager
+def _cloud_errors() -> Iterator[None]:
+    try:
+        yield
+    except grpc.aio.AioRpcError as exc:
+        raise CloudError(exc.code(), exc.details() or "") from exc

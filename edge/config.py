@@ -4,12 +4,16 @@ Every field can be overridden from the environment with the prefix TANDEM_EDGE_ 
 `__` between nested names, e.g. TANDEM_EDGE_POLICY__THRESHOLD=0.7.
 """
 
+import re
+import socket
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from edge.redact import DEFAULT_PATTERNS
+from tandem import envs
 from tandem.settings import TandemSettings
 
 
@@ -59,6 +63,77 @@ class CloudConfig(BaseModel):
     max_reconnect_backoff_ms: int = Field(
         5000, ge=100, description="Longest wait between reconnection attempts while the cloud is down."
     )
+    registry_application: str = Field(
+        "registry", description="Ray Serve application answering ReportFeedback, GetManifest and FetchModel."
+    )
+
+
+class FeedbackConfig(BaseModel):
+    """What the device records for retraining, and how it is delivered to the cloud."""
+
+    outbox: Path | None = Field(
+        default_factory=lambda: envs.TANDEM_CACHE_DIR / "edge" / "outbox.sqlite3",
+        description="SQLite file holding records until the cloud acknowledges them; one per daemon. "
+        "None records nothing; so does a daemon without cloud.target (nowhere to deliver to).",
+    )
+    max_records: int = Field(
+        100_000, ge=1, description="Outbox bound: when full, new records are refused (and counted); "
+        "accepted ones are never evicted.",
+    )
+    batch_size: int = Field(200, ge=1, le=10_000, description="Records per ReportFeedback call, oldest first.")
+    min_backoff_s: float = Field(0.5, gt=0, description="First wait after a failed delivery.")
+    max_backoff_s: float = Field(60.0, gt=0, description="Longest wait between deliveries; doubles up to this.")
+    deadline_ms: float = Field(10_000.0, gt=0, description="Deadline of one ReportFeedback call.")
+    audit_rate: float = Field(
+        0.01, ge=0.0, le=1.0, description="Share of local (source EDGE) answers recorded as AUDIT samples."
+    )
+
+    @field_validator("outbox")
+    @classmethod
+    def _expand_home(cls, path: Path | None) -> Path | None:
+        return path.expanduser() if path is not None else None
+
+    @model_validator(mode="after")
+    def _backoff_range(self) -> "FeedbackConfig":
+        if self.min_backoff_s > self.max_backoff_s:
+            raise ValueError(f"min_backoff_s ({self.min_backoff_s}) must not exceed max_backoff_s ({self.max_backoff_s})")
+        return self
+
+
+class UpdaterConfig(BaseModel):
+    """Pulling promoted students from the cloud registry and swapping them in while serving."""
+
+    enabled: bool = Field(False, description="Poll the registry for new promoted versions.")
+    poll_interval_s: float = Field(
+        300.0, gt=0, description="Seconds between polls; the first comes after a random share of it. "
+        "SIGHUP polls at once.",
+    )
+    models_dir: Path = Field(
+        default_factory=lambda: envs.TANDEM_CACHE_DIR / "edge" / "models",
+        description="Pulled versions, `<models_dir>/<task>/<version>/`; the serving and the previous "
+        "one are kept. A verified pulled version newer than the configured artifact is served at start.",
+    )
+    public_key: Path | None = Field(
+        None, description="Ed25519 public key (PEM) the registry's manifests must be signed with; "
+        "required when enabled.",
+    )
+    probe_texts: list[str] = Field(
+        ["hello", "I need help with my account"], min_length=1,
+        description="Texts a new version must answer (finite probabilities) before it serves.",
+    )
+    deadline_ms: float = Field(10_000.0, gt=0, description="Deadline of one GetManifest call.")
+    fetch_timeout_s: float = Field(600.0, gt=0, description="Deadline of one whole FetchModel download.")
+
+    @field_validator("models_dir", "public_key")
+    @classmethod
+    def _expand_home(cls, path: Path | None) -> Path | None:
+        return path.expanduser() if path is not None else None
+
+    @model_validator(mode="after")
+    def _key_when_enabled(self) -> "UpdaterConfig":
+        if self.enabled and self.public_key is None:
+            raise ValueError("updater.public_key is required when the updater is enabled")
+        return self
 
 
 class EdgeConfig(TandemSettings):
@@ -79,13 +154,34 @@ class EdgeConfig(TandemSettings):
     max_batch: int = Field(
         32, ge=1, description="Most concurrent requests run as one batch; 1 disables batching."
     )
+    device_id: str = Field(
+        default_factory=socket.gethostname, description="Names this device in escalations and feedback."
+    )
+    redaction: dict[str, str] = Field(
+        default_factory=lambda: dict(DEFAULT_PATTERNS),
+        description="Name → regex; matches become `[NAME]` in every text before it leaves the device "
+        "or is stored, in this order. Defaults: card numbers, e-mail addresses, phone numbers.",
+    )
     policy: PolicyConfig = PolicyConfig()
     cloud: CloudConfig = CloudConfig()
+    # Factories, not instances: their default paths read TANDEM_CACHE_DIR when a config is built.
+    feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
+    updater: UpdaterConfig = Field(default_factory=UpdaterConfig)
 
     @field_validator("tasks")
     @classmethod
     def _expand_home(cls, tasks: dict[str, Path]) -> dict[str, Path]:
         return {name: path.expanduser() for name, path in tasks.items()}
+
+    @field_validator("redaction")
+    @classmethod
+    def _compiles(cls, patterns: dict[str, str]) -> dict[str, str]:
+        for name, pattern in patterns.items():
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"pattern {name!r} is not a valid regex: {exc}") from exc
+        return patterns
 
     @model_validator(mode="after")
     def _consistent(self) -> "EdgeConfig":
@@ -96,4 +192,6 @@ class EdgeConfig(TandemSettings):
                 f"policy.mode {self.policy.mode!r} escalates, so cloud.target is required "
                 "(or set policy.mode to edge_only)"
             )
+        if self.updater.enabled and self.cloud.target is None:
+            raise ValueError("updater.enabled needs cloud.target (the registry is reached through it)")
         return self

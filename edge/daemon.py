@@ -1,20 +1,32 @@
-"""Assembling and running the edge daemon: students, gRPC server, health, metrics."""
+"""Assembling and running the edge daemon: students, gRPC server, health, metrics,
+the feedback outbox and its delivery, and the model updater."""
 
 import asyncio
+import functools
 import logging
 import signal
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
-from edge.batcher import MicroBatcher
-from edge.cloud_client import Escalator, GrpcEscalator
+from edge.cloud_client import CloudClient, Escalator
 from edge.config import EdgeConfig
+from edge.delivery import Delivery
+from edge.feedback import FeedbackRecorder
 from edge.metrics import EdgeMetrics
+from edge.model_store import ModelStore
+from edge.outbox import Outbox
 from edge.policy import Policy
-from edge.service import EdgeService, TaskRuntime
+from edge.redact import Redactor
+from edge.runtime import Serving, TaskRuntime
+from edge.service import EdgeService
 from edge.student import SessionOptions, Student
+from edge.updater import Updater
+from tandem.signing import load_public_key
 from tandem.v1 import edge_pb2, edge_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -35,9 +47,14 @@ class EdgeDaemon:
         self.registry = registry or CollectorRegistry()
         self.metrics = EdgeMetrics(self.registry)
         self._escalator = escalator
+        self._cloud: CloudClient | None = None
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._tasks: dict[str, TaskRuntime] = {}
+        self._outbox: Outbox | None = None
+        self._feedback: FeedbackRecorder | None = None
+        self._background: list[asyncio.Task[None]] = []
+        self.updater: Updater | None = None
         self.port = 0
 
     async def start(self) -> int:
@@ -50,16 +67,26 @@ class EdgeDaemon:
             raise
 
     async def _start(self) -> int:
-        options = SessionOptions(self.cfg.intra_op_threads, self.cfg.allow_spinning)
-        for task, directory in self.cfg.tasks.items():
-            student = Student(directory, options)
-            batcher = MicroBatcher(student.predict, self.cfg.max_batch)
-            batcher.start()
-            self._tasks[task] = TaskRuntime(student, batcher, Policy(self.cfg.policy))
+        cfg = self.cfg
+        load = functools.partial(Student, options=SessionOptions(cfg.intra_op_threads, cfg.allow_spinning))
+        store = _model_store(cfg)
+        for task, configured in cfg.tasks.items():
+            directory = await asyncio.to_thread(store.serving_dir, task, configured) if store else configured
+            student = load(directory)
+            self._tasks[task] = TaskRuntime(Serving.start(student, cfg.max_batch), Policy(cfg.policy), cfg.max_batch)
             self.metrics.model.labels(task, student.version).set(1)
-        if self._escalator is None and self.cfg.cloud.target is not None:
-            self._escalator = GrpcEscalator(self.cfg.cloud)
-        service = EdgeService(self._tasks, self._escalator, self.metrics, self.cfg.max_text_bytes)
+        if cfg.cloud.target is not None:
+            self._cloud = CloudClient(cfg.cloud)
+        self._escalator = self._escalator or self._cloud
+        redact = Redactor(cfg.redaction)
+        if self._cloud is not None and cfg.feedback.outbox is not None:
+            self._start_feedback(cfg.feedback.outbox, redact, self._cloud)
+        if self._cloud is not None and store is not None:  # the config requires a cloud for the updater
+            self.updater = Updater(cfg.updater, store, self._cloud, self._tasks, load, self.metrics)
+            self._run_in_background(self.updater.run())
+        service = EdgeService(
+            self._tasks, self._escalator, self.metrics, cfg.max_text_bytes, redact, cfg.device_id, self._feedback
+        )
         self._server = grpc.aio.server()
         edge_pb2_grpc.add_EdgeServicer_to_server(service, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
@@ -70,15 +97,52 @@ class EdgeDaemon:
         log.info("edge daemon serving %s on port %d", sorted(self._tasks), self.port)
         return self.port
 
+    def _start_feedback(self, path: Path, redact: Redactor, cloud: CloudClient) -> None:
+        outbox = self._outbox = Outbox(path, self.cfg.feedback.max_records)
+        self.metrics.outbox_depth.set_function(lambda: outbox.depth)
+        delivery = Delivery(outbox, cloud, self.cfg.feedback, self.metrics)
+        self._feedback = FeedbackRecorder(
+            outbox, redact, self.cfg.device_id, self.cfg.feedback.audit_rate, self.metrics, delivery.wake
+        )
+        self._run_in_background(delivery.run())
+
+    def _run_in_background(self, loop: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(loop)
+        task.add_done_callback(_report_crash)
+        self._background.append(task)
+
     async def stop(self, grace_s: float = 5.0) -> None:
-        """Reports NOT_SERVING, finishes in-flight requests, then releases everything."""
+        """Reports NOT_SERVING, finishes in-flight requests, then releases everything.
+        Undelivered feedback stays in the outbox for the next start."""
         await self._health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(grace_s)
+        if self._feedback is not None:
+            await self._feedback.close()
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         for runtime in self._tasks.values():
-            await runtime.batcher.close()
-        if self._escalator is not None:
+            await runtime.close()
+        if self._outbox is not None:
+            await asyncio.to_thread(self._outbox.close)
+        if self._escalator is not None and self._escalator is not self._cloud:
             await self._escalator.close()
+        if self._cloud is not None:
+            await self._cloud.close()
+
+
+def _model_store(cfg: EdgeConfig) -> ModelStore | None:
+    """Where pulled versions live, when the updater is on (the config then names a key)."""
+    if not cfg.updater.enabled or cfg.updater.public_key is None:
+        return None
+    return ModelStore(cfg.updater.models_dir, load_public_key(cfg.updater.public_key))
+
+
+def _report_crash(task: asyncio.Task[None]) -> None:
+    """A background loop that ends other than by cancellation is a bug: say so loudly."""
+    if not task.cancelled():
+        log.error("background task %s stopped", task.get_coro(), exc_info=task.exception())
 
 
 def run_daemon(cfg: EdgeConfig) -> None:
@@ -102,5 +166,7 @@ async def _serve(cfg: EdgeConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if daemon.updater is not None:
+        loop.add_signal_handler(signal.SIGHUP, daemon.updater.wake)
     await stop.wait()
     await daemon.stop()

@@ -37,3 +37,30 @@ class EdgeMetrics:
             "tandem_edge_model_info", "1 for the student version serving each task.", ["task", "version"],
             registry=registry,
         )
+        self.feedback_recorded = Counter(
+            "tandem_edge_feedback_recorded", "Feedback records accepted into the outbox, by kind.",
+            ["task", "kind"], registry=registry,
+        )
+        self.feedback_refused = Counter(
+            "tandem_edge_feedback_refused", "Feedback records not accepted: outbox full, or storage error.",
+            ["task", "kind", "reason"], registry=registry,
+        )
+        self.outbox_depth = Gauge(
+            "tandem_edge_outbox_records", "Feedback records waiting for the cloud's acknowledgement.",
+            registry=registry,
+        )
+        self.feedback_delivered = Counter(
+            "tandem_edge_feedback_delivered", "Feedback records the cloud acknowledged.", registry=registry
+        )
+        self.feedback_dead = Counter(
+            "tandem_edge_feedback_dead", "Feedback records the cloud refused as invalid, moved aside.",
+            registry=registry,
+        )
+        self.delivery_failures = Counter(
+            "tandem_edge_feedback_delivery_failures", "Failed ReportFeedback calls by status; retried.",
+            ["code"], registry=registry,
+        )
+        self.updates = Counter(
+            "tandem_edge_model_updates", "Registry polls by outcome (updated, unchanged, rejected, failed, "
+            "known_bad, or the cloud error).", ["task", "outcome"], registry=registry,
+        )

@@ -68,6 +68,16 @@ class Student:
         probs = np.exp(logits)
         return probs / probs.sum(axis=-1, keepdims=True)
 
+    def probe(self, texts: list[str]) -> None:
+        """Answers `texts` (warming the session up) or raises ArtifactError: a version that
+        loads but cannot answer, or answers with non-finite probabilities, must not serve."""
+        try:
+            probs = self.predict(texts)
+        except Exception as exc:  # ORT raises its own untyped errors at run time too
+            raise ArtifactError(f"version {self.version} failed its probe: {type(exc).__name__}: {exc}") from exc
+        if not np.isfinite(probs).all():
+            raise ArtifactError(f"version {self.version} failed its probe: non-finite probabilities")
+
 
 def _session_options(options: SessionOptions) -> ort.SessionOptions:
     so = ort.SessionOptions()

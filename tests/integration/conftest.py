@@ -2,6 +2,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -60,16 +61,23 @@ class ScriptedCloud(cloud_pb2_grpc.CloudServicer):
 
 
 @contextlib.asynccontextmanager
-async def serve_cloud(port: int = 0) -> AsyncIterator[tuple[ScriptedCloud, str]]:
-    servicer = ScriptedCloud()
+async def serving(servicer: cloud_pb2_grpc.CloudServicer, port: int = 0) -> AsyncIterator[str]:
+    """A real grpc.aio server for a Cloud servicer; yields its address."""
     server = grpc.aio.server()
     cloud_pb2_grpc.add_CloudServicer_to_server(servicer, server)
     port = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     try:
-        yield servicer, f"127.0.0.1:{port}"
+        yield f"127.0.0.1:{port}"
     finally:
         await server.stop(0)
+
+
+@contextlib.asynccontextmanager
+async def serve_cloud(port: int = 0) -> AsyncIterator[tuple[ScriptedCloud, str]]:
+    servicer = ScriptedCloud()
+    async with serving(servicer, port) as target:
+        yield servicer, target
 
 
 @pytest_asyncio.fixture()
@@ -80,19 +88,22 @@ async def cloud() -> AsyncIterator[tuple[ScriptedCloud, str]]:
 
 @contextlib.asynccontextmanager
 async def running_daemon(student_dir: Path, **fields: object) -> AsyncIterator[tuple[object, edge_pb2_grpc.EdgeStub]]:
-    """An in-process EdgeDaemon on a free port and a stub connected to it."""
-    from edge.config import EdgeConfig
+    """An in-process EdgeDaemon on a free port and a stub connected to it; its feedback outbox
+    is a temporary file unless `feedback` is given."""
+    from edge.config import EdgeConfig, FeedbackConfig
     from edge.daemon import EdgeDaemon
 
-    cfg = EdgeConfig(listen="127.0.0.1:0", metrics_port=None, tasks={"banking77": student_dir}, **fields)
-    daemon = EdgeDaemon(cfg)
-    port = await daemon.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    try:
-        yield daemon, edge_pb2_grpc.EdgeStub(channel)
-    finally:
-        await channel.close()
-        await daemon.stop(grace_s=1)
+    with tempfile.TemporaryDirectory() as tmp:
+        fields.setdefault("feedback", FeedbackConfig(outbox=Path(tmp) / "outbox.sqlite3"))
+        cfg = EdgeConfig(listen="127.0.0.1:0", metrics_port=None, tasks={"banking77": student_dir}, **fields)
+        daemon = EdgeDaemon(cfg)
+        port = await daemon.start()
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        try:
+            yield daemon, edge_pb2_grpc.EdgeStub(channel)
+        finally:
+            await channel.close()
+            await daemon.stop(grace_s=1)
 
 
 @pytest.fixture(scope="session")

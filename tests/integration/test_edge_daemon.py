@@ -8,9 +8,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from edge.config import CloudConfig, PolicyConfig
+from edge.config import CloudConfig, FeedbackConfig, PolicyConfig
 from edge.errors import ArtifactError
-from tandem.v1 import edge_pb2
+from edge.outbox import Outbox
+from tandem.v1 import cloud_pb2, edge_pb2
 
 from .conftest import ScriptedCloud, running_daemon, serve_cloud
 
@@ -71,13 +72,13 @@ async def test_stopped_cloud_gets_a_local_fallback(student_dir: Path) -> None:
 
 
 async def test_escalator_fails_fast_while_disconnected_and_recovers() -> None:
-    from edge.cloud_client import GrpcEscalator
+    from edge.cloud_client import CloudClient
     from edge.errors import CloudError
     from tandem.v1 import cloud_pb2
 
     async with serve_cloud() as (_, target):
         pass  # the cloud's address, now with nothing behind it
-    escalator = GrpcEscalator(CloudConfig(target=target, max_reconnect_backoff_ms=200))
+    escalator = CloudClient(CloudConfig(target=target, max_reconnect_backoff_ms=200))
     request = cloud_pb2.EscalateRequest(request_id="r", task="banking77", text="hi")
     with pytest.raises(CloudError):
         await escalator.escalate(request)  # tries, with retries, and fails
@@ -199,3 +200,101 @@ async def test_malformed_artifact_is_refused_with_an_artifact_error(artifact_cop
     with pytest.raises(ArtifactError, match=fragment):
         async with running_daemon(artifact_copy, **EDGE_ONLY):
             pass
+
+
+def _outbox_records(daemon) -> list[cloud_pb2.FeedbackRecord]:
+    """What the daemon's outbox holds, read through a connection of our own (WAL allows it)."""
+    outbox = Outbox(daemon.cfg.feedback.outbox, max_records=1)
+    try:
+        return outbox.oldest(1000)
+    finally:
+        outbox.close()
+
+
+async def test_escalations_leave_the_device_redacted_and_name_it(student_dir: Path, cloud: tuple[ScriptedCloud, str]) -> None:
+    servicer, target = cloud
+    async with running_daemon(student_dir, device_id="kiosk-7", **_escalating(target)) as (_, stub):
+        await stub.Infer(_request("card 4111 1111 1111 1111 never came, mail me at a@b.com"), timeout=5)
+    sent, _ = servicer.seen[-1]
+    assert sent.text == "card [CARD] never came, mail me at [EMAIL]" and sent.device_id == "kiosk-7"
+
+
+async def test_every_fallback_is_kept_redacted_with_the_edge_prediction(student_dir: Path, cloud: tuple[ScriptedCloud, str]) -> None:
+    servicer, target = cloud
+    servicer.mode = "overloaded"
+    async with running_daemon(student_dir, **_escalating(target)) as (daemon, stub):
+        r = await stub.Infer(_request("call me on +44 20 7946 0958", request_id="fb-1"), timeout=5)
+        records = _outbox_records(daemon)
+    assert r.source == edge_pb2.EDGE_FALLBACK
+    (record,) = records
+    assert (record.kind, record.request_id, record.text) == (cloud_pb2.FALLBACK, "fb-1", "call me on [PHONE]")
+    assert (record.edge.label, record.edge.model_version) == (r.label, r.model_version) and not record.label
+
+
+@pytest.mark.parametrize("audit_rate", [0.0, 1.0])
+async def test_local_answers_are_sampled_as_audit_records_at_the_configured_rate(
+    student_dir: Path, cloud: tuple[ScriptedCloud, str], tmp_path: Path, audit_rate: float
+) -> None:
+    _, target = cloud
+    fields = {"policy": PolicyConfig(mode="edge_only"), "cloud": CloudConfig(target=target),
+              "feedback": FeedbackConfig(outbox=tmp_path / "o.sqlite3", audit_rate=audit_rate)}
+    async with running_daemon(student_dir, **fields) as (daemon, stub):
+        answers = [await stub.Infer(_request(f"top up failed {i}", request_id=f"a-{i}"), timeout=5) for i in range(3)]
+    # Audit samples are written in the background; stopping the daemon waited for them.
+    records = _outbox_records(daemon)
+    expected = [(cloud_pb2.AUDIT, a.request_id, a.label) for a in answers] if audit_rate else []
+    assert sorted((r.kind, r.request_id, r.edge.label) for r in records) == expected
+
+
+async def test_corrections_are_kept_and_answer_their_record_id(student_dir: Path, cloud: tuple[ScriptedCloud, str]) -> None:
+    _, target = cloud
+    async with running_daemon(student_dir, **_escalating(target)) as (daemon, stub):
+        answer = await stub.Correct(edge_pb2.CorrectRequest(
+            task="banking77", text=b"my card a@b.com is stuck", label="card_swallowed", request_id="req-9"), timeout=5)
+        records = _outbox_records(daemon)
+    (record,) = records
+    assert record.record_id == answer.record_id and record.kind == cloud_pb2.CORRECTION
+    assert (record.label, record.request_id, record.text) == ("card_swallowed", "req-9", "my card [EMAIL] is stuck")
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "field", "fragment"),
+    [
+        ({"task": "banking77", "text": b"hi", "label": "not_a_label"}, "label", "'not_a_label' is not one of the 77"),
+        ({"task": "banking77", "text": b"", "label": "card_arrival"}, "text", "empty"),
+        ({"task": "weather", "text": b"hi", "label": "card_arrival"}, "task", "unknown task"),
+    ],
+)
+async def test_bad_corrections_are_invalid_argument_naming_the_field(
+    student_dir: Path, cloud: tuple[ScriptedCloud, str], request_fields: dict, field: str, fragment: str
+) -> None:
+    _, target = cloud
+    async with running_daemon(student_dir, **_escalating(target)) as (daemon, stub):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Correct(edge_pb2.CorrectRequest(**request_fields), timeout=5)
+        assert _outbox_records(daemon) == []
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith(f"{field}:") and fragment in info.value.details()
+
+
+async def test_corrections_to_a_daemon_without_feedback_are_failed_precondition(student_dir: Path) -> None:
+    async with running_daemon(student_dir, **EDGE_ONLY) as (_, stub):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Correct(edge_pb2.CorrectRequest(task="banking77", text=b"hi", label="card_arrival"), timeout=5)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "keeps no feedback" in info.value.details()
+
+
+async def test_a_full_outbox_refuses_corrections_and_counts_them(student_dir: Path, cloud: tuple[ScriptedCloud, str], tmp_path: Path) -> None:
+    _, target = cloud  # the scripted cloud has no ReportFeedback: nothing leaves the outbox
+    fields = {**_escalating(target), "feedback": FeedbackConfig(outbox=tmp_path / "o.sqlite3", max_records=2)}
+    correction = edge_pb2.CorrectRequest(task="banking77", text=b"hi", label="card_arrival")
+    async with running_daemon(student_dir, **fields) as (daemon, stub):
+        for _ in range(2):
+            await stub.Correct(correction, timeout=5)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Correct(correction, timeout=5)
+        refused = daemon.registry.get_sample_value(
+            "tandem_edge_feedback_refused_total", {"task": "banking77", "kind": "CORRECTION", "reason": "full"})
+        depth = daemon.registry.get_sample_value("tandem_edge_outbox_records")
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "retry later" in info.value.details()
+    assert (refused, depth) == (1, 2)

@@ -1,0 +1,100 @@
+"""Delivering the outbox to the cloud: oldest first, in batches, with backoff.
+
+A batch is deleted only after the cloud's OK, so a crash at any point re-sends it at worst;
+the store keeps one copy per record_id, so at-least-once delivery stores each record once.
+A record the cloud refuses as INVALID_ARGUMENT is moved to the outbox's `dead` table.
+"""
+
+import asyncio
+import logging
+import random
+import sqlite3
+from collections.abc import Callable
+from typing import Protocol
+
+import grpc
+
+from edge.config import FeedbackConfig
+from edge.errors import CloudError
+from edge.metrics import EdgeMetrics
+from edge.outbox import Outbox
+from tandem.v1 import cloud_pb2
+
+log = logging.getLogger(__name__)
+
+
+class FeedbackSink(Protocol):
+    async def report_feedback(
+        self, records: list[cloud_pb2.FeedbackRecord], timeout_s: float
+    ) -> cloud_pb2.ReportFeedbackResponse:
+        """Stores the records durably or raises CloudError."""
+
+
+class Delivery:
+    def __init__(
+        self,
+        outbox: Outbox,
+        sink: FeedbackSink,
+        cfg: FeedbackConfig,
+        metrics: EdgeMetrics,
+        chance: Callable[[], float] = random.random,
+    ) -> None:
+        self._outbox = outbox
+        self._sink = sink
+        self._cfg = cfg
+        self._metrics = metrics
+        self._chance = chance
+        self._added = asyncio.Event()
+
+    def wake(self) -> None:
+        """New records are waiting."""
+        self._added.set()
+
+    async def run(self) -> None:
+        """Delivers until cancelled; waits for `wake` while the outbox is empty."""
+        backoff_s = self._cfg.min_backoff_s
+        while True:
+            self._added.clear()  # before reading: a record added after the read sets it again
+            try:
+                batch = await asyncio.to_thread(self._outbox.oldest, self._cfg.batch_size)
+                if not batch:
+                    await self._added.wait()
+                    continue
+                delivered = await self._deliver(batch)
+            except sqlite3.Error:
+                log.exception("feedback outbox unreadable or unwritable; retrying after a backoff")
+                delivered = False
+            if delivered:
+                backoff_s = self._cfg.min_backoff_s
+            else:
+                # Equal jitter: at least half the backoff, so that edges that lost the cloud
+                # together do not all come back at the same instant.
+                await asyncio.sleep(backoff_s * (0.5 + self._chance() / 2))
+                backoff_s = min(backoff_s * 2, self._cfg.max_backoff_s)
+
+    async def _deliver(self, batch: list[cloud_pb2.FeedbackRecord]) -> bool:
+        """Sends one batch; True when all of it left the outbox (acknowledged or moved aside)."""
+        try:
+            answer = await self._sink.report_feedback(batch, self._cfg.deadline_ms / 1000)
+        except CloudError as exc:
+            if exc.code != grpc.StatusCode.INVALID_ARGUMENT:
+                # Every other failure says nothing against the records: keep them and retry.
+                log.warning("feedback delivery of %d records failed, will retry: %s", len(batch), exc)
+                self._metrics.delivery_failures.labels(exc.code.name).inc()
+                return False
+            if len(batch) > 1:
+                # One invalid record refuses its whole batch: halve until it is alone, so the
+                # valid ones still go through.
+                half = len(batch) // 2
+                return await self._deliver(batch[:half]) and await self._deliver(batch[half:])
+            # Retrying would fail the same way forever and hold up every record behind it.
+            log.error("cloud refused feedback record %s as invalid; moved to the outbox's dead table: %s",
+                      batch[0].record_id, exc)
+            await asyncio.to_thread(self._outbox.bury, batch, str(exc))
+            self._metrics.feedback_dead.inc()
+            return True
+        await asyncio.to_thread(self._outbox.remove, [r.record_id for r in batch])
+        self._metrics.feedback_delivered.inc(len(batch))
+        log.debug("delivered %d feedback records (%d stored, %d already stored)", len(batch),
+                  answer.stored, answer.duplicates)
+        return True

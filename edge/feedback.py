@@ -1,0 +1,105 @@
+"""Recording feedback: redact, stamp, commit to the outbox, wake the delivery loop.
+
+The recorder is the only writer of the outbox, so redaction here covers everything stored.
+"""
+
+import asyncio
+import logging
+import random
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable
+
+from edge.metrics import EdgeMetrics
+from edge.outbox import Outbox
+from edge.redact import Redactor
+from tandem.v1 import cloud_pb2
+
+log = logging.getLogger(__name__)
+
+
+class FeedbackRecorder:
+    def __init__(
+        self,
+        outbox: Outbox,
+        redact: Redactor,
+        device_id: str,
+        audit_rate: float,
+        metrics: EdgeMetrics,
+        on_added: Callable[[], None],
+        chance: Callable[[], float] = random.random,
+    ) -> None:
+        self._outbox = outbox
+        self._redact = redact
+        self._device_id = device_id
+        self._audit_rate = audit_rate
+        self._metrics = metrics
+        self._on_added = on_added
+        self._chance = chance
+        self._full = False
+        self._pending: set[asyncio.Task[str | None]] = set()
+
+    def audit_due(self) -> bool:
+        """True for a random `audit_rate` share of calls."""
+        return self._chance() < self._audit_rate
+
+    async def record(
+        self,
+        kind: cloud_pb2.FeedbackKind,
+        task: str,
+        text: str,
+        request_id: str,
+        edge: cloud_pb2.EdgePrediction | None = None,
+        label: str = "",
+    ) -> str | None:
+        """Commits a redacted record; its record_id, or None if the outbox refused it
+        (full, or a storage error), which is counted and logged here."""
+        record = cloud_pb2.FeedbackRecord(
+            record_id=uuid.uuid4().hex,
+            request_id=request_id,
+            task=task,
+            kind=kind,
+            text=self._redact(text),
+            edge=edge,
+            label=label,
+            device_id=self._device_id,
+            created_unix_ms=int(time.time() * 1000),
+        )
+        kind_name = cloud_pb2.FeedbackKind.Name(kind)
+        try:
+            accepted = await asyncio.to_thread(self._outbox.add, record)
+        except sqlite3.Error:
+            log.exception("feedback outbox write failed; %s record %s not kept", kind_name, record.record_id)
+            self._metrics.feedback_refused.labels(task, kind_name, "error").inc()
+            return None
+        if not accepted:
+            self._refuse_full(task, kind_name)
+            return None
+        self._full = False
+        self._metrics.feedback_recorded.labels(task, kind_name).inc()
+        self._on_added()
+        return record.record_id
+
+    def record_soon(self, kind: cloud_pb2.FeedbackKind, task: str, text: str, request_id: str,
+                    edge: cloud_pb2.EdgePrediction) -> None:
+        """`record` in the background: for samples whose answer should not wait for the disk."""
+        pending = asyncio.get_running_loop().create_task(self.record(kind, task, text, request_id, edge))
+        self._pending.add(pending)
+        pending.add_done_callback(self._finished)
+
+    async def close(self) -> None:
+        """Waits for background records to be committed."""
+        await asyncio.gather(*self._pending, return_exceptions=True)
+
+    def _refuse_full(self, task: str, kind_name: str) -> None:
+        self._metrics.feedback_refused.labels(task, kind_name, "full").inc()
+        if not self._full:  # once per episode: a full outbox refuses at the request rate
+            log.warning("feedback outbox full (%d records): refusing new records until the cloud takes some",
+                        self._outbox.depth)
+        self._full = True
+
+    def _finished(self, pending: asyncio.Task[str | None]) -> None:
+        self._pending.discard(pending)
+        if not pending.cancelled() and pending.exception() is not None:
+            log.error("background feedback record failed", exc_info=pending.exception())

@@ -1,0 +1,162 @@
+"""Pulled student versions on disk, and the checks that let one in:
+
+    <models_dir>/<task>/<version>/           verified artifacts: the serving one and the one before
+    <models_dir>/<task>/.<version>.partial/  a download in progress
+    <models_dir>/<task>/state.json           {"current", "previous", "failed": {version: why}}
+
+Nothing reaches `<version>/` without its signature and every file's sha256 checked, and the
+directory is checked again before it is served after a restart.
+"""
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from tandem.signing import (
+    MANIFEST,
+    SIGNATURE,
+    VerificationError,
+    verify_artifact,
+    verify_manifest,
+)
+
+log = logging.getLogger(__name__)
+
+STATE = "state.json"
+# Versions come off the wire and become directory names.
+_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+@dataclass
+class TaskState:
+    current: str | None = None
+    previous: str | None = None
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+class ModelStore:
+    def __init__(self, root: Path, key: Ed25519PublicKey) -> None:
+        self.root = root
+        self._key = key
+
+    def state(self, task: str) -> TaskState:
+        path = self.root / task / STATE
+        return TaskState(**json.loads(path.read_text())) if path.is_file() else TaskState()
+
+    def serving_dir(self, task: str, configured: Path) -> Path:
+        """The directory to serve at start: the pulled current version (else the previous one)
+        if it still verifies and is not older than the configured artifact; else `configured`.
+        Clears downloads a crash interrupted."""
+        for partial in self.root.glob(f"{task}/.*.partial"):
+            shutil.rmtree(partial)
+        state = self.state(task)
+        for version in (state.current, state.previous):
+            if version is None:
+                continue
+            try:
+                manifest = self._verified(task, version, self.root / task / version)
+            except (OSError, VerificationError) as exc:
+                log.warning("pulled %s version %s is unusable, not serving it: %s", task, version, exc)
+                continue
+            if manifest.get("created_at", "") >= _created_at(configured):
+                return self.root / task / version
+            break  # the configured artifact is newer than anything pulled
+        return configured
+
+    def check_offer(self, task: str, version: str, manifest_json: bytes, signature: bytes) -> dict[str, Any]:
+        """The signed manifest's `files` (name → sha256, size), before anything is downloaded."""
+        if not _VERSION.fullmatch(version):
+            raise VerificationError(f"invalid version name {version!r}")
+        manifest = verify_manifest(manifest_json, signature, self._key)
+        _check_identity(manifest, task, version)
+        for name in manifest["files"]:
+            if Path(name).name != name or name in (".", "..", MANIFEST, SIGNATURE):
+                raise VerificationError(f"signed manifest lists an invalid file name {name!r}")
+        return manifest["files"]
+
+    def staging(self, task: str, version: str, manifest_json: bytes, signature: bytes) -> Path:
+        """An empty download directory holding only the signed manifest and its signature."""
+        directory = self.root / task / f".{version}.partial"
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir(parents=True)
+        (directory / MANIFEST).write_bytes(manifest_json)
+        (directory / SIGNATURE).write_bytes(signature)
+        return directory
+
+    def install(self, task: str, version: str, staging: Path) -> Path:
+        """Verifies a finished download and moves it to `<task>/<version>/`."""
+        self._verified(task, version, staging)
+        final = self.root / task / version
+        shutil.rmtree(final, ignore_errors=True)  # left by a crash before its promotion
+        staging.rename(final)
+        return final
+
+    def promote(self, task: str, version: str) -> None:
+        """Records `version` as serving and the one it replaced as previous; deletes older ones."""
+        state = self.state(task)
+        if state.current != version:
+            state.previous, state.current = state.current, version
+        self._save(task, state)
+        for directory in (self.root / task).iterdir():
+            if directory.is_dir() and directory.name not in (state.current, state.previous):
+                shutil.rmtree(directory)
+
+    def reject(self, task: str, version: str, why: str) -> None:
+        """Remembers a version that must not be fetched again, and deletes what it left."""
+        state = self.state(task)
+        state.failed[version] = why
+        self._save(task, state)
+        if _VERSION.fullmatch(version):  # else it was refused before anything was written
+            shutil.rmtree(self.root / task / version, ignore_errors=True)
+            shutil.rmtree(self.root / task / f".{version}.partial", ignore_errors=True)
+
+    def _verified(self, task: str, version: str, directory: Path) -> dict[str, Any]:
+        manifest = verify_artifact(directory, self._key)
+        _check_identity(manifest, task, version)
+        return manifest
+
+    def _save(self, task: str, state: TaskState) -> None:
+        """Atomic and durable: the old state or the new one survives a power cut, never a mix."""
+        directory = self.root / task
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{STATE}.", dir=directory)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(asdict(state), indent=2) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, directory / STATE)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the rename itself must reach the disk
+        finally:
+            os.close(dir_fd)
+
+
+def _check_identity(manifest: dict[str, Any], task: str, version: str) -> None:
+    """A validly signed manifest of another task or version must not pass for this one."""
+    if (manifest.get("task"), manifest.get("version")) != (task, version):
+        raise VerificationError(
+            f"signed manifest is {manifest.get('task')!r} version {manifest.get('version')!r}, "
+            f"not {task!r} version {version!r}"
+        )
+
+
+def _created_at(artifact: Path) -> str:
+    """The artifact's creation time (ISO 8601, so it sorts as text); '' when unreadable, so that
+    a verified pulled version wins (the configured one reports its own problem if served)."""
+    try:
+        return str(json.loads((artifact / MANIFEST).read_text()).get("created_at", ""))
+    except (OSError, ValueError):
+        return ""

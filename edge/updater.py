@@ -1,0 +1,168 @@
+"""The model updater: poll the registry, download, verify, warm up, swap.
+
+Per task: GetManifest names the promoted version; if it is not the one serving, its signed
+manifest is checked before anything is downloaded, FetchModel streams the files into a
+staging directory (each checked against its signed size as it arrives), the finished
+directory is verified file by file, and a new Student is loaded and probed in a worker
+thread. Only then does the task swap to it; any failure leaves the old version serving,
+and a version that failed verification, loading or its probe is not fetched again.
+"""
+
+import asyncio
+import contextlib
+import logging
+import random
+import shutil
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from edge.config import UpdaterConfig
+from edge.errors import ArtifactError, CloudError
+from edge.metrics import EdgeMetrics
+from edge.model_store import ModelStore
+from edge.runtime import TaskRuntime
+from edge.student import Student
+from tandem.signing import MANIFEST, SIGNATURE, VerificationError
+from tandem.v1 import cloud_pb2
+
+log = logging.getLogger(__name__)
+
+# Poll outcomes (stable strings: metric label values); a cloud error gives its reason instead.
+UPDATED = "updated"
+UNCHANGED = "unchanged"
+REJECTED = "rejected"  # unsigned, wrongly signed, corrupt, truncated
+FAILED = "failed"  # verified, but did not load or answer the probe
+KNOWN_BAD = "known_bad"
+
+
+class ModelSource(Protocol):
+    async def get_manifest(self, task: str, timeout_s: float) -> cloud_pb2.ModelManifest: ...
+
+    def fetch_model(self, task: str, version: str, timeout_s: float) -> AsyncIterator[cloud_pb2.ModelChunk]: ...
+
+
+class Updater:
+    def __init__(
+        self,
+        cfg: UpdaterConfig,
+        store: ModelStore,
+        source: ModelSource,
+        tasks: dict[str, TaskRuntime],
+        load: Callable[[Path], Student],
+        metrics: EdgeMetrics,
+        chance: Callable[[], float] = random.random,
+    ) -> None:
+        self._cfg = cfg
+        self._store = store
+        self._source = source
+        self._tasks = tasks
+        self._load = load
+        self._metrics = metrics
+        self._chance = chance
+        self._due = asyncio.Event()
+        self._lock = asyncio.Lock()
+
+    def wake(self) -> None:
+        """Polls now instead of at the next interval (`tandem edge serve` wires this to SIGHUP)."""
+        self._due.set()
+
+    async def run(self) -> None:
+        """Polls every `poll_interval_s`, or at once after `wake`, until cancelled. The first
+        poll comes after a random share of the interval: a fleet restarted together (a power
+        cut, a rollout) does not poll the registry all at once."""
+        wait_s = self._chance() * self._cfg.poll_interval_s
+        while True:
+            with contextlib.suppress(TimeoutError):  # the interval elapsed: poll
+                await asyncio.wait_for(self._due.wait(), wait_s)
+            self._due.clear()
+            try:
+                await self.poll()
+            except Exception:  # e.g. a full disk: the loop must outlive one bad poll
+                log.exception("model update poll failed; polling again at the next interval")
+            wait_s = self._cfg.poll_interval_s
+
+    async def poll(self) -> dict[str, str]:
+        """One poll of every task; the outcome per task."""
+        async with self._lock:  # a forced poll and the periodic one never interleave
+            outcomes = {task: await self._update(task) for task in self._tasks}
+        for task, outcome in outcomes.items():
+            self._metrics.updates.labels(task, outcome).inc()
+        return outcomes
+
+    async def _update(self, task: str) -> str:
+        runtime = self._tasks[task]
+        try:
+            offer = await self._source.get_manifest(task, self._cfg.deadline_ms / 1000)
+        except CloudError as exc:
+            log.warning("cannot poll the registry for %s: %s", task, exc)
+            return exc.reason
+        serving = runtime.serving.student.version
+        if offer.version == serving:
+            return UNCHANGED
+        if offer.version in (await asyncio.to_thread(self._store.state, task)).failed:
+            return KNOWN_BAD
+        try:
+            directory = await self._download(task, offer)
+        except CloudError as exc:  # transient: the next poll tries again
+            log.warning("download of %s version %s failed, %s keeps serving: %s", task, offer.version, serving, exc)
+            return exc.reason
+        except VerificationError as exc:
+            return await self._refuse(task, offer.version, REJECTED, exc)
+        try:
+            student = await asyncio.to_thread(self._load_probed, directory)
+        except ArtifactError as exc:
+            return await self._refuse(task, offer.version, FAILED, exc)
+        await runtime.swap(student)
+        await asyncio.to_thread(self._store.promote, task, offer.version)
+        self._metrics.model.remove(task, serving)
+        self._metrics.model.labels(task, student.version).set(1)
+        log.info("%s now serves version %s (was %s)", task, student.version, serving)
+        return UPDATED
+
+    async def _download(self, task: str, offer: cloud_pb2.ModelManifest) -> Path:
+        """The verified version directory; the staging directory is gone either way."""
+        files = self._store.check_offer(task, offer.version, offer.manifest_json, offer.signature)
+        staging = await asyncio.to_thread(
+            self._store.staging, task, offer.version, offer.manifest_json, offer.signature
+        )
+        try:
+            await self._receive(task, offer.version, files, staging)
+            return await asyncio.to_thread(self._store.install, task, offer.version, staging)
+        finally:
+            await asyncio.to_thread(shutil.rmtree, staging, ignore_errors=True)
+
+    async def _receive(self, task: str, version: str, files: dict[str, Any], staging: Path) -> None:
+        """Writes the streamed files, refusing any byte the signed manifest does not account for."""
+        written: dict[str, int] = {}
+        stream = self._source.fetch_model(task, version, self._cfg.fetch_timeout_s)
+        async with contextlib.aclosing(stream) as chunks:
+            async for chunk in chunks:
+                if chunk.file in (MANIFEST, SIGNATURE):
+                    continue  # the signed bytes came with GetManifest
+                if chunk.file not in files:
+                    raise VerificationError(f"registry sent {chunk.file!r}, which the signed manifest does not list")
+                at = written.get(chunk.file, 0)
+                if chunk.offset != at or at + len(chunk.data) > files[chunk.file]["size"]:
+                    raise VerificationError(
+                        f"{chunk.file}: chunk at offset {chunk.offset} (+{len(chunk.data)} bytes) does not fit "
+                        f"after {at} bytes of a {files[chunk.file]['size']}-byte file"
+                    )
+                await asyncio.to_thread(_append, staging / chunk.file, chunk.data)
+                written[chunk.file] = at + len(chunk.data)
+
+    def _load_probed(self, directory: Path) -> Student:
+        student = self._load(directory)
+        student.probe(self._cfg.probe_texts)
+        return student
+
+    async def _refuse(self, task: str, version: str, outcome: str, exc: Exception) -> str:
+        serving = self._tasks[task].serving.student.version
+        log.error("%s version %s %s, %s keeps serving: %s", task, version, outcome, serving, exc)
+        await asyncio.to_thread(self._store.reject, task, version, f"{outcome}: {exc}")
+        return outcome
+
+
+def _append(path: Path, data: bytes) -> None:
+    with path.open("ab") as f:
+        f.write(data)

@@ -1,0 +1,213 @@
+"""The model updater against the real registry servicer: pull, verify, warm, swap under load;
+refuse unsigned, wrongly signed, corrupt and truncated versions; keep the old one when a
+new one does not load or fails its probe; serve the pulled version after a restart."""
+
+import asyncio
+import contextlib
+import json
+import shutil
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import grpc
+import pytest
+
+from cloud.feedback.store import FeedbackStore
+from cloud.registry.models import ModelRegistry
+from cloud.registry.service import RegistryServicer
+from edge.config import CloudConfig, PolicyConfig, UpdaterConfig
+from tandem.signing import (
+    SIGNATURE,
+    generate_key,
+    load_private_key,
+    public_path,
+    sign_artifact,
+)
+from tandem.v1 import edge_pb2
+
+from .conftest import running_daemon, serving
+
+pytestmark = pytest.mark.integration
+
+TASK = "banking77"
+
+
+@dataclass
+class Cloud:
+    models: ModelRegistry
+    target: str
+    key: Path  # the private key the registry's versions are signed with
+    root: Path
+
+    def publish(self, student_dir: Path, name: str, edit: Callable[[Path], None] = lambda d: None,
+                key: Path | None = None) -> str:
+        """Publishes and promotes a signed copy of the student as version `<version>-<name>`,
+        after `edit` changed its files (before signing)."""
+        directory = Path(shutil.copytree(student_dir, self.root / "build" / name))
+        manifest = json.loads((directory / "manifest.json").read_text())
+        manifest["version"] = f"{manifest['version']}-{name}"
+        manifest["created_at"] = datetime.now(UTC).isoformat()
+        (directory / "manifest.json").write_text(json.dumps(manifest))
+        edit(directory)
+        sign_artifact(directory, load_private_key(key or self.key))
+        version = self.models.publish(TASK, directory)
+        self.models.promote(TASK, version)
+        return version
+
+    def published(self, version: str, name: str) -> Path:
+        return self.models.path(TASK, version) / name
+
+
+@pytest.fixture()
+async def cloud(tmp_path: Path) -> AsyncIterator[Cloud]:
+    key = tmp_path / "keys" / "registry.key"
+    generate_key(key)
+    models = ModelRegistry(tmp_path / "registry")
+    async with serving(RegistryServicer(FeedbackStore(str(tmp_path / "feedback")), models)) as target:
+        yield Cloud(models, target, key, tmp_path)
+
+
+def _updating(cloud: Cloud, models_dir: Path, target: str | None = None) -> dict:
+    return {
+        "policy": PolicyConfig(mode="edge_only"),
+        "cloud": CloudConfig(target=target or cloud.target),
+        # Polled by the test: the daemon's own loop would first poll within the hour.
+        "updater": UpdaterConfig(enabled=True, public_key=public_path(cloud.key), models_dir=models_dir,
+                                 poll_interval_s=3600),
+    }
+
+
+def _version(student_dir: Path) -> str:
+    return json.loads((student_dir / "manifest.json").read_text())["version"]
+
+
+async def _infer(stub, text: str = "where is my card?") -> edge_pb2.InferResponse:
+    return await stub.Infer(edge_pb2.InferRequest(task=TASK, text=text.encode()), timeout=10)
+
+
+async def test_hot_swap_under_concurrent_load_fails_no_request(
+    student_dir: Path, cloud: Cloud, tmp_path: Path, banking_texts: list[str]
+) -> None:
+    old = _version(student_dir)
+    async with running_daemon(student_dir, **_updating(cloud, tmp_path / "edge-models")) as (daemon, stub):
+        seen: list[list[str]] = [[] for _ in range(6)]
+        failures: list[grpc.aio.AioRpcError] = []
+        done = asyncio.Event()
+
+        async def caller(versions: list[str], offset: int) -> None:
+            i = offset
+            while not done.is_set():
+                try:
+                    versions.append((await _infer(stub, banking_texts[i % len(banking_texts)])).model_version)
+                except grpc.aio.AioRpcError as exc:
+                    failures.append(exc)
+                i += 1
+
+        load = [asyncio.ensure_future(caller(versions, 30 * n)) for n, versions in enumerate(seen)]
+        await asyncio.sleep(0.5)
+        new = cloud.publish(student_dir, "v2")
+        outcome = await daemon.updater.poll()
+        await asyncio.sleep(0.5)
+        done.set()
+        await asyncio.gather(*load)
+        info = {v: daemon.registry.get_sample_value("tandem_edge_model_info", {"task": TASK, "version": v})
+                for v in (old, new)}
+        updated = daemon.registry.get_sample_value("tandem_edge_model_updates_total",
+                                                   {"task": TASK, "outcome": "updated"})
+    assert outcome == {TASK: "updated"} and updated == 1
+    assert failures == [], f"{len(failures)} requests failed during the swap: {failures[:3]}"
+    for versions in seen:
+        # Each caller saw the old version, then the new one, and never the old one again.
+        assert versions[0] == old and versions[-1] == new
+        assert versions == sorted(versions, key=lambda v: v == new)
+    assert info == {old: None, new: 1.0}
+    assert sorted(p.name for p in (tmp_path / "edge-models" / TASK).iterdir()) == [new, "state.json"]
+
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda cloud, v, other: cloud.published(v, SIGNATURE).write_bytes(b""), id="unsigned"),
+        pytest.param(None, id="wrong-key"),
+        pytest.param(lambda cloud, v, other: _flip_a_byte(cloud.published(v, "model.onnx")), id="corrupt-byte"),
+        pytest.param(lambda cloud, v, other: _truncate(cloud.published(v, "tokenizer.json")), id="truncated"),
+        pytest.param(lambda cloud, v, other: cloud.published(v, "labels.json").write_text('["x"]'),
+                     id="replaced-file"),
+    ],
+)
+async def test_unverifiable_versions_are_rejected_and_the_old_one_keeps_serving(
+    student_dir: Path, cloud: Cloud, tmp_path: Path, damage
+) -> None:
+    other_key = tmp_path / "keys" / "other.key"
+    generate_key(other_key)
+    models_dir = tmp_path / "edge-models"
+    async with running_daemon(student_dir, **_updating(cloud, models_dir)) as (daemon, stub):
+        if damage is None:
+            bad = cloud.publish(student_dir, "bad", key=other_key)
+        else:
+            bad = cloud.publish(student_dir, "bad")
+            damage(cloud, bad, other_key)
+        first = await daemon.updater.poll()
+        again = await daemon.updater.poll()
+        answer = await _infer(stub)
+    assert first == {TASK: "rejected"} and again == {TASK: "known_bad"}, "a rejected version is not fetched again"
+    assert answer.model_version == _version(student_dir)
+    assert bad in json.loads((models_dir / TASK / "state.json").read_text())["failed"]
+    assert sorted(p.name for p in (models_dir / TASK).iterdir()) == ["state.json"], "nothing of it is kept"
+
+
+def _drop_a_label(directory: Path) -> None:
+    labels = json.loads((directory / "labels.json").read_text())
+    (directory / "labels.json").write_text(json.dumps(labels[:-1]))
+
+
+def _nan_temperature(directory: Path) -> None:
+    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest["temperature"] = 1e-300  # loads (positive), but every probability comes out NaN
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("edit", [pytest.param(_drop_a_label, id="fails-to-load"),
+                                  pytest.param(_nan_temperature, id="fails-the-probe")])
+async def test_a_signed_version_that_cannot_serve_is_rolled_back(
+    student_dir: Path, cloud: Cloud, tmp_path: Path, edit: Callable[[Path], None]
+) -> None:
+    async with running_daemon(student_dir, **_updating(cloud, tmp_path / "edge-models")) as (daemon, stub):
+        bad = cloud.publish(student_dir, "bad", edit)
+        outcome = await daemon.updater.poll()
+        answer = await _infer(stub)
+    assert outcome == {TASK: "failed"} and answer.model_version == _version(student_dir)
+    assert bad in json.loads((tmp_path / "edge-models" / TASK / "state.json").read_text())["failed"]
+
+
+async def test_a_pulled_version_survives_a_restart_and_the_previous_one_is_kept(
+    student_dir: Path, cloud: Cloud, tmp_path: Path
+) -> None:
+    models_dir = tmp_path / "edge-models"
+    async with running_daemon(student_dir, **_updating(cloud, models_dir)) as (daemon, _):
+        second = cloud.publish(student_dir, "v2")
+        await daemon.updater.poll()
+        third = cloud.publish(student_dir, "v3")
+        await daemon.updater.poll()
+    async with contextlib.AsyncExitStack() as stack:
+        # Restarted with the cloud unreachable: only what is on disk can make it serve v3.
+        async with serving(RegistryServicer(FeedbackStore(str(tmp_path / "f2")), ModelRegistry(tmp_path / "r2"))) as t:
+            dead = t
+        _, stub = await stack.enter_async_context(running_daemon(student_dir, **_updating(cloud, models_dir, dead)))
+        answer = await _infer(stub)
+    state = json.loads((models_dir / TASK / "state.json").read_text())
+    assert answer.model_version == third
+    assert (state["current"], state["previous"]) == (third, second)
+    assert sorted(p.name for p in (models_dir / TASK).iterdir()) == sorted([second, third, "state.json"])

@@ -1,0 +1,175 @@
+import asyncio
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from prometheus_client import CollectorRegistry
+
+from edge.config import FeedbackConfig
+from edge.delivery import Delivery
+from edge.errors import CloudError
+from edge.feedback import FeedbackRecorder
+from edge.metrics import EdgeMetrics
+from edge.outbox import Outbox
+from edge.redact import DEFAULT_PATTERNS, Redactor
+from tandem.v1 import cloud_pb2
+
+
+def _record(i: int) -> cloud_pb2.FeedbackRecord:
+    return cloud_pb2.FeedbackRecord(record_id=f"r{i:03d}", task="t", kind=cloud_pb2.FALLBACK, text=f"text {i}")
+
+
+def _ids(records: list[cloud_pb2.FeedbackRecord]) -> list[str]:
+    return [r.record_id for r in records]
+
+
+@pytest.fixture()
+def outbox(tmp_path: Path) -> Iterator[Outbox]:
+    box = Outbox(tmp_path / "outbox.sqlite3", max_records=5)
+    yield box
+    box.close()
+
+
+def test_the_database_is_in_wal_mode(tmp_path: Path, outbox: Outbox) -> None:
+    db = sqlite3.connect(tmp_path / "outbox.sqlite3")
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    db.close()
+
+
+def test_refuses_when_full_and_keeps_what_it_accepted(outbox: Outbox) -> None:
+    accepted = [outbox.add(_record(i)) for i in range(7)]
+    assert accepted == [True] * 5 + [False] * 2
+    assert outbox.depth == 5 and _ids(outbox.oldest(10)) == [f"r{i:03d}" for i in range(5)]
+    outbox.remove(["r000"])
+    assert outbox.add(_record(9)) and outbox.depth == 5
+
+
+def test_hands_out_the_oldest_first_and_keeps_them_until_removed(outbox: Outbox) -> None:
+    for i in (3, 1, 2):
+        outbox.add(_record(i))
+    assert _ids(outbox.oldest(2)) == ["r003", "r001"]
+    assert _ids(outbox.oldest(2)) == ["r003", "r001"], "reading must not consume"
+
+
+def test_removing_deletes_only_the_acknowledged_ids(outbox: Outbox) -> None:
+    for i in range(4):
+        outbox.add(_record(i))
+    outbox.remove(["r001", "r003", "never-added"])
+    assert _ids(outbox.oldest(10)) == ["r000", "r002"] and outbox.depth == 2
+
+
+def test_adding_a_waiting_record_again_stores_it_once(outbox: Outbox) -> None:
+    assert outbox.add(_record(1)) and outbox.add(_record(1))
+    assert outbox.depth == 1
+
+
+def test_survives_reopening_with_order_and_count(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.sqlite3"
+    first = Outbox(path, max_records=10)
+    for i in (5, 4, 6):
+        first.add(_record(i))
+    first.remove(["r004"])
+    del first  # not closed: as after a crash
+    again = Outbox(path, max_records=10)
+    assert _ids(again.oldest(10)) == ["r005", "r006"] and again.depth == 2
+    assert again.oldest(10)[0] == _record(5)
+    again.close()
+
+
+def test_buried_records_leave_the_queue_and_keep_the_reason(outbox: Outbox) -> None:
+    for i in range(3):
+        outbox.add(_record(i))
+    outbox.bury(outbox.oldest(2), "INVALID_ARGUMENT: records[0].task: unknown")
+    assert _ids(outbox.oldest(10)) == ["r002"] and outbox.depth == 1
+    assert [(r.record_id, why) for r, why in outbox.dead()] == [
+        ("r000", "INVALID_ARGUMENT: records[0].task: unknown"),
+        ("r001", "INVALID_ARGUMENT: records[0].task: unknown"),
+    ]
+
+
+def _recorder(outbox: Outbox, registry: CollectorRegistry, audit_draw: float = 0.5) -> FeedbackRecorder:
+    return FeedbackRecorder(outbox, Redactor(DEFAULT_PATTERNS), "dev-1", 0.01, EdgeMetrics(registry),
+                            on_added=lambda: None, chance=lambda: audit_draw)
+
+
+async def test_recorder_redacts_before_storing_and_stamps_the_record(outbox: Outbox) -> None:
+    recorder = _recorder(outbox, CollectorRegistry())
+    record_id = await recorder.record(cloud_pb2.CORRECTION, "t", "I am a@b.com, card 4111 1111 1111 1111", "req-1",
+                                      label="card_arrival")
+    (stored,) = outbox.oldest(1)
+    assert stored.record_id == record_id and len(record_id) == 32
+    assert stored.text == "I am [EMAIL], card [CARD]"
+    assert (stored.kind, stored.label, stored.request_id, stored.device_id) == (
+        cloud_pb2.CORRECTION, "card_arrival", "req-1", "dev-1")
+    assert stored.created_unix_ms > 1_700_000_000_000
+
+
+async def test_recorder_counts_refusals_when_full(outbox: Outbox) -> None:
+    registry = CollectorRegistry()
+    recorder = _recorder(outbox, registry)
+    ids = [await recorder.record(cloud_pb2.FALLBACK, "t", "hi", f"r{i}") for i in range(8)]
+    assert all(ids[:5]) and ids[5:] == [None] * 3
+    refused = registry.get_sample_value(
+        "tandem_edge_feedback_refused_total", {"task": "t", "kind": "FALLBACK", "reason": "full"})
+    recorded = registry.get_sample_value("tandem_edge_feedback_recorded_total", {"task": "t", "kind": "FALLBACK"})
+    assert (refused, recorded) == (3, 5)
+
+
+def test_audit_samples_the_configured_share(outbox: Outbox) -> None:
+    assert _recorder(outbox, CollectorRegistry(), audit_draw=0.005).audit_due()
+    assert not _recorder(outbox, CollectorRegistry(), audit_draw=0.5).audit_due()
+
+
+class ScriptedSink:
+    """Fails with the scripted codes in turn, then stores, refusing any batch holding an
+    `invalid` id as the cloud does; records every batch it was sent."""
+
+    def __init__(self, failures: list[grpc.StatusCode], invalid: str = "") -> None:
+        self.failures = failures
+        self.invalid = invalid
+        self.sent: list[list[str]] = []
+
+    async def report_feedback(self, records: list[cloud_pb2.FeedbackRecord], timeout_s: float) -> cloud_pb2.ReportFeedbackResponse:
+        self.sent.append(_ids(records))
+        if self.failures:
+            raise CloudError(self.failures.pop(0), "scripted")
+        if self.invalid in _ids(records):
+            raise CloudError(grpc.StatusCode.INVALID_ARGUMENT, f"records[{_ids(records).index(self.invalid)}].text: blank")
+        return cloud_pb2.ReportFeedbackResponse(stored=len(records))
+
+
+async def _deliver_until_empty(outbox: Outbox, sink: ScriptedSink, registry: CollectorRegistry, batch_size: int) -> None:
+    cfg = FeedbackConfig(outbox=None, batch_size=batch_size, min_backoff_s=0.01, max_backoff_s=0.02)
+    running = asyncio.ensure_future(Delivery(outbox, sink, cfg, EdgeMetrics(registry)).run())
+    for _ in range(200):
+        await asyncio.sleep(0.01)
+        if outbox.depth == 0:
+            break
+    running.cancel()
+    await asyncio.gather(running, return_exceptions=True)
+
+
+async def test_delivery_sends_oldest_first_in_batches_retrying_transient_failures(outbox: Outbox) -> None:
+    for i in range(5):
+        outbox.add(_record(i))
+    registry = CollectorRegistry()
+    sink = ScriptedSink([grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED])
+    await _deliver_until_empty(outbox, sink, registry, batch_size=2)
+    assert sink.sent == [["r000", "r001"]] * 3 + [["r002", "r003"], ["r004"]]
+    assert registry.get_sample_value("tandem_edge_feedback_delivered_total") == 5
+    assert registry.get_sample_value("tandem_edge_feedback_delivery_failures_total", {"code": "UNAVAILABLE"}) == 1
+
+
+async def test_delivery_moves_only_the_record_the_cloud_calls_invalid_aside(outbox: Outbox) -> None:
+    for i in range(5):
+        outbox.add(_record(i))
+    registry = CollectorRegistry()
+    sink = ScriptedSink([], invalid="r001")
+    await _deliver_until_empty(outbox, sink, registry, batch_size=4)
+    assert [(r.record_id, why) for r, why in outbox.dead()] == [
+        ("r001", "cloud answered INVALID_ARGUMENT: records[0].text: blank")]
+    assert sink.sent[:4] == [["r000", "r001", "r002", "r003"], ["r000", "r001"], ["r000"], ["r001"]]
+    assert registry.get_sample_value("tandem_edge_feedback_dead_total") == 1
+    assert registry.get_sample_value("tandem_edge_feedback_delivered_total") == 4
