@@ -9,6 +9,7 @@ For each expert kind, in one run:
 """
 
 import asyncio
+import gc
 import json
 import os
 import shutil
@@ -95,6 +96,7 @@ async def offline(expert: Any, texts: list[str], labels: list[str], sequential_r
 
     os.environ.update(expert.env)
     engine = build_engine(expert)
+    runner: Any = None
     try:
         if expert.kind == "classify":
             from cloud.experts.classify import ClassifyRunner, checkpoint_labels
@@ -116,6 +118,10 @@ async def offline(expert: Any, texts: list[str], labels: list[str], sequential_r
                 "p99_ms": latency.percentile_ms(99)}
     finally:
         engine.shutdown()
+        # Collected now, not at interpreter exit, where vLLM's __del__ fails on torn-down modules.
+        del engine
+        runner = None
+        gc.collect()
 
 
 async def _raw_echo_p50() -> float:

@@ -6,6 +6,7 @@ one machine can play a fleet and the cloud sees a fleet's connections and load. 
 simulated edges record no feedback (a real device's outbox is its own disk).
 """
 
+import logging
 from types import TracebackType
 from typing import Any
 
@@ -31,6 +32,8 @@ class Fleet:
         self.edges: list[Infer] = []
 
     async def __aenter__(self) -> "Fleet":
+        # A line per fallback is a daemon's log; here the report counts them, by path.
+        logging.getLogger("edge").setLevel(logging.ERROR)
         cfg = self._cfg
         options = SessionOptions(cfg.intra_op_threads, cfg.allow_spinning)
         self._serving = {task: Serving.start(Student(path, options), cfg.max_batch) for task, path in cfg.tasks.items()}

@@ -29,13 +29,14 @@ def _target(value: float, limit: float, at_most: bool = True) -> dict[str, Any]:
 def targets(r: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The issue's targets and each run's distance from its floor, as value / limit."""
     runs, floors = r["runs"], r["floors"]
-    best_generator = max(r["generator"], key=lambda g: g["achieved_rps"])
+    # Sustained: answered at least 95% of the offered rate, with no errors.
+    sustained = [g["offered_rps"] for g in r["generator"] if g["achieved_rps"] >= 0.95 * g["offered_rps"] and not g["errors"]]
     edge_floor = floors["raw_onnx"]["p50_ms"] + floors["grpc_echo"]["p50_ms"]
     out = {
         "cascade p50 <= 1.2 x edge_only p50": _target(runs["cascade"]["p50_ms"], 1.2 * runs["edge_only"]["p50_ms"]),
         "cascade accuracy >= cloud_only - 1 pt": _target(runs["cascade"]["accuracy"], runs["cloud_only"]["accuracy"] - 0.01,
                                                          at_most=False),
-        "generator achieved rps >= 2000": _target(best_generator["achieved_rps"], 2000.0, at_most=False),
+        "generator sustains >= 2000 req/s offered": _target(max(sustained, default=0.0), 2000.0, at_most=False),
         "edge_only p50 vs floor (raw ONNX + gRPC echo p50)": _target(runs["edge_only"]["p50_ms"], edge_floor),
         "cloud_only p50 vs floor (edge floor + vLLM offline p50)": _target(
             runs["cloud_only"]["p50_ms"], edge_floor + floors["vllm_offline"]["p50_ms"]),
@@ -66,8 +67,8 @@ def markdown(r: dict[str, Any], plots: dict[str, str]) -> str:
         "",
         "| floor | p50 ms | p99 ms | req/s |",
         "|---|---:|---:|---:|",
-        *(f"| {name} | {f.get('p50_ms', 0):.3f} | {f.get('p99_ms', 0):.3f} | {f.get('rps', float('nan')):.0f} |"
-          for name, f in r["floors"].items()),
+        *(f"| {name} | {f['p50_ms']:.3f} | {f['p99_ms']:.3f} | {f['rps']:.0f} |" if "rps" in f
+          else f"| {name} | {f['p50_ms']:.3f} | {f['p99_ms']:.3f} | |" for name, f in r["floors"].items()),
         "",
         "## Generator capacity (Poisson against the raw gRPC echo)",
         "",
@@ -122,18 +123,18 @@ def _step_section(s: dict[str, Any]) -> str:
         "## Step response (fleet mode)",
         "",
         f"{s['edges']} simulated edges in one process share one ONNX Runtime session; every request is escalated "
-        f"(deadline {s['deadline_ms']:g} ms). Saturation (more than 5% fallbacks, or under 90% of the offered load "
-        f"answered): **{where}**. Past it, the edges answer locally (fallback), not with errors.",
+        f"(deadline {s['deadline_ms']:g} ms). Saturation (more than 5% of requests not answered by the cloud "
+        f"in time, or any error): **{where}**. Past it, the edges answer locally (fallback), not with errors.",
         "",
-        "| offered req/s | achieved req/s | escalated | fallback | p50 ms | p99 ms | errors | cloud queued max |",
-        "|---:|---:|---:|---:|---:|---:|---|---:|",
+        "| offered req/s | achieved req/s | escalated | fallback | p50 ms | p99 ms | errors | cloud queued max | cloud running max |",
+        "|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for st in s["steps"]:
         shares = st["by_path"]
         lines.append(
             f"| {st['offered_rps']:g} | {st['throughput_rps']:.1f} | {shares.get('escalated', {}).get('share', 0):.1%} | "
             f"{shares.get('fallback', {}).get('share', 0):.1%} | {st['p50_ms']:.2f} | {st['p99_ms']:.2f} | "
-            f"{st['errors'] or 0} | {st['cloud_queued_max']:.0f} |"
+            f"{st['errors'] or 0} | {st['cloud_queued_max']:.0f} | {st['cloud_running_max']:.0f} |"
         )
     return "\n".join(lines)
 
