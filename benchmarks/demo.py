@@ -1,27 +1,26 @@
 """`tandem demo` (`make demo`): the whole system on this machine, then a report.
 
 Trains or reuses the models, benchmarks the edge daemon, starts the cloud (Ray Serve +
-vLLM) and an edge daemon as real processes, replays banking77 test queries through the
-edge, stops the cloud and replays more (the device keeps answering), and reports per path.
+vLLM, with its registry and feedback store) and an edge daemon as real processes, replays
+banking77 test queries through the edge, runs one round of the learning loop (a cold
+student, traffic, feedback, distillation, the gate, a signed rollout the edge swaps in),
+then stops the cloud and replays more (the device keeps answering), and reports.
 """
 
 import asyncio
 import json
 import random
-import tempfile
+import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import grpc
-import yaml
 
 from benchmarks.edge_bench import EdgeBenchConfig, run_edge_bench
+from benchmarks.flywheel import FlywheelConfig, Loop, format_rounds
 from benchmarks.latency import LatencyRecorder
-from benchmarks.ports import free_port
-from benchmarks.processes import Server, announced_server
+from benchmarks.system import cloud, edge_config, edge_daemon
 from cloud.prepare import SMOLLM2_DIR, ensure_trained, prepare_smollm2
 from cloud.training.config import TrainConfig
 from tandem import envs
@@ -29,10 +28,10 @@ from tandem.settings import load_config
 from tandem.tasks import Example
 from tandem.v1 import edge_pb2, edge_pb2_grpc
 
-ROOT = Path(__file__).resolve().parents[1]
 QUERIES = 400        # with the cloud up
 OUTAGE_QUERIES = 50  # after the cloud is stopped
 RATE_RPS = 40.0
+LOOP_TRAFFIC = 2000  # train queries streamed in the learning-loop round
 
 
 def run_demo(config: Path | None, out: Path) -> int:
@@ -47,39 +46,29 @@ def run_demo(config: Path | None, out: Path) -> int:
     bench = load_config(EdgeBenchConfig, None).model_copy(update={"student": train_cfg.model_dir("student")})
     run_edge_bench(bench, out / "edge_bench.json")
 
-    print("\n== the system: edge daemon -> Ray Serve gRPC -> vLLM classify expert ==")
+    # The loop's registry, feedback store and keys live in the results folder, fresh each run.
+    work = out / "loop"
+    shutil.rmtree(work, ignore_errors=True)
+    loop = Loop(FlywheelConfig(rounds=1, traffic_per_round=LOOP_TRAFFIC), work)
+    rows = [loop.cold_start()]
+    task = train_cfg.task.name
     examples = random.Random(0).sample(train_cfg.task.load("test"), QUERIES + OUTAGE_QUERIES)
-    with tempfile.TemporaryDirectory() as tmp, _cloud() as cloud, _edge(Path(tmp), train_cfg, cloud.port) as edge:
-        answers = asyncio.run(_replay(edge.port, train_cfg.task.name, examples[:QUERIES]))
-        print("stopping the cloud; the edge keeps answering")
-        cloud.process.terminate()
-        cloud.process.wait(timeout=60)
-        answers += asyncio.run(_replay(edge.port, train_cfg.task.name, examples[QUERIES:]))
-    report = _system_report(answers, teacher["metrics"]["test_accuracy"])
+    print("\n== the system: edge daemon -> Ray Serve gRPC -> vLLM classify expert ==")
+    with cloud(loop.cloud_config()) as c, edge_daemon(edge_config(
+            task, train_cfg.model_dir("student"), c.target, feedback={"outbox": str(work / "outbox.sqlite3")})) as edge:
+        answers = asyncio.run(_replay(edge.port, task, examples[:QUERIES]))
+        with edge_daemon(loop.edge_config(c)) as learner:
+            rows.append(asyncio.run(loop.round(1, learner, loop.traffic[:LOOP_TRAFFIC])))
+        print("\nstopping the cloud; the edge keeps answering")
+        c.server.process.terminate()
+        c.server.process.wait(timeout=60)
+        answers += asyncio.run(_replay(edge.port, task, examples[QUERIES:]))
+    report = {**_system_report(answers, teacher["metrics"]["test_accuracy"]), "learning_loop": loop.result(rows)}
     (out / "demo.json").write_text(json.dumps(report, indent=2) + "\n")
     print(_format_system(report))
+    print("\n== learning loop (one round; banking77 test split) ==\n" + format_rounds(report["learning_loop"]))
     print(f"\ndemo took {time.perf_counter() - started:.0f} s; results in {out}")
     return 0
-
-
-@contextmanager
-def _cloud() -> Iterator[Server]:
-    env = {"TANDEM_CLOUD_GRPC_PORT": str(free_port()), "TANDEM_CLOUD_HTTP_PORT": str(free_port()),
-           "TANDEM_CLOUD_RAY_METRICS_PORT": str(free_port())}
-    print("starting the cloud (Ray Serve + vLLM; about 90 s)")
-    with announced_server(["-m", "tandem.cli", "cloud", "serve", "--config", str(ROOT / "cloud" / "cloud.yaml")],
-                          env=env, timeout_s=900) as server:
-        yield server
-
-
-@contextmanager
-def _edge(tmp: Path, train_cfg: TrainConfig, cloud_port: int) -> Iterator[Server]:
-    cfg = yaml.safe_load((ROOT / "edge" / "edge.yaml").read_text())
-    cfg.update(listen="127.0.0.1:0", metrics_port=None, tasks={train_cfg.task.name: str(train_cfg.model_dir("student"))})
-    cfg["cloud"]["target"] = f"127.0.0.1:{cloud_port}"
-    (tmp / "edge.yaml").write_text(yaml.safe_dump(cfg))
-    with announced_server(["-m", "tandem.cli", "edge", "serve", "--config", str(tmp / "edge.yaml")]) as server:
-        yield server
 
 
 async def _replay(port: int, task: str, examples: list[Example]) -> list[dict[str, Any]]:

@@ -52,67 +52,114 @@ class FlywheelConfig(TandemSettings):
 
 
 def run_flywheel(cfg: FlywheelConfig, out: Path) -> dict[str, Any]:
-    from cloud.training.config import DistillConfig
-
     with tempfile.TemporaryDirectory(prefix="tandem-flywheel-") as tmp:
-        work = Path(tmp)
-        distill = DistillConfig(
-            **{**cfg.distill, "seed_fraction": cfg.seed_fraction, "registry_dir": work / "registry",
-               "feedback_uri": str(work / "feedback"), "signing_key": work / "keys" / "signing.pem"}
-        )
-        result = asyncio.run(_rounds(cfg, distill, work))
+        result = asyncio.run(_rounds(cfg, Path(tmp)))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     plot = plot_flywheel(result["rounds"], out.with_suffix(".png"))
-    print(_table(result) + f"\n\nplot: {plot}\n{out}")
+    print(format_rounds(result) + f"\n\nplot: {plot}\n{out}")
     return result
 
 
-async def _rounds(cfg: FlywheelConfig, distill: Any, work: Path) -> dict[str, Any]:
-    from cloud.registry import ModelRegistry
-    from cloud.training.data import load_splits
-    from cloud.training.distill import run_distill
-    from cloud.training.distill_data import traffic_examples
-
-    splits = load_splits(distill.splits_config(), distill.student)
-    task = distill.task
-    test = task.load("test")
-    expert_ok = _expert_correct(distill, splits)
-    traffic = traffic_examples(task, splits, cfg.seed_fraction, distill.student.max_length)
-    per_round = cfg.traffic_per_round or len(traffic) // cfg.rounds
-    registry = ModelRegistry(distill.registry_root())
-
-    print(f"\n== round 0: cold student from {cfg.seed_fraction:.0%} of train ==", flush=True)
-    first = run_distill(distill, feedback=[])
-    rows = [_evaluate(0, first, registry, task, test, expert_ok, cfg)]
-    threshold = _default_threshold()
-    cloud_cfg = cloud_config({EXPERT}, registry_dir=str(distill.registry_root()), feedback_uri=distill.feedback_store_uri())
-    with cloud(cloud_cfg) as c, edge_daemon(_edge_cfg(task.name, registry.path(task.name, first["version"]), c, work,
-                                                      distill)) as daemon:
+async def _rounds(cfg: FlywheelConfig, work: Path) -> dict[str, Any]:
+    loop = Loop(cfg, work)
+    per_round = cfg.traffic_per_round or len(loop.traffic) // cfg.rounds
+    rows = [loop.cold_start()]
+    with cloud(loop.cloud_config()) as c, edge_daemon(loop.edge_config(c)) as daemon:
         for r in range(1, cfg.rounds + 1):
-            chunk = traffic[(r - 1) * per_round: r * per_round]
-            print(f"\n== round {r}: {len(chunk)} queries of traffic at {cfg.traffic_rps:g} req/s ==", flush=True)
-            served = await _stream(daemon, task.name, chunk, cfg.traffic_rps, r)
-            await _settle(distill.feedback_store_uri(), task.name)
-            result = run_distill(distill)
-            if result["promoted"]:
-                await _await_version(daemon, task.name, test[0].text, result["version"])
-            rows.append({**_evaluate(r, result, registry, task, test, expert_ok, cfg), "traffic": served})
-    return {
-        "config": json.loads(cfg.model_dump_json()),
-        "expert_test_accuracy": float(expert_ok.mean()),
-        "default_threshold": threshold,
-        "rounds": rows,
-    }
+            rows.append(await loop.round(r, daemon, loop.traffic[(r - 1) * per_round: r * per_round]))
+    return loop.result(rows)
 
 
-def _edge_cfg(task: str, student: Path, c: Cloud, work: Path, distill: Any) -> dict[str, Any]:
-    return edge_config(
-        task, student, c.target,
-        feedback={"outbox": str(work / "edge" / "outbox.sqlite3")},
-        updater={"enabled": True, "poll_interval_s": 5.0, "models_dir": str(work / "edge" / "models"),
-                 "public_key": str(public_path(distill.signing_key_path()))},
-    )
+class Loop:
+    """The learning loop in a scratch registry and feedback store (under `work`): a cold
+    student, then rounds of traffic through a real edge daemon into a real cloud, each
+    followed by distillation, the gate, and the edge's pull and swap."""
+
+    def __init__(self, cfg: FlywheelConfig, work: Path) -> None:
+        from cloud.registry import ModelRegistry
+        from cloud.training.config import DistillConfig
+        from cloud.training.data import load_splits
+        from cloud.training.distill_data import traffic_examples
+
+        self.cfg = cfg
+        self.work = work
+        self.distill = DistillConfig(
+            **{**cfg.distill, "seed_fraction": cfg.seed_fraction, "registry_dir": work / "registry",
+               "feedback_uri": str(work / "feedback"), "signing_key": work / "keys" / "signing.pem"}
+        )
+        self.task = self.distill.task
+        splits = load_splits(self.distill.splits_config(), self.distill.student)
+        self.test = self.task.load("test")
+        self.expert_ok = _expert_correct(self.distill, splits)
+        self.traffic = traffic_examples(self.task, splits, cfg.seed_fraction, self.distill.student.max_length)
+        self.registry = ModelRegistry(self.distill.registry_root())
+        self.threshold = _default_threshold()
+
+    def cold_start(self) -> dict[str, Any]:
+        """Round 0: a student from the labelled seed alone, promoted as the first version."""
+        from cloud.training.distill import run_distill
+
+        print(f"\n== learning loop, round 0: cold student from {self.cfg.seed_fraction:.0%} of train ==", flush=True)
+        return self._evaluate(0, run_distill(self.distill, feedback=[]))
+
+    def cloud_config(self) -> dict[str, Any]:
+        return cloud_config({EXPERT}, registry_dir=str(self.distill.registry_root()),
+                            feedback_uri=self.distill.feedback_store_uri())
+
+    def edge_config(self, c: Cloud) -> dict[str, Any]:
+        """An edge serving the promoted student, recording feedback and pulling updates."""
+        promoted = self.registry.path(self.task.name, self.registry.promoted(self.task.name))
+        return edge_config(
+            self.task.name, promoted, c.target,
+            feedback={"outbox": str(self.work / "edge" / "outbox.sqlite3")},
+            updater={"enabled": True, "poll_interval_s": 5.0, "models_dir": str(self.work / "edge" / "models"),
+                     "public_key": str(public_path(self.distill.signing_key_path()))},
+        )
+
+    async def round(self, r: int, daemon: Server, chunk: list[Any]) -> dict[str, Any]:
+        """Streams `chunk` through the daemon, retrains from the feedback, rolls out, measures."""
+        from cloud.training.distill import run_distill
+
+        print(f"\n== learning loop, round {r}: {len(chunk)} queries of traffic at {self.cfg.traffic_rps:g} req/s ==",
+              flush=True)
+        served = await _stream(daemon, self.task.name, chunk, self.cfg.traffic_rps, r)
+        records = await _settle(self.distill.feedback_store_uri(), self.task.name)
+        result = run_distill(self.distill)
+        if result["promoted"]:
+            await _await_version(daemon, self.task.name, self.test[0].text, result["version"])
+        return {**self._evaluate(r, result), "traffic": served, "feedback_records": records}
+
+    def result(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "config": json.loads(self.cfg.model_dump_json()),
+            "expert_test_accuracy": float(self.expert_ok.mean()),
+            "default_threshold": self.threshold,
+            "rounds": rows,
+        }
+
+    def _evaluate(self, r: int, result: dict[str, Any]) -> dict[str, Any]:
+        """The promoted student (the one edges serve after this round) on the test split."""
+        from edge.student import Student
+
+        student = Student(self.registry.path(self.task.name, self.registry.promoted(self.task.name)))
+        probs = student.predict([e.text for e in self.test])
+        labels = np.array([student.labels.index(e.label) for e in self.test])
+        confidence, student_ok = probs.max(-1), probs.argmax(-1) == labels
+        accuracy, rate = cascade_accuracy(confidence, student_ok, self.expert_ok, self.threshold)
+        row = {
+            "round": r,
+            "version": student.version,
+            "candidate": result["version"],
+            "promoted": result["promoted"],
+            "escalation_rate_for_target": escalation_rate_for_target(confidence, student_ok, self.expert_ok, self.cfg.tolerance),
+            "student_accuracy": float(student_ok.mean()),
+            "cascade_accuracy": accuracy,
+            "cascade_escalation_rate": rate,
+            "retrain_seconds": result["seconds"],
+        }
+        print(json.dumps(row), flush=True)
+        return row
 
 
 def _default_threshold() -> float:
@@ -154,7 +201,7 @@ async def _await_version(daemon: Server, task: str, text: str, version: str, lim
         while time.monotonic() < deadline:
             r = await stub.Infer(edge_pb2.InferRequest(task=task, text=text.encode()), timeout=10)
             if r.model_version == version:
-                print(f"edge serves {version}", flush=True)
+                print(f"edge swapped to {version}", flush=True)
                 return
             await asyncio.sleep(1.0)
     raise TimeoutError(f"the edge did not swap to {version} within {limit_s:.0f} s")
@@ -167,32 +214,7 @@ def _expert_correct(distill: Any, splits: Any) -> np.ndarray:
     return logits.argmax(-1) == splits.test.labels
 
 
-def _evaluate(r: int, result: dict[str, Any], registry: Any, task: Any, test: list[Any], expert_ok: np.ndarray,
-              cfg: FlywheelConfig) -> dict[str, Any]:
-    """The promoted student (the one edges serve after this round) on the test split."""
-    from edge.student import Student
-
-    student = Student(registry.path(task.name, registry.promoted(task.name)))
-    probs = student.predict([e.text for e in test])
-    labels = np.array([student.labels.index(e.label) for e in test])
-    confidence, student_ok = probs.max(-1), probs.argmax(-1) == labels
-    accuracy, rate = cascade_accuracy(confidence, student_ok, expert_ok, _default_threshold())
-    row = {
-        "round": r,
-        "version": student.version,
-        "candidate": result["version"],
-        "promoted": result["promoted"],
-        "escalation_rate_for_target": escalation_rate_for_target(confidence, student_ok, expert_ok, cfg.tolerance),
-        "student_accuracy": float(student_ok.mean()),
-        "cascade_accuracy": accuracy,
-        "cascade_escalation_rate": rate,
-        "retrain_seconds": result["seconds"],
-    }
-    print(json.dumps(row), flush=True)
-    return row
-
-
-def _table(result: dict[str, Any]) -> str:
+def format_rounds(result: dict[str, Any]) -> str:
     lines = [f"expert (teacher) test accuracy {result['expert_test_accuracy']:.1%}; default threshold "
              f"{result['default_threshold']:g}",
              f"{'round':>5} {'promoted':>8} {'escalation for target':>22} {'student acc':>11} {'cascade acc':>11} "
@@ -204,5 +226,6 @@ def _table(result: dict[str, Any]) -> str:
     first, last = result["rounds"][0], result["rounds"][-1]
     if first["escalation_rate_for_target"]:
         drop = 1 - last["escalation_rate_for_target"] / first["escalation_rate_for_target"]
-        lines.append(f"escalation rate for target: {drop:.0%} lower after {last['round']} rounds (target >= 40%)")
+        target = " (target: >= 40% after 3 rounds)" if last["round"] >= 3 else ""
+        lines.append(f"escalation rate for target: {drop:.0%} lower after {last['round']} round(s){target}")
     return "\n".join(lines)
