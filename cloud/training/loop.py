@@ -1,6 +1,7 @@
 """The training loop: length-bucketed batches, AdamW, linear warm-up and decay."""
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -42,6 +43,15 @@ def bucketed_batches(lengths: list[int], batch_size: int, rng: np.random.Generat
     return batches
 
 
+# A batch's loss from the model's logits and the indices of the batch's examples.
+Loss = Callable[[torch.Tensor, np.ndarray], torch.Tensor]
+
+
+def cross_entropy(labels: np.ndarray) -> Loss:
+    targets = torch.as_tensor(labels, dtype=torch.long)
+    return lambda logits, batch: F.cross_entropy(logits, targets[batch])
+
+
 def fit(
     model: PreTrainedModel,
     ids: list[list[int]],
@@ -51,6 +61,11 @@ def fit(
     desc: str,
 ) -> None:
     """Trains `model` in place with cross-entropy on `labels`."""
+    fit_loss(model, ids, cross_entropy(labels), cfg, seed, desc)
+
+
+def fit_loss(model: PreTrainedModel, ids: list[list[int]], loss_fn: Loss, cfg: FitConfig, seed: int, desc: str) -> None:
+    """Trains `model` in place, minimising `loss_fn` over batches of `ids`."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     lengths = [len(x) for x in ids]
@@ -61,15 +76,13 @@ def fit(
         [{"params": body, "lr": cfg.lr}, {"params": head, "lr": cfg.head_lr}], weight_decay=0.01
     )
     schedule = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup * total), total)
-    targets = torch.as_tensor(labels, dtype=torch.long)
     model.train()
     step = 0
     with tqdm(total=total, desc=desc, unit="step", mininterval=2.0) as bar:
         while step < total:
             for batch in bucketed_batches(lengths, cfg.batch_size, rng)[: total - step]:
                 input_ids, mask = collate([ids[i] for i in batch])
-                logits = model(input_ids=input_ids, attention_mask=mask).logits
-                loss = F.cross_entropy(logits, targets[batch])
+                loss = loss_fn(model(input_ids=input_ids, attention_mask=mask).logits, batch)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step()
@@ -82,12 +95,14 @@ def fit(
 
 
 @torch.inference_mode()
-def predict_logits(model: PreTrainedModel, ids: list[list[int]], batch_size: int = 128) -> np.ndarray:
-    """Logits for every sequence, in input order."""
+def predict_logits(
+    model: PreTrainedModel, ids: list[list[int]], batch_size: int = 128, desc: str | None = None
+) -> np.ndarray:
+    """Logits for every sequence, in input order; a progress bar if `desc` is given."""
     model.eval()
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     out = np.zeros((len(ids), model.config.num_labels), dtype=np.float32)
-    for start in range(0, len(order), batch_size):
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", mininterval=2.0, disable=desc is None):
         rows = order[start : start + batch_size]
         input_ids, mask = collate([ids[i] for i in rows])
         out[rows] = model(input_ids=input_ids, attention_mask=mask).logits.numpy()

@@ -10,12 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from transformers import PreTrainedModel
 
 from cloud.training.artifact import atomic_dir, write_manifest
 from cloud.training.base_model import build_classifier, minilm_dir
 from cloud.training.calibration import expected_calibration_error, fit_temperature, softmax
-from cloud.training.config import TrainConfig
-from cloud.training.data import load_splits
+from cloud.training.config import FitConfig, TrainConfig
+from cloud.training.data import Splits, load_splits
 from cloud.training.export import export_onnx, onnx_logits, quantize_int8
 from cloud.training.loop import fit, predict_logits
 
@@ -25,29 +26,34 @@ def train_student(cfg: TrainConfig, out: Path, parent: str | None = None) -> dic
     splits = load_splits(cfg, fit_cfg)
     model = build_classifier(splits.label_names, fit_cfg.layers)
     fit(model, splits.train.ids, splits.train.labels, fit_cfg, cfg.seed, desc="student")
+    with atomic_dir(out) as scratch:
+        fields = export_student(model, fit_cfg, splits, scratch)
+        return write_manifest(
+            scratch, kind="student", task=cfg.task.name, parent=parent, train_examples=len(splits.train.ids), **fields
+        )
+
+
+def export_student(model: PreTrainedModel, fit_cfg: FitConfig, splits: Splits, directory: Path) -> dict[str, Any]:
+    """Writes the edge's files (int8 model.onnx, tokenizer.json, labels.json) into `directory`;
+    returns the manifest fields that describe them: payload, temperature, test metrics."""
     test_fp32 = predict_logits(model, splits.test.ids)
-    with atomic_dir(out) as scratch, tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "model.fp32.onnx"
         export_onnx(model, fp32)
-        quantize_int8(fp32, scratch / "model.onnx")
-        # Calibrate the model the edge runs (int8), not the torch one.
-        temperature = fit_temperature(onnx_logits(scratch / "model.onnx", splits.val.ids), splits.val.labels)
-        test_int8 = onnx_logits(scratch / "model.onnx", splits.test.ids)
-        (scratch / "tokenizer.json").write_bytes((minilm_dir() / "tokenizer.json").read_bytes())
-        (scratch / "labels.json").write_text(json.dumps(splits.label_names, indent=1) + "\n")
-        return write_manifest(
-            scratch,
-            kind="student",
-            task=cfg.task.name,
-            fit=fit_cfg.model_dump(),
-            payload="model.onnx",
-            parent=parent,
-            layers=model.config.num_hidden_layers,
-            max_length=fit_cfg.max_length,
-            temperature=temperature,
-            train_examples=len(splits.train.ids),
-            metrics=_metrics(test_fp32, test_int8, splits.test.labels, temperature),
-        )
+        quantize_int8(fp32, directory / "model.onnx")
+    # Calibrate the model the edge runs (int8), not the torch one.
+    temperature = fit_temperature(onnx_logits(directory / "model.onnx", splits.val.ids), splits.val.labels)
+    test_int8 = onnx_logits(directory / "model.onnx", splits.test.ids)
+    (directory / "tokenizer.json").write_bytes((minilm_dir() / "tokenizer.json").read_bytes())
+    (directory / "labels.json").write_text(json.dumps(splits.label_names, indent=1) + "\n")
+    return {
+        "payload": "model.onnx",
+        "fit": fit_cfg.model_dump(),
+        "layers": model.config.num_hidden_layers,
+        "max_length": fit_cfg.max_length,
+        "temperature": temperature,
+        "metrics": _metrics(test_fp32, test_int8, splits.test.labels, temperature),
+    }
 
 
 def _metrics(fp32: np.ndarray, int8: np.ndarray, labels: np.ndarray, temperature: float) -> dict[str, float]:

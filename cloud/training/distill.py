@@ -1,0 +1,211 @@
+"""`tandem train distill`: one retraining round of the learning loop, or a schedule of rounds.
+
+A round builds the training set (a labelled seed of the task's data plus feedback), labels it
+softly with the teacher, distils a fresh student in a Ray task, exports it (int8 ONNX,
+temperature), judges it against the promoted version on the held-out validation split, signs
+and publishes it, and promotes it only if the gate passes. Every candidate is published, so a
+rejected one can be inspected; edges only ever fetch the promoted one.
+"""
+
+import contextlib
+import json
+import logging
+import math
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+import torch.nn.functional as F
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from transformers import AutoModelForSequenceClassification
+
+from cloud.registry import ModelRegistry
+from cloud.training.artifact import write_manifest
+from cloud.training.base_model import build_classifier
+from cloud.training.config import DistillConfig
+from cloud.training.data import Splits, load_splits
+from cloud.training.distill_data import NO_LABEL, DistillSet, FeedbackExample, build_distill_set, read_feedback
+from cloud.training.gate import judge
+from cloud.training.loop import Loss, fit_loss, predict_logits
+from cloud.training.student import export_student
+from tandem.signing import generate_key, load_private_key, public_path, sign_artifact
+
+log = logging.getLogger(__name__)
+
+
+def run_distill(cfg: DistillConfig, feedback: list[FeedbackExample] | None = None) -> dict[str, Any]:
+    """One round; `feedback` defaults to the task's records in the feedback store.
+
+    Returns the new version, whether it was promoted, its metrics, the gate and the seconds taken.
+    """
+    started = time.monotonic()
+    task = cfg.task.name
+    key = signing_key(cfg.signing_key_path())
+    registry = ModelRegistry(cfg.registry_root())
+    parent = registry.promoted(task)
+    print(f"{task}: reading the task's data and feedback; promoted now: {parent}", flush=True)
+    splits = load_splits(cfg.splits_config(), cfg.student)
+    feedback = read_feedback(cfg.feedback_store_uri(), task) if feedback is None else feedback
+    data = build_distill_set(splits, feedback, cfg.seed_fraction, cfg.student.max_length)
+    print(
+        f"{task}: {data.labelled} labelled examples (seed_fraction {cfg.seed_fraction}), "
+        f"feedback {data.feedback or 'none'} ({data.dropped} dropped)",
+        flush=True,
+    )
+    soft, teacher = teacher_logits(cfg.teacher_path(), splits.label_names, data.ids)
+    files, fields = train_candidate(cfg, splits, data, soft)
+    with tempfile.TemporaryDirectory() as tmp:
+        candidate = Path(tmp)
+        for name, content in files.items():
+            (candidate / name).write_bytes(content)
+        print(f"{task}: judging the candidate against {parent or 'no promoted version'}", flush=True)
+        promoted = None if parent is None else registry.path(task, parent)
+        gate = judge(candidate, promoted, splits.val, splits.label_names, cfg.min_accuracy_gain)
+        lineage = _lineage(cfg, data, teacher)
+        manifest = write_manifest(candidate, kind="student", task=task, parent=parent, gate=gate, **lineage, **fields)
+        sign_artifact(candidate, key)
+        version = registry.publish(task, candidate)
+    if gate["passed"]:
+        registry.promote(task, version)
+    against = "nothing promoted" if parent is None else f"{gate['promoted_accuracy']:.3f} for {parent}"
+    print(
+        f"{task}: published {version}, {'promoted' if gate['passed'] else 'not promoted'}: held-out accuracy "
+        f"{gate['candidate_accuracy']:.3f} against {against} (min gain {cfg.min_accuracy_gain})",
+        flush=True,
+    )
+    return {
+        "task": task,
+        "version": version,
+        "promoted": gate["passed"],
+        "parent": parent,
+        "metrics": manifest["metrics"],
+        "gate": gate,
+        "seconds": round(time.monotonic() - started, 1),
+    }
+
+
+def _lineage(cfg: DistillConfig, data: DistillSet, teacher: str) -> dict[str, Any]:
+    """What the candidate was trained on and how, for its manifest."""
+    return {
+        "train_examples": len(data.ids),
+        "labelled_examples": data.labelled,
+        "feedback_examples": data.feedback,
+        "feedback_dropped": data.dropped,
+        "distill": {
+            "teacher": teacher,
+            "kd_temperature": cfg.kd_temperature,
+            "alpha": cfg.alpha,
+            "seed_fraction": cfg.seed_fraction,
+        },
+    }
+
+
+def run_schedule(cfg: DistillConfig) -> None:
+    """A round now, then one every `interval_s` (just one if it is None). A failed scheduled round
+    is logged with its traceback and the next one still runs."""
+    with ray_session() if cfg.use_ray else contextlib.nullcontext():
+        if cfg.interval_s is None:
+            run_distill(cfg)
+            return
+        while True:
+            started = time.monotonic()
+            try:
+                run_distill(cfg)
+            except Exception:
+                log.exception("distillation round of %s failed; the next starts on schedule", cfg.task.name)
+            time.sleep(max(0.0, started + cfg.interval_s - time.monotonic()))
+
+
+def signing_key(path: Path) -> Ed25519PrivateKey:
+    """The private key at `path`, generated the first time."""
+    if not path.exists():
+        generate_key(path)
+        print(f"generated a new signing key {path}; edges must trust {public_path(path)}", flush=True)
+    return load_private_key(path)
+
+
+def teacher_logits(teacher_dir: Path, label_names: list[str], ids: list[list[int]]) -> tuple[np.ndarray, str]:
+    """The teacher's logits for every example, and the teacher's version (its directory if unversioned)."""
+    if not (teacher_dir / "config.json").is_file():
+        raise FileNotFoundError(
+            f"no teacher checkpoint at {teacher_dir}: run `tandem train teacher` or set teacher_dir"
+        )
+    model = AutoModelForSequenceClassification.from_pretrained(teacher_dir)
+    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    if labels != label_names:
+        raise ValueError(f"teacher_dir {teacher_dir}: its labels are not the task's, in the task's order")
+    manifest = teacher_dir / "manifest.json"
+    version = json.loads(manifest.read_text())["version"] if manifest.is_file() else str(teacher_dir)
+    return predict_logits(model, ids, desc="teacher soft labels"), version
+
+
+def train_candidate(
+    cfg: DistillConfig, splits: Splits, data: DistillSet, soft: np.ndarray
+) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """`distil_student` in a Ray task reserving `num_cpus`, or in this process."""
+    if not cfg.use_ray:
+        return distil_student(cfg, splits, data, soft)
+    print(f"training in a Ray task with {cfg.num_cpus} CPUs", flush=True)
+    with ray_session():
+        task = ray.remote(num_cpus=cfg.num_cpus)(distil_student)
+        return ray.get(task.remote(cfg, splits, data, soft))
+
+
+def distil_student(
+    cfg: DistillConfig, splits: Splits, data: DistillSet, soft: np.ndarray
+) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """Trains a fresh student on `data` and exports it: its files' bytes and manifest fields.
+
+    Bytes, not a path: on a cluster the task may run on another node than the round.
+    """
+    fit_cfg = cfg.student.model_copy(update={"epochs": training_epochs(cfg, len(data.ids))})
+    model = build_classifier(splits.label_names, fit_cfg.layers)
+    loss = distillation_loss(soft, data.labels, cfg.kd_temperature, cfg.alpha)
+    fit_loss(model, data.ids, loss, fit_cfg, cfg.seed, desc="distil")
+    print("exporting the student to int8 ONNX and calibrating it", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        fields = export_student(model, fit_cfg, splits, Path(tmp))
+        return {p.name: p.read_bytes() for p in Path(tmp).iterdir()}, fields
+
+
+def training_epochs(cfg: DistillConfig, examples: int) -> float:
+    """The student's epochs, raised so that training runs at least `min_steps` steps."""
+    return max(cfg.student.epochs, cfg.min_steps / math.ceil(examples / cfg.student.batch_size))
+
+
+def distillation_loss(teacher: np.ndarray, labels: np.ndarray, temperature: float, alpha: float) -> Loss:
+    """alpha·T²·KL(teacher_T ‖ student_T) + (1 − alpha)·cross-entropy with the hard labels.
+
+    Examples without a hard label (NO_LABEL) add nothing to the second term, which is still
+    divided by the whole batch so that each example weighs the same. T² keeps the soft term's
+    gradients on the hard term's scale (Hinton et al., 2015).
+    """
+    # Copies: in a Ray task the arrays are read-only views of the object store.
+    soft = torch.log_softmax(torch.tensor(teacher) / temperature, dim=-1)
+    targets = torch.tensor(labels, dtype=torch.long)
+
+    def loss(logits: torch.Tensor, batch: np.ndarray) -> torch.Tensor:
+        student = torch.log_softmax(logits / temperature, dim=-1)
+        kl = F.kl_div(student, soft[batch], log_target=True, reduction="batchmean")
+        ce = F.cross_entropy(logits, targets[batch], ignore_index=NO_LABEL, reduction="sum") / len(batch)
+        return alpha * temperature**2 * kl + (1 - alpha) * ce
+
+    return loss
+
+
+@contextlib.contextmanager
+def ray_session() -> Iterator[None]:
+    """Joins RAY_ADDRESS's cluster, else starts a local one; shuts down only what it started."""
+    if ray.is_initialized():
+        yield
+        return
+    ray.init(include_dashboard=False)  # a local dashboard would only take CPU from training
+    try:
+        yield
+    finally:
+        ray.shutdown()
