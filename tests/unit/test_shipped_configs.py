@@ -25,6 +25,18 @@ def test_prod_config_names_hub_models_and_gpus() -> None:
     assert all(e.deployment.autoscaling_config for e in cfg.experts)
 
 
+def test_distill_config_loads_and_matches_the_cloud() -> None:
+    from cloud.training.config import DistillConfig
+
+    distill = load_config(DistillConfig, ROOT / "cloud/distill.prod.yaml")
+    cloud = load_config(CloudConfig, ROOT / "cloud/cloud.prod.yaml")
+    # The retrainer reads the store the experts write, and publishes where the cloud serves from.
+    assert distill.feedback_store_uri() == cloud.feedback_uri and distill.registry_root() == cloud.registry_dir
+    cronjob = yaml.safe_load((ROOT / "k8s/retrain-cronjob.yaml").read_text())
+    command = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[-1] == "/app/cloud/distill.prod.yaml"
+
+
 def test_edge_configs_load(tmp_path: Path) -> None:
     assert load_config(EdgeConfig, ROOT / "edge/edge.yaml").policy.threshold == 0.7
     daemonset = yaml.safe_load_all((ROOT / "k8s/edge-daemonset.yaml").read_text())
