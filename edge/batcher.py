@@ -47,7 +47,7 @@ class MicroBatcher:
             _, _, future = self._queue.get_nowait()
             if not future.done():
                 future.set_exception(RuntimeError("the edge daemon is shutting down"))
-        self._executor.shutdown(wait=True)
+        await asyncio.to_thread(self._executor.shutdown)  # waits for the worker thread, off the event loop
 
     async def submit(self, text: str) -> Result:
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()

@@ -80,7 +80,10 @@ class FeedbackConfig(BaseModel):
         100_000, ge=1, description="Outbox bound: when full, new records are refused (and counted); "
         "accepted ones are never evicted.",
     )
-    batch_size: int = Field(200, ge=1, le=10_000, description="Records per ReportFeedback call, oldest first.")
+    batch_size: int = Field(
+        200, ge=1, le=1000, description="Records per ReportFeedback call, oldest first; at most the cloud's "
+        "feedback_max_batch (1000: 2 KB texts stay under gRPC's 4 MB message limit).",
+    )
     min_backoff_s: float = Field(0.5, gt=0, description="First wait after a failed delivery.")
     max_backoff_s: float = Field(60.0, gt=0, description="Longest wait between deliveries; doubles up to this.")
     deadline_ms: float = Field(10_000.0, gt=0, description="Deadline of one ReportFeedback call.")
@@ -111,7 +114,7 @@ class UpdaterConfig(BaseModel):
     models_dir: Path = Field(
         default_factory=lambda: envs.TANDEM_CACHE_DIR / "edge" / "models",
         description="Pulled versions, `<models_dir>/<task>/<version>/`; the serving and the previous "
-        "one are kept. A verified pulled version newer than the configured artifact is served at start.",
+        "one are kept. At start a verified pulled version is served before the configured artifact.",
     )
     public_key: Path | None = Field(
         None, description="Ed25519 public key (PEM) the registry's manifests must be signed with; "

@@ -5,7 +5,7 @@ import asyncio
 import functools
 import logging
 import signal
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from edge.cloud_client import CloudClient, Escalator
 from edge.config import EdgeConfig
 from edge.delivery import Delivery
+from edge.errors import ArtifactError
 from edge.feedback import FeedbackRecorder
 from edge.metrics import EdgeMetrics
 from edge.model_store import ModelStore
@@ -71,8 +72,8 @@ class EdgeDaemon:
         load = functools.partial(Student, options=SessionOptions(cfg.intra_op_threads, cfg.allow_spinning))
         store = _model_store(cfg)
         for task, configured in cfg.tasks.items():
-            directory = await asyncio.to_thread(store.serving_dir, task, configured) if store else configured
-            student = load(directory)
+            pulled = await asyncio.to_thread(store.pulled_dirs, task) if store else []
+            student = _load_first(load, [*pulled, configured])
             self._tasks[task] = TaskRuntime(Serving.start(student, cfg.max_batch), Policy(cfg.policy), cfg.max_batch)
             self.metrics.model.labels(task, student.version).set(1)
         if cfg.cloud.target is not None:
@@ -130,6 +131,16 @@ class EdgeDaemon:
             await self._escalator.close()
         if self._cloud is not None:
             await self._cloud.close()
+
+
+def _load_first(load: Callable[[Path], Student], directories: list[Path]) -> Student:
+    """The first directory that loads; the last one's error if none does."""
+    for directory in directories[:-1]:
+        try:
+            return load(directory)
+        except ArtifactError as exc:  # e.g. a pulled version this ONNX Runtime cannot run
+            log.error("cannot serve %s, trying the next candidate: %s", directory, exc)
+    return load(directories[-1])
 
 
 def _model_store(cfg: EdgeConfig) -> ModelStore | None:

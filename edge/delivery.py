@@ -8,7 +8,6 @@ A record the cloud refuses as INVALID_ARGUMENT is moved to the outbox's `dead` t
 import asyncio
 import logging
 import random
-import sqlite3
 from collections.abc import Callable
 from typing import Protocol
 
@@ -28,6 +27,10 @@ class FeedbackSink(Protocol):
         self, records: list[cloud_pb2.FeedbackRecord], timeout_s: float
     ) -> cloud_pb2.ReportFeedbackResponse:
         """Stores the records durably or raises CloudError."""
+
+
+# Statuses a batch can earn by its content or size: smaller batches may get through.
+SPLITTABLE = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
 class Delivery:
@@ -61,8 +64,8 @@ class Delivery:
                     await self._added.wait()
                     continue
                 delivered = await self._deliver(batch)
-            except sqlite3.Error:
-                log.exception("feedback outbox unreadable or unwritable; retrying after a backoff")
+            except Exception:  # an unreadable outbox, a bug: delivery must outlive it, as the records do
+                log.exception("feedback delivery failed; retrying after a backoff")
                 delivered = False
             if delivered:
                 backoff_s = self._cfg.min_backoff_s
@@ -77,16 +80,19 @@ class Delivery:
         try:
             answer = await self._sink.report_feedback(batch, self._cfg.deadline_ms / 1000)
         except CloudError as exc:
-            if exc.code != grpc.StatusCode.INVALID_ARGUMENT:
+            if exc.code not in SPLITTABLE:
                 # Every other failure says nothing against the records: keep them and retry.
                 log.warning("feedback delivery of %d records failed, will retry: %s", len(batch), exc)
                 self._metrics.delivery_failures.labels(exc.code.name).inc()
                 return False
             if len(batch) > 1:
-                # One invalid record refuses its whole batch: halve until it is alone, so the
-                # valid ones still go through.
+                # One invalid record (or one batch too large for the cloud) refuses it all:
+                # halve until the bad record is alone, so the valid ones still go through.
                 half = len(batch) // 2
                 return await self._deliver(batch[:half]) and await self._deliver(batch[half:])
+            if exc.code != grpc.StatusCode.INVALID_ARGUMENT:  # a lone record "too large": the cloud is busy
+                self._metrics.delivery_failures.labels(exc.code.name).inc()
+                return False
             # Retrying would fail the same way forever and hold up every record behind it.
             log.error("cloud refused feedback record %s as invalid; moved to the outbox's dead table: %s",
                       batch[0].record_id, exc)

@@ -51,25 +51,25 @@ class ModelStore:
         path = self.root / task / STATE
         return TaskState(**json.loads(path.read_text())) if path.is_file() else TaskState()
 
-    def serving_dir(self, task: str, configured: Path) -> Path:
-        """The directory to serve at start: the pulled current version (else the previous one)
-        if it still verifies and is not older than the configured artifact; else `configured`.
-        Clears downloads a crash interrupted."""
+    def pulled_dirs(self, task: str) -> list[Path]:
+        """Pulled directories to try at start, best first: the current version, then the
+        previous one, each only if it still verifies. With the updater on, the registry is the
+        source of truth, so they come before the configured artifact. Clears downloads a crash
+        interrupted."""
         for partial in self.root.glob(f"{task}/.*.partial"):
             shutil.rmtree(partial)
         state = self.state(task)
+        usable = []
         for version in (state.current, state.previous):
             if version is None:
                 continue
             try:
-                manifest = self._verified(task, version, self.root / task / version)
+                self._verified(task, version, self.root / task / version)
             except (OSError, VerificationError) as exc:
                 log.warning("pulled %s version %s is unusable, not serving it: %s", task, version, exc)
                 continue
-            if manifest.get("created_at", "") >= _created_at(configured):
-                return self.root / task / version
-            break  # the configured artifact is newer than anything pulled
-        return configured
+            usable.append(self.root / task / version)
+        return usable
 
     def check_offer(self, task: str, version: str, manifest_json: bytes, signature: bytes) -> dict[str, Any]:
         """The signed manifest's `files` (name → sha256, size), before anything is downloaded."""
@@ -151,12 +151,3 @@ def _check_identity(manifest: dict[str, Any], task: str, version: str) -> None:
             f"signed manifest is {manifest.get('task')!r} version {manifest.get('version')!r}, "
             f"not {task!r} version {version!r}"
         )
-
-
-def _created_at(artifact: Path) -> str:
-    """The artifact's creation time (ISO 8601, so it sorts as text); '' when unreadable, so that
-    a verified pulled version wins (the configured one reports its own problem if served)."""
-    try:
-        return str(json.loads((artifact / MANIFEST).read_text()).get("created_at", ""))
-    except (OSError, ValueError):
-        return ""

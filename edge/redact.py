@@ -9,7 +9,9 @@ import re
 DEFAULT_PATTERNS: dict[str, str] = {
     # 13 to 19 digits, single spaces or dashes allowed between them; not part of a longer number.
     "card": r"(?<![\d+])(?:\d[ -]?){12,18}\d(?!\d)",
-    "email": r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+",
+    # Possessive local part that cannot start inside another word: linear time on long
+    # texts without an @ (backtracking made it quadratic: ~10 ms on 2 KB of letters).
+    "email": r"(?<![\w.+-])[\w.+-]++@[\w-]+(?:\.[\w-]+)+",
     # An optional + or (, then 7 to 15 digits with up to two of ` .-()` between them:
     # +44 20 7946 0958, (555) 123-4567, 555.123.4567, +4915112345678.
     "phone": r"(?<![\w+(])[+(]?(?:\d[ .()-]{0,2}){6,14}\d(?!\w)",

@@ -5,7 +5,9 @@ manifest is checked before anything is downloaded, FetchModel streams the files 
 staging directory (each checked against its signed size as it arrives), the finished
 directory is verified file by file, and a new Student is loaded and probed in a worker
 thread. Only then does the task swap to it; any failure leaves the old version serving,
-and a version that failed verification, loading or its probe is not fetched again.
+and a signed version that failed to load or answer its probe is not fetched again. One that
+fails verification is refused at every poll but not remembered: after a key rotation reaches
+the device, or a corrupt transfer, it is accepted.
 """
 
 import asyncio
@@ -31,9 +33,10 @@ log = logging.getLogger(__name__)
 # Poll outcomes (stable strings: metric label values); a cloud error gives its reason instead.
 UPDATED = "updated"
 UNCHANGED = "unchanged"
-REJECTED = "rejected"  # unsigned, wrongly signed, corrupt, truncated
-FAILED = "failed"  # verified, but did not load or answer the probe
+REJECTED = "rejected"  # unsigned, wrongly signed, corrupt, truncated: tried again next poll
+FAILED = "failed"  # verified, but did not load or answer the probe: never fetched again
 KNOWN_BAD = "known_bad"
+ERROR = "error"  # anything else (a full disk, a bug): logged with its traceback
 
 
 class ModelSource(Protocol):
@@ -85,10 +88,18 @@ class Updater:
     async def poll(self) -> dict[str, str]:
         """One poll of every task; the outcome per task."""
         async with self._lock:  # a forced poll and the periodic one never interleave
-            outcomes = {task: await self._update(task) for task in self._tasks}
+            outcomes = {task: await self._update_logged(task) for task in self._tasks}
         for task, outcome in outcomes.items():
             self._metrics.updates.labels(task, outcome).inc()
         return outcomes
+
+    async def _update_logged(self, task: str) -> str:
+        """One task's outcome; a failure in one task does not keep the others from updating."""
+        try:
+            return await self._update(task)
+        except Exception:
+            log.exception("model update of %s failed; the serving version stays", task)
+            return ERROR
 
     async def _update(self, task: str) -> str:
         runtime = self._tasks[task]
@@ -108,15 +119,16 @@ class Updater:
             log.warning("download of %s version %s failed, %s keeps serving: %s", task, offer.version, serving, exc)
             return exc.reason
         except VerificationError as exc:
-            return await self._refuse(task, offer.version, REJECTED, exc)
+            log.error("%s version %s %s, %s keeps serving: %s", task, offer.version, REJECTED, serving, exc)
+            return REJECTED
         try:
             student = await asyncio.to_thread(self._load_probed, directory)
         except ArtifactError as exc:
-            return await self._refuse(task, offer.version, FAILED, exc)
+            return await self._refuse(task, offer.version, exc)
         await runtime.swap(student)
-        await asyncio.to_thread(self._store.promote, task, offer.version)
         self._metrics.model.remove(task, serving)
         self._metrics.model.labels(task, student.version).set(1)
+        await asyncio.to_thread(self._store.promote, task, offer.version)
         log.info("%s now serves version %s (was %s)", task, student.version, serving)
         return UPDATED
 
@@ -156,11 +168,11 @@ class Updater:
         student.probe(self._cfg.probe_texts)
         return student
 
-    async def _refuse(self, task: str, version: str, outcome: str, exc: Exception) -> str:
+    async def _refuse(self, task: str, version: str, exc: Exception) -> str:
         serving = self._tasks[task].serving.student.version
-        log.error("%s version %s %s, %s keeps serving: %s", task, version, outcome, serving, exc)
-        await asyncio.to_thread(self._store.reject, task, version, f"{outcome}: {exc}")
-        return outcome
+        log.error("%s version %s %s, %s keeps serving: %s", task, version, FAILED, serving, exc)
+        await asyncio.to_thread(self._store.reject, task, version, f"{FAILED}: {exc}")
+        return FAILED
 
 
 def _append(path: Path, data: bytes) -> None:

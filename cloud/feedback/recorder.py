@@ -13,18 +13,22 @@ Send = Callable[[list[cloud_pb2.FeedbackRecord]], Awaitable[object]]
 
 class FeedbackRecorder:
     """`add` only queues: a background task sends `batch_size` records at once, or whatever is
-    pending every `interval_s`. A failed send is logged and retried `retries` times, then its
-    records are dropped (logged); records beyond `max_pending` are dropped (logged) too, so an
-    unreachable store costs bounded memory and never an answer."""
+    pending every `interval_s`. A failed send is logged and retried with capped exponential
+    backoff for as long as the replica runs (a registry restart loses nothing); at shutdown a
+    batch gets `retries` attempts, then is dropped (logged). Records beyond `max_pending` are
+    dropped (logged) too, so an unreachable store costs bounded memory and never an answer."""
 
     def __init__(self, send: Send, batch_size: int = 64, interval_s: float = 1.0, retries: int = 3,
-                 backoff_s: float = 0.5, max_pending: int = 10_000) -> None:
+                 backoff_s: float = 0.5, max_pending: int = 10_000, max_backoff_s: float = 30.0,
+                 send_timeout_s: float = 30.0) -> None:
         self._send = send
         self._batch_size = batch_size
         self._interval_s = interval_s
         self._retries = retries
         self._backoff_s = backoff_s
         self._max_pending = max_pending
+        self._max_backoff_s = max_backoff_s
+        self._send_timeout_s = send_timeout_s
         self._pending: list[cloud_pb2.FeedbackRecord] = []
         self._dropped = 0
         self._wake = asyncio.Event()
@@ -65,18 +69,19 @@ class FeedbackRecorder:
     async def _send_batch(self) -> None:
         # `add` only appends, so the batch stays at the head of `_pending` until it is removed.
         batch = self._pending[: self._batch_size]
-        for attempt in range(1, self._retries + 1):
+        attempt = 0
+        while True:
+            attempt += 1
             try:
-                await self._send(batch)
+                await asyncio.wait_for(self._send(batch), self._send_timeout_s)
                 break
             except Exception:
-                log.warning("feedback: sending %d records failed (attempt %d of %d)", len(batch), attempt,
-                            self._retries, exc_info=True)
-                if attempt < self._retries:
-                    await asyncio.sleep(self._backoff_s * 2 ** (attempt - 1))
-        else:
-            log.error("feedback: dropped %d records (%s, ...) after %d failed attempts", len(batch),
-                      batch[0].record_id, self._retries)
+                log.warning("feedback: sending %d records failed (attempt %d)", len(batch), attempt, exc_info=True)
+                if self._closing and attempt >= self._retries:
+                    log.error("feedback: dropped %d records (%s, ...) at shutdown after %d failed attempts",
+                              len(batch), batch[0].record_id, attempt)
+                    break
+                await asyncio.sleep(min(self._backoff_s * 2 ** (attempt - 1), self._max_backoff_s))
         del self._pending[: len(batch)]
         if self._dropped:
             log.error("feedback: dropped %d records while %d were pending", self._dropped, self._max_pending)

@@ -1,5 +1,6 @@
 """Feedback records as stored: the Arrow schema, the checks at the boundary, proto → rows."""
 
+import hashlib
 import re
 from collections.abc import Collection, Mapping, Sequence
 
@@ -94,10 +95,12 @@ def _row(r: cloud_pb2.FeedbackRecord, stored_unix_ms: int) -> dict[str, object]:
 
 def escalation_record(request: cloud_pb2.EscalateRequest, response: cloud_pb2.EscalateResponse,
                       answered_unix_ms: int) -> cloud_pb2.FeedbackRecord:
-    """What the cloud keeps of an escalation it answered: id "esc-<request id>", so that an
-    escalation recorded twice is stored once."""
+    """What the cloud keeps of an escalation it answered. Its id hashes the device and request
+    ids: an escalation recorded twice is stored once, while two devices that both number their
+    requests 1, 2, ... do not collide, and any request id makes a valid record id."""
+    key = hashlib.sha256(f"{request.device_id}\0{request.request_id}".encode()).hexdigest()[:32]
     return cloud_pb2.FeedbackRecord(
-        record_id=f"esc-{request.request_id}",
+        record_id=f"esc-{key}",
         request_id=request.request_id,
         task=request.task,
         kind=cloud_pb2.ESCALATION,

@@ -151,10 +151,11 @@ def test_answered_escalations_are_recorded_in_the_feedback_store(stub: cloud_pb2
                       metadata=_metadata("banking77"), timeout=60)
     store = FeedbackStore(str(cloud_dir / "feedback"))
     deadline = time.monotonic() + 10
-    while not (rows := [row for row in store.read("banking77").to_pylist() if row["record_id"] == "esc-fb-1"]):
+    while not (rows := [row for row in store.read("banking77").to_pylist() if row["request_id"] == "fb-1"]):
         assert time.monotonic() < deadline, "the escalation never reached the feedback store"
         time.sleep(0.5)
-    row = rows[0]
+    (row,) = rows
+    assert row["record_id"].startswith("esc-")
     assert (row["kind"], row["request_id"], row["text"], row["device_id"]) == ("ESCALATION", "fb-1", "my card never came", "kiosk-7")
     assert (row["edge_label"], row["edge_model_version"]) == ("lost_or_stolen_card", "student-v1")
     assert (row["label"], row["expert"]) == (r.label, "classifier")

@@ -56,15 +56,43 @@ async def test_failed_sends_are_logged_and_retried(caplog: pytest.LogCaptureFixt
     assert len(failures) == 2 and all(r.exc_info and "registry down" in str(r.exc_info[1]) for r in failures)
 
 
-async def test_a_batch_is_dropped_with_an_error_after_its_last_attempt(caplog: pytest.LogCaptureFixture) -> None:
+async def test_while_running_a_failed_batch_is_retried_until_the_store_is_back() -> None:
+    store = Store(failures=6)  # more failures than `retries`: a registry restart, not a bad batch
+    recorder = FeedbackRecorder(store.send, batch_size=1, retries=2, backoff_s=0.001, max_backoff_s=0.01, interval_s=0.01)
+    for record in _records(2):
+        recorder.add(record)
+    for _ in range(200):
+        if len(store.batches) == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert store.batches == [["r0"], ["r1"]]
+    await recorder.close()
+
+
+async def test_at_shutdown_a_batch_is_dropped_with_an_error_after_its_last_attempt(caplog: pytest.LogCaptureFixture) -> None:
     store = Store(failures=2)
-    recorder = FeedbackRecorder(store.send, batch_size=1, retries=2, backoff_s=0.01)
+    recorder = FeedbackRecorder(store.send, batch_size=1, retries=2, backoff_s=0.01, interval_s=60)
     for record in _records(2):
         recorder.add(record)
     await recorder.close()
     assert store.batches == [["r1"]]
-    assert any(r.levelno == logging.ERROR and "dropped 1 records (r0, ...) after 2 failed attempts" in r.getMessage()
+    assert any(r.levelno == logging.ERROR and "dropped 1 records (r0, ...) at shutdown after 2 failed attempts" in r.getMessage()
                for r in caplog.records)
+
+
+async def test_a_hung_send_times_out_and_is_retried() -> None:
+    calls = 0
+
+    async def send(records: list[cloud_pb2.FeedbackRecord]) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await asyncio.Event().wait()
+
+    recorder = FeedbackRecorder(send, batch_size=1, backoff_s=0.001, send_timeout_s=0.05)
+    recorder.add(_records(1)[0])
+    await asyncio.wait_for(recorder.close(), timeout=5)
+    assert calls == 2
 
 
 async def test_add_never_waits_for_a_hung_store_and_memory_is_bounded(caplog: pytest.LogCaptureFixture) -> None:

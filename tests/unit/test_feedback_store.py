@@ -160,3 +160,19 @@ def test_without_a_task_list_any_safe_task_name_is_stored(tmp_path: Path) -> Non
     store = FeedbackStore(str(tmp_path))
     assert store.append([_record("r1", task="anything", label="whatever")]) == (1, 0)
     assert store.read("anything")["label"].to_pylist() == ["whatever"]
+
+
+def test_escalation_record_ids_are_stable_per_device_and_request() -> None:
+    from cloud.feedback.records import check, escalation_record
+
+    answer = cloud_pb2.EscalateResponse(label="card_arrival")
+
+    def record_id(device: str, request: str) -> str:
+        request_pb = cloud_pb2.EscalateRequest(request_id=request, task="banking77", text="where is my card", device_id=device)
+        record = escalation_record(request_pb, answer, 1_700_000_000_000)
+        check([record], None, 2048)  # any request id, even with spaces or 128 characters, gives a valid id
+        return record.record_id
+
+    assert record_id("kiosk-1", "1") == record_id("kiosk-1", "1")  # recorded twice: stored once
+    assert record_id("kiosk-1", "1") != record_id("kiosk-2", "1")  # two devices' request 1 both kept
+    assert record_id("kiosk-1", "a b " * 32).startswith("esc-")
