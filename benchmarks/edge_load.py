@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from benchmarks.latency import LatencyRecorder
 from benchmarks.loadgen import open_loop
 from tandem.tasks import Example
 from tandem.v1 import edge_pb2
@@ -63,10 +64,13 @@ async def replay(
         return path
 
     result = await open_loop(call, offsets)
-    return {**result.summary(), **accuracy.summary(), "cdf": {p: _cdf(r) for p, r in result.paths.items()}}
+    summary = {**result.summary(), **accuracy.summary(), "cdf": {p: _cdf(r) for p, r in result.paths.items()}}
+    # Errors count as wrong here: under overload, failed requests must not flatter accuracy.
+    summary["accuracy_offered"] = sum(accuracy.correct.values()) / len(offsets) if len(offsets) else None
+    return summary
 
 
-def _cdf(recorder: Any, points: int = 120) -> list[tuple[float, float]]:
+def _cdf(recorder: LatencyRecorder, points: int = 120) -> list[tuple[float, float]]:
     """(latency ms, percentile) pairs, denser in the tail where the plot is read."""
     percentiles = [100 * (1 - 10 ** (-4 * k / points)) for k in range(points + 1)]
     return [(recorder.percentile_ms(p), p) for p in percentiles]

@@ -46,6 +46,10 @@ class FlywheelConfig(TandemSettings):
     )
     traffic_rps: float = Field(100.0, gt=0, description="Poisson arrival rate of the streamed traffic.")
     tolerance: float = Field(0.01, ge=0, description="How far below the expert's accuracy the cascade may be.")
+    audit_rate: float = Field(
+        0.01, ge=0, le=1, description="The edge's audit sample of confident local answers (feedback.audit_rate). "
+        "The retrainer labels every feedback text with the teacher, so audits are training data too.",
+    )
     distill: dict[str, Any] = Field(
         default_factory=dict, description="DistillConfig fields for every round (e.g. student epochs, use_ray)."
     )
@@ -112,7 +116,7 @@ class Loop:
         promoted = self.registry.path(self.task.name, self.registry.promoted(self.task.name))
         return edge_config(
             self.task.name, promoted, c.target,
-            feedback={"outbox": str(self.work / "edge" / "outbox.sqlite3")},
+            feedback={"outbox": str(self.work / "edge" / "outbox.sqlite3"), "audit_rate": self.cfg.audit_rate},
             updater={"enabled": True, "poll_interval_s": 5.0, "models_dir": str(self.work / "edge" / "models"),
                      "public_key": str(public_path(self.distill.signing_key_path()))},
         )

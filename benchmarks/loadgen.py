@@ -38,13 +38,20 @@ class RunResult:
     error_examples: dict[str, str] = field(default_factory=dict)
     offered: int = 0
     elapsed_s: float = 0.0
+    # The send schedule's length; answers are counted for throughput only within it, or an
+    # overloaded run's drain (up to a deadline past the last send) would dilute the rate.
+    window_s: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+    answered_in_window: int = 0
 
     @property
     def throughput_rps(self) -> float:
-        """Successful answers per second of the run."""
-        return self.latency.count / self.elapsed_s if self.elapsed_s else 0.0
+        """Successful answers per second within the send window."""
+        return self.answered_in_window / self.window_s if self.window_s else 0.0
 
     def record(self, path: str | None, seconds: float) -> None:
+        if time.perf_counter() - self.started <= self.window_s:
+            self.answered_in_window += 1
         self.latency.record(seconds)
         if path is not None:
             self.paths.setdefault(path, LatencyRecorder()).record(seconds)
@@ -59,6 +66,7 @@ class RunResult:
             "paths": {name: rec.summary() for name, rec in sorted(self.paths.items())},
             "offered": self.offered,
             "elapsed_s": self.elapsed_s,
+            "window_s": self.window_s,
             "throughput_rps": self.throughput_rps,
             "send_lateness_p50_ms": self.lateness.percentile_ms(50),
             "send_lateness_p99_ms": self.lateness.percentile_ms(99),
@@ -104,8 +112,8 @@ async def _timed(call: Call, i: int, scheduled: float, result: RunResult) -> Non
 async def open_loop(call: Call, offsets: Sequence[float], drain_timeout_s: float = DRAIN_TIMEOUT_S) -> RunResult:
     """Fires `call(i)` at each offset, whether or not earlier calls have returned; ends
     at most `drain_timeout_s` after the last send."""
-    result = RunResult(offered=len(offsets))
-    start = time.perf_counter()
+    result = RunResult(offered=len(offsets), window_s=max(offsets, default=0.0))
+    start = result.started
     tasks = []
     for i, offset in enumerate(offsets):
         scheduled = start + offset
@@ -126,19 +134,17 @@ async def open_loop(call: Call, offsets: Sequence[float], drain_timeout_s: float
 
 async def sequential(call: Call, count: int) -> RunResult:
     """`count` calls one after another: latency without any queueing."""
-    result = RunResult(offered=count)
-    start = time.perf_counter()
+    result = RunResult(offered=count, window_s=float("inf"))
     for i in range(count):
         await _timed(call, i, time.perf_counter(), result)
-    result.elapsed_s = time.perf_counter() - start
+    result.elapsed_s = result.window_s = time.perf_counter() - result.started
     return result
 
 
 async def closed_loop(call: Call, concurrency: int, duration_s: float) -> RunResult:
     """`concurrency` callers, each sending its next request when the last returns."""
-    result = RunResult()
-    start = time.perf_counter()
-    deadline = start + duration_s
+    result = RunResult(window_s=float("inf"))
+    deadline = result.started + duration_s
     counter = iter(range(1 << 62))
 
     async def worker() -> None:
@@ -147,5 +153,5 @@ async def closed_loop(call: Call, concurrency: int, duration_s: float) -> RunRes
             await _timed(call, next(counter), time.perf_counter(), result)
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    result.elapsed_s = time.perf_counter() - start
+    result.elapsed_s = result.window_s = time.perf_counter() - result.started
     return result

@@ -12,6 +12,8 @@ PERCENTILES = ("p50_ms", "p90_ms", "p99_ms", "p99.9_ms")
 
 
 def write_report(report: dict[str, Any], out: Path) -> None:
+    # The measurements first: nothing below may lose them.
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     report["targets"] = targets(report)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     summary = {name: {k: run[k] for k in SUMMARY_KEYS} for name, run in report["runs"].items()}
@@ -21,29 +23,35 @@ def write_report(report: dict[str, Any], out: Path) -> None:
     print("\n" + _targets_table(report["targets"]))
 
 
-def _target(value: float, limit: float, at_most: bool = True) -> dict[str, Any]:
-    return {"value": value, "limit": limit, "ratio": value / limit if limit else None,
-            "met": value <= limit if at_most else value >= limit}
+def _target(value: float, limit: float, at_most: bool = True, met: bool | None = True) -> dict[str, Any]:
+    """value / limit; `met=None` marks a ratio to a physical limit, reported, not judged."""
+    ok = None if met is None else met and (value <= limit if at_most else value >= limit)
+    return {"value": value, "limit": limit, "ratio": value / limit if limit else None, "met": ok}
 
 
 def targets(r: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The issue's targets and each run's distance from its floor, as value / limit."""
+    """The issue's targets, then each figure against its floor measured in the same run."""
     runs, floors = r["runs"], r["floors"]
-    # Sustained: answered at least 95% of the offered rate, with no errors.
-    sustained = [g["offered_rps"] for g in r["generator"] if g["achieved_rps"] >= 0.95 * g["offered_rps"] and not g["errors"]]
-    edge_floor = floors["raw_onnx"]["p50_ms"] + floors["grpc_echo"]["p50_ms"]
+    # Sustained: at least 95% of the offered rate answered, no errors, and sends at most 2 ms
+    # late (lateness adds to every latency measured from the schedule).
+    sustained = [g["offered_rps"] for g in r["generator"]
+                 if g["achieved_rps"] >= 0.95 * g["offered_rps"] and not g["errors"] and g["send_lateness_p99_ms"] <= 2.0]
+    edge_floor = floors["raw_onnx"]["paced_p50_ms"] + floors["grpc_echo"]["paced_p50_ms"]
+    cloud_only = runs["cloud_only"]
     out = {
         "cascade p50 <= 1.2 x edge_only p50": _target(runs["cascade"]["p50_ms"], 1.2 * runs["edge_only"]["p50_ms"]),
-        "cascade accuracy >= cloud_only - 1 pt": _target(runs["cascade"]["accuracy"], runs["cloud_only"]["accuracy"] - 0.01,
-                                                         at_most=False),
+        # Only a cloud_only run the cloud fully answered is the baseline the target means.
+        "cascade accuracy >= cloud_only - 1 pt": _target(runs["cascade"]["accuracy"], cloud_only["accuracy"] - 0.01,
+                                                         at_most=False, met=not cloud_only["fallback_rate"]),
         "generator sustains >= 2000 req/s offered": _target(max(sustained, default=0.0), 2000.0, at_most=False),
-        "edge_only p50 vs floor (raw ONNX + gRPC echo p50)": _target(runs["edge_only"]["p50_ms"], edge_floor),
-        "cloud_only p50 vs floor (edge floor + vLLM offline p50)": _target(
-            runs["cloud_only"]["p50_ms"], edge_floor + floors["vllm_offline"]["p50_ms"]),
+        "edge_only p50 / floor (paced raw ONNX + paced gRPC echo p50)": _target(runs["edge_only"]["p50_ms"], edge_floor,
+                                                                               met=None),
+        "cloud_only p50 / floor (edge floor + vLLM offline p50)": _target(
+            cloud_only["p50_ms"], edge_floor + floors["vllm_offline"]["p50_ms"], met=None),
     }
-    saturated = r["step_response"]["saturated_at_rps"]
-    if saturated is not None:
-        out["cloud saturation vs vLLM offline rps"] = _target(saturated, floors["vllm_offline"]["rps"], at_most=False)
+    capacity = r["step_response"]["capacity_rps"]
+    if capacity is not None:
+        out["cloud capacity served / vLLM offline rps"] = _target(capacity, floors["vllm_offline"]["rps"], met=None)
     return out
 
 
@@ -65,10 +73,10 @@ def markdown(r: dict[str, Any], plots: dict[str, str]) -> str:
         "",
         "## Floors",
         "",
-        "| floor | p50 ms | p99 ms | req/s |",
-        "|---|---:|---:|---:|",
-        *(f"| {name} | {f['p50_ms']:.3f} | {f['p99_ms']:.3f} | {f['rps']:.0f} |" if "rps" in f
-          else f"| {name} | {f['p50_ms']:.3f} | {f['p99_ms']:.3f} | |" for name, f in r["floors"].items()),
+        "| floor | p50 ms | p99 ms | paced p50 ms | req/s |",
+        "|---|---:|---:|---:|---:|",
+        *(f"| {name} | {f['p50_ms']:.3f} | {f['p99_ms']:.3f} | {f.get('paced_p50_ms', float('nan')):.3f} | "
+          f"{f.get('rps', float('nan')):.0f} |" for name, f in r["floors"].items()),
         "",
         "## Generator capacity (Poisson against the raw gRPC echo)",
         "",
@@ -119,22 +127,28 @@ def _runs_table(runs: dict[str, Any]) -> str:
 
 def _step_section(s: dict[str, Any]) -> str:
     where = f"{s['saturated_at_rps']:g} req/s" if s["saturated_at_rps"] is not None else "not reached"
+    capacity = f"{s['capacity_rps']:.0f} req/s" if s["capacity_rps"] is not None else "none measured"
     lines = [
         "## Step response (fleet mode)",
         "",
         f"{s['edges']} simulated edges in one process share one ONNX Runtime session; every request is escalated "
         f"(deadline {s['deadline_ms']:g} ms). Saturation (more than 5% of requests not answered by the cloud "
-        f"in time, or any error): **{where}**. Past it, the edges answer locally (fallback), not with errors.",
+        f"in time, or any error): **{where}**; the cloud answered {capacity} at the last step below it. "
+        "Past it, the edges answer locally (fallback), not with errors. One process plays the fleet and the "
+        "load generator, so its CPU and send lateness are shown: high lateness means the client, not the cloud, "
+        "was the limit.",
         "",
-        "| offered req/s | achieved req/s | escalated | fallback | p50 ms | p99 ms | errors | cloud queued max | cloud running max |",
-        "|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+        "| offered req/s | achieved req/s | escalated | fallback | p50 ms | p99 ms | errors | send lateness p99 ms | "
+        "bench CPU (cores) | cloud queued max | cloud running max |",
+        "|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
     for st in s["steps"]:
         shares = st["by_path"]
         lines.append(
             f"| {st['offered_rps']:g} | {st['throughput_rps']:.1f} | {shares.get('escalated', {}).get('share', 0):.1%} | "
             f"{shares.get('fallback', {}).get('share', 0):.1%} | {st['p50_ms']:.2f} | {st['p99_ms']:.2f} | "
-            f"{st['errors'] or 0} | {st['cloud_queued_max']:.0f} | {st['cloud_running_max']:.0f} |"
+            f"{st['errors'] or 0} | {st['send_lateness_p99_ms']:.2f} | {st['bench_cpu_cores']:.2f} | "
+            f"{st['cloud_queued_max']:.0f} | {st['cloud_running_max']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -142,5 +156,6 @@ def _step_section(s: dict[str, Any]) -> str:
 def _targets_table(t: dict[str, dict[str, Any]]) -> str:
     lines = ["| target | value | limit | ratio | met |", "|---|---:|---:|---:|---|"]
     for name, v in t.items():
-        lines.append(f"| {name} | {v['value']:.4g} | {v['limit']:.4g} | {v['ratio']:.2f} | {'yes' if v['met'] else 'NO'} |")
+        met = "ratio" if v["met"] is None else "yes" if v["met"] else "NO"
+        lines.append(f"| {name} | {v['value']:.4g} | {v['limit']:.4g} | {v['ratio']:.2f} | {met} |")
     return "\n".join(lines)

@@ -147,22 +147,26 @@ async def _step_response(cfg: SuiteConfig, c: Cloud, task: str, student: Path, t
     steps = []
     edge_cfg = _edge(task, student, c, work, "fleet", {"mode": "cloud_only"})
     async with Fleet(edge_cfg, cfg.fleet_edges) as fleet:
-        saturated_at = None
+        saturated_at, capacity = None, None
         for i, rate in enumerate(cfg.step_rates):
             print(f"\n== step response: {cfg.fleet_edges} simulated edges, every request escalated, {rate:g} req/s ==", flush=True)
             queries = _sequence(test, int(rate * cfg.step_duration_s), cfg.seed + 2 + i)
             with Monitor([os.getpid()], c.metrics_url) as monitor:
                 step = await replay(fleet.edges, task, queries, poisson(rate, count=len(queries), seed=cfg.seed + i), f"step-{i}")
             step.update(monitor.summary(), offered_rps=rate)
+            # This process is the whole fleet plus the load generator, not one edge.
+            step["bench_cpu_cores"], step["bench_rss_mb_max"] = step.pop("edge_cpu_cores"), step.pop("edge_rss_mb_max")
             step.pop("cdf")
             _print_run(f"{rate:g} req/s", step)
             steps.append(step)
-            if _saturated(step):
+            if not _saturated(step):
+                capacity = step["throughput_rps"] * step["by_path"].get("escalated", {}).get("share", 0.0)
+            else:
                 saturated_at = saturated_at or rate
                 if len([s for s in steps if _saturated(s)]) == 2:
                     break
     return {"edges": cfg.fleet_edges, "deadline_ms": edge_cfg["cloud"]["deadline_ms"], "steps": steps,
-            "saturated_at_rps": saturated_at}
+            "saturated_at_rps": saturated_at, "capacity_rps": capacity}
 
 
 def _saturated(step: dict[str, Any]) -> bool:
@@ -180,9 +184,10 @@ async def _floors(cfg: SuiteConfig, student: Path, train_cfg: Any, texts: list[s
     echo = await measure_echo(bench)
     expert = next(e for e in CloudConfig.model_validate(cloud_config({EXPERT})).experts)
     vllm = await offline(expert, texts[:400], train_cfg.task.label_names())
+    # Back to back, and paced at the runs' rate: the like-for-like floor (see `tandem bench edge`).
     floors = {
-        "raw_onnx": {k: raw[k] for k in ("p50_ms", "p99_ms", "rps")},
-        "grpc_echo": {"p50_ms": echo["p50_ms"], "p99_ms": echo["p99_ms"]},
+        "raw_onnx": {**{k: raw[k] for k in ("p50_ms", "p99_ms", "rps")}, "paced_p50_ms": raw["paced"]["p50_ms"]},
+        "grpc_echo": {"p50_ms": echo["p50_ms"], "p99_ms": echo["p99_ms"], "paced_p50_ms": echo["open_loop"]["p50_ms"]},
         "vllm_offline": vllm,
     }
     print(json.dumps(floors, indent=1), flush=True)

@@ -119,3 +119,22 @@ async def test_grpc_statuses_are_counted_by_code() -> None:
     assert result.errors == {"RESOURCE_EXHAUSTED": 30}
     assert result.error_examples["RESOURCE_EXHAUSTED"] == "queue full"
     assert result.latency.count == 60
+
+
+async def test_latency_counts_queueing_behind_a_slow_server() -> None:
+    """No coordinated omission: a server that takes 10 ms per request, one at a time, offered
+    200 req/s (twice its capacity) for 1 s. Measured from the send, each request would take
+    ~10 ms; from its schedule, the last ones have waited about half a second."""
+    lock = asyncio.Lock()
+
+    async def serial(i: int) -> str:
+        async with lock:
+            await asyncio.sleep(0.01)
+        return "local"
+
+    result = await open_loop(serial, [i / 200 for i in range(200)])
+    assert result.latency.count == 200
+    assert result.latency.percentile_ms(50) > 200  # half of them queued for hundreds of ms
+    assert result.latency.percentile_ms(99) > 800
+    # Throughput counts answers within the send window only: about the server's 100/s.
+    assert 80 <= result.throughput_rps <= 110
