@@ -53,16 +53,19 @@ def run_demo(config: Path | None, out: Path) -> int:
     rows = [loop.cold_start()]
     task = train_cfg.task.name
     examples = random.Random(0).sample(train_cfg.task.load("test"), QUERIES + OUTAGE_QUERIES)
-    print("\n== the system: edge daemon -> Ray Serve gRPC -> vLLM classify expert ==")
-    with cloud(loop.cloud_config()) as c, edge_daemon(edge_config(
-            task, train_cfg.model_dir("student"), c.target, feedback={"outbox": str(work / "outbox.sqlite3")})) as edge:
-        answers = asyncio.run(_replay(edge.port, task, examples[:QUERIES]))
+    with cloud(loop.cloud_config()) as c:
+        # The loop's round first: the test queries replayed next must not reach its training data.
         with edge_daemon(loop.edge_config(c)) as learner:
             rows.append(asyncio.run(loop.round(1, learner, loop.traffic[:LOOP_TRAFFIC])))
-        print("\nstopping the cloud; the edge keeps answering")
-        c.server.process.terminate()
-        c.server.process.wait(timeout=60)
-        answers += asyncio.run(_replay(edge.port, task, examples[QUERIES:]))
+        main_edge = edge_config(task, train_cfg.model_dir("student"), c.target,
+                                feedback={"outbox": str(work / "outbox.sqlite3")})
+        print("\n== the system: edge daemon -> Ray Serve gRPC -> vLLM classify expert ==")
+        with edge_daemon(main_edge) as edge:
+            answers = asyncio.run(_replay(edge.port, task, examples[:QUERIES]))
+            print("\nstopping the cloud; the edge keeps answering")
+            c.server.process.terminate()
+            c.server.process.wait(timeout=60)
+            answers += asyncio.run(_replay(edge.port, task, examples[QUERIES:]))
     report = {**_system_report(answers, teacher["metrics"]["test_accuracy"]), "learning_loop": loop.result(rows)}
     (out / "demo.json").write_text(json.dumps(report, indent=2) + "\n")
     print(_format_system(report))
