@@ -11,6 +11,7 @@ stay within `tolerance` of the expert.
 
 import asyncio
 import json
+import random
 import signal
 import tempfile
 import time
@@ -46,6 +47,7 @@ class FlywheelConfig(TandemSettings):
     )
     traffic_rps: float = Field(100.0, gt=0, description="Poisson arrival rate of the streamed traffic.")
     tolerance: float = Field(0.01, ge=0, description="How far below the expert's accuracy the cascade may be.")
+    seed: int = Field(0, description="Orders the traffic.")
     audit_rate: float = Field(
         0.01, ge=0, le=1, description="The edge's audit sample of confident local answers (feedback.audit_rate). "
         "The retrainer labels every feedback text with the teacher, so audits are training data too.",
@@ -96,7 +98,9 @@ class Loop:
         splits = load_splits(self.distill.splits_config(), self.distill.student)
         self.test = self.task.load("test")
         self.expert_ok = _expert_correct(self.distill, splits)
+        # Shuffled (seeded): banking77's train file is sorted by label, and traffic is not.
         self.traffic = traffic_examples(self.task, splits, cfg.seed_fraction, self.distill.student.max_length)
+        random.Random(cfg.seed).shuffle(self.traffic)
         self.registry = ModelRegistry(self.distill.registry_root())
         self.threshold = _default_threshold()
 
