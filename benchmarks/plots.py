@@ -43,14 +43,16 @@ def _sweep(points: list[dict[str, Any]], runs: dict[str, Any], path: Path) -> Pa
     for p in points:
         ax.annotate(f"t={p['threshold']:g}", (p["escalation_rate"], 100 * p["accuracy"]), fontsize=7,
                     xytext=(3, -10), textcoords="offset points")
-    for name in ("edge_only", "cloud_only"):
-        ax.axhline(100 * runs[name]["accuracy"], linestyle="--", alpha=0.6, label=f"{name} accuracy")
+    for name, color in (("edge_only", "tab:grey"), ("cloud_only", "tab:green")):
+        ax.axhline(100 * runs[name]["accuracy"], linestyle="--", color=color, alpha=0.7, label=f"{name} accuracy")
     ax.set_xlabel("escalation rate")
     ax.set_ylabel("accuracy (%)")
     p99 = ax.twinx()
     p99.plot(rates, [p["p99_ms"] for p in points], "s:", color="tab:red", label="cascade p99")
     p99.set_ylabel("p99 latency (ms)", color="tab:red")
-    ax.legend(loc="lower right", fontsize=8)
+    lines, labels = ax.get_legend_handles_labels()
+    more, more_labels = p99.get_legend_handles_labels()
+    ax.legend(lines + more, labels + more_labels, loc="lower right", fontsize=8)
     ax.grid(True, alpha=0.3)
     ax.set_title("Threshold sweep: accuracy and p99 against escalation rate")
     return _save(fig, path)

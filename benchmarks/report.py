@@ -75,8 +75,8 @@ def markdown(r: dict[str, Any], plots: dict[str, str]) -> str:
         "",
         "| floor | p50 ms | p99 ms | paced p50 ms | req/s |",
         "|---|---:|---:|---:|---:|",
-        *(f"| {name} | {f['p50_ms']:.3f} | {f['p99_ms']:.3f} | {f.get('paced_p50_ms', float('nan')):.3f} | "
-          f"{f.get('rps', float('nan')):.0f} |" for name, f in r["floors"].items()),
+        *(f"| {name} | {f['p50_ms']:.3f} | {f['p99_ms']:.3f} | {_opt(f.get('paced_p50_ms'), '.3f')} | "
+          f"{_opt(f.get('rps'), '.0f')} |" for name, f in r["floors"].items()),
         "",
         "## Generator capacity (Poisson against the raw gRPC echo)",
         "",
@@ -100,6 +100,10 @@ def markdown(r: dict[str, Any], plots: dict[str, str]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _opt(value: float | None, spec: str) -> str:
+    return "" if value is None else format(value, spec)
 
 
 def _runs_table(runs: dict[str, Any]) -> str:
