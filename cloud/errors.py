@@ -1,6 +1,7 @@
 """Every error the cloud turns into a gRPC status, in one tree.
 
     CloudError
+    ├── InvalidInput             (base of the two INVALID_ARGUMENT errors below)
     ├── EscalationError
     │   ├── InvalidEscalation    bad request          → INVALID_ARGUMENT
     │   ├── ExpertTimeout        expert too slow      → DEADLINE_EXCEEDED
@@ -23,15 +24,21 @@ class CloudError(Exception):
     code = grpc.StatusCode.INTERNAL
 
 
-class EscalationError(CloudError):
-    pass
+class InvalidInput(CloudError):
+    """Input that breaks a documented limit; the message names the field and the limit."""
 
-
-class InvalidEscalation(EscalationError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
     def __init__(self, field: str, problem: str) -> None:
         super().__init__(f"{field}: {problem}")
+
+
+class EscalationError(CloudError):
+    pass
+
+
+class InvalidEscalation(InvalidInput, EscalationError):
+    pass
 
 
 class ExpertTimeout(EscalationError):
@@ -50,11 +57,8 @@ class RegistryError(CloudError):
     pass
 
 
-class InvalidFeedback(RegistryError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
-
-    def __init__(self, field: str, problem: str) -> None:
-        super().__init__(f"{field}: {problem}")
+class InvalidFeedback(InvalidInput, RegistryError):
+    pass
 
 
 class NotFound(RegistryError):

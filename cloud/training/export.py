@@ -30,11 +30,11 @@ class _Logits(torch.nn.Module):
 
 def export_onnx(model: PreTrainedModel, path: Path) -> None:
     """fp32 ONNX (dynamo exporter, opset 18) with dynamic batch and sequence axes."""
-    model.eval()
+    wrapper = _Logits(model).eval()  # the wrapper too: a new Module starts in training mode
     dummy = (torch.ones(2, 16, dtype=torch.long), torch.ones(2, 16, dtype=torch.long))
     axes = {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")}
     torch.onnx.export(
-        _Logits(model),
+        wrapper,
         dummy,
         str(path),
         input_names=INPUT_NAMES,
