@@ -10,7 +10,7 @@
     └── RegistryError
         ├── InvalidFeedback      bad feedback record or batch → INVALID_ARGUMENT
         ├── NotFound             unknown task, no promoted or no such version → NOT_FOUND
-        └── StoreUnavailable     the feedback store failed to write → UNAVAILABLE (edges keep the batch, retry later)
+        └── StoreUnavailable     the feedback store or the model registry failed to read or write → UNAVAILABLE (edges retry later)
 
 `cloud.app.Expert.Escalate` and `cloud.registry.service.RegistryServicer` are the places
 these become statuses. A full queue never reaches them: Serve's proxy refuses past

@@ -10,16 +10,15 @@ directory is checked again before it is served after a restart.
 
 import json
 import logging
-import os
 import re
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from tandem.fsio import atomic_write
 from tandem.signing import (
     MANIFEST,
     SIGNATURE,
@@ -125,23 +124,7 @@ class ModelStore:
 
     def _save(self, task: str, state: TaskState) -> None:
         """Atomic and durable: the old state or the new one survives a power cut, never a mix."""
-        directory = self.root / task
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{STATE}.", dir=directory)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(asdict(state), indent=2) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, directory / STATE)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # the rename itself must reach the disk
-        finally:
-            os.close(dir_fd)
+        atomic_write(self.root / task / STATE, (json.dumps(asdict(state), indent=2) + "\n").encode())
 
 
 def _check_identity(manifest: dict[str, Any], task: str, version: str) -> None:

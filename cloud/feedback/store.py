@@ -7,7 +7,6 @@ records, or a range of days, with pyarrow.dataset alone. Every append writes new
 never touches old ones; each file appears whole or not at all.
 """
 
-import os
 import threading
 import time
 import uuid
@@ -22,6 +21,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from cloud.feedback.records import PARTITIONS, SCHEMA, check, to_table
+from tandem.fsio import atomic_write
 from tandem.v1 import cloud_pb2
 
 HIVE = ds.partitioning(PARTITIONS, flavor="hive")
@@ -103,7 +103,7 @@ class FeedbackStore:
         path = f"{directory}/part-{uuid.uuid4().hex}.parquet"
         self._fs.create_dir(directory)
         if isinstance(self._fs, pafs.LocalFileSystem):
-            _write_atomically(Path(path), sink.getvalue().to_pybytes())
+            atomic_write(Path(path), sink.getvalue().to_pybytes())
         else:
             # Object stores (S3 and compatible, GCS) make an object visible only once its
             # upload completes, a single PUT or a completed multipart upload: the final name
@@ -116,23 +116,3 @@ def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     if "://" not in uri:  # a plain path; from_uri wants it absolute
         uri = str(Path(uri).expanduser().resolve())
     return pafs.FileSystem.from_uri(uri)
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Writes and syncs a hidden temporary file, then renames it into place, so the file is
-    whole under its final name even after a crash or power loss."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with tmp.open("wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # the rename itself survives a power loss
-    finally:
-        os.close(directory)

@@ -2,15 +2,14 @@
 `root/<task>/promoted.json` (the version edges should run, and the one before it)."""
 
 import json
-import os
 import re
 import shutil
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from cloud.training.artifact import atomic_dir
+from tandem.fsio import atomic_write
 from tandem.signing import MANIFEST, SIGNATURE
 
 PROMOTED = "promoted.json"
@@ -57,17 +56,7 @@ class ModelRegistry:
             "promoted_at": datetime.now(timezone.utc).isoformat(),
         }
         # A reader sees the old file or the new one, never a partial write.
-        fd, tmp = tempfile.mkstemp(prefix=f".{PROMOTED}.", dir=self._task_dir(task))
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(record, indent=2) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, self._task_dir(task) / PROMOTED)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(self._task_dir(task) / PROMOTED, (json.dumps(record, indent=2) + "\n").encode())
 
     def promoted(self, task: str) -> str | None:
         """The promoted version of `task`, or None before the first promotion."""

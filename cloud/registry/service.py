@@ -7,10 +7,11 @@ the keyword `grpc_context`; see `cloud.app.Registry`).
 """
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,34 +67,40 @@ class RegistryServicer(cloud_pb2_grpc.CloudServicer):
 
     async def GetManifest(self, request: cloud_pb2.GetManifestRequest, grpc_context: Any) -> cloud_pb2.ModelManifest:
         try:
-            version, directory = self._resolve(request.task, "")
+            manifest = await asyncio.to_thread(self._manifest, request.task)
         except RegistryError as exc:
             self._refuse("GetManifest", exc, grpc_context)
             return cloud_pb2.ModelManifest()
-        manifest_json = (directory / MANIFEST).read_bytes()
-        files = json.loads(manifest_json)["files"]
         self._metrics.request("GetManifest", grpc.StatusCode.OK)
-        return cloud_pb2.ModelManifest(
-            task=request.task,
-            version=version,
-            manifest_json=manifest_json,
-            signature=(directory / SIGNATURE).read_bytes(),
-            files=[cloud_pb2.ModelFile(name=name, size=f["size"], sha256=f["sha256"]) for name, f in files.items()],
-        )
+        return manifest
 
     async def FetchModel(self, request: cloud_pb2.FetchModelRequest, grpc_context: Any) -> AsyncIterator[cloud_pb2.ModelChunk]:
-        """The manifest and its signature first (a client can verify before the payload
-        arrives), then every file the manifest lists. An empty version means the promoted one."""
+        """The manifest and its signature first, then every file the manifest lists. An empty
+        version means the promoted one."""
         try:
             _, directory = self._resolve(request.task, request.version)
+            with _registry_io():
+                names = [MANIFEST, SIGNATURE, *json.loads((directory / MANIFEST).read_bytes())["files"]]
+            for name in names:
+                async for chunk in self._chunks(directory / name):
+                    yield chunk
         except RegistryError as exc:
             self._refuse("FetchModel", exc, grpc_context)
             return
-        names = [MANIFEST, SIGNATURE, *json.loads((directory / MANIFEST).read_bytes())["files"]]
-        for name in names:
-            async for chunk in self._chunks(directory / name):
-                yield chunk
         self._metrics.request("FetchModel", grpc.StatusCode.OK)
+
+    def _manifest(self, task: str) -> cloud_pb2.ModelManifest:
+        version, directory = self._resolve(task, "")
+        with _registry_io():
+            manifest_json = (directory / MANIFEST).read_bytes()
+            files = json.loads(manifest_json)["files"]
+            return cloud_pb2.ModelManifest(
+                task=task,
+                version=version,
+                manifest_json=manifest_json,
+                signature=(directory / SIGNATURE).read_bytes(),
+                files=[cloud_pb2.ModelFile(name=name, size=f["size"], sha256=f["sha256"]) for name, f in files.items()],
+            )
 
     async def store(self, records: Sequence[cloud_pb2.FeedbackRecord]) -> tuple[int, int]:
         """(stored, duplicates), or InvalidFeedback / StoreUnavailable."""
@@ -117,7 +124,7 @@ class RegistryServicer(cloud_pb2_grpc.CloudServicer):
 
     async def _chunks(self, path: Path) -> AsyncIterator[cloud_pb2.ModelChunk]:
         offset = 0
-        with path.open("rb") as f:
+        with _registry_io(), path.open("rb") as f:
             while True:
                 data = await asyncio.to_thread(f.read, self._chunk_bytes)
                 if data or not offset:  # an empty file still arrives, as one empty chunk
@@ -141,3 +148,13 @@ class RegistryServicer(cloud_pb2_grpc.CloudServicer):
         for outcome, counts in (("stored", stored), ("duplicate", duplicates)):
             for (task, kind), count in counts.items():
                 self._metrics.feedback(task, kind, outcome, count)
+
+
+@contextlib.contextmanager
+def _registry_io() -> Iterator[None]:
+    """A registry volume that fails to read (a shared NFS mount) or a published version whose
+    manifest is damaged: UNAVAILABLE, so edges keep their model and poll again later."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError) as exc:
+        raise StoreUnavailable(f"model registry read failed: {type(exc).__name__}: {exc}") from exc

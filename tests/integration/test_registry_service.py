@@ -149,3 +149,21 @@ def _reassemble(chunks: list[cloud_pb2.ModelChunk], directory: Path) -> Path:
         with path.open("ab") as f:
             f.write(chunk.data)
     return directory
+
+
+async def test_an_unreadable_registry_is_unavailable_not_unknown(registry: Served, key_path: Path) -> None:
+    """A damaged published version (its signature lost on the volume) must not crash the RPCs."""
+    stub, _, models = registry
+    version = models.publish("t", _artifact(key_path, "v1", b"onnx bytes"))
+    models.promote("t", version)
+    (models.path("t", version) / SIGNATURE).unlink()
+    for call in (stub.GetManifest(cloud_pb2.GetManifestRequest(task="t"), timeout=10),
+                 _drain(stub.FetchModel(cloud_pb2.FetchModelRequest(task="t"), timeout=10))):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "registry read failed" in info.value.details()
+
+
+async def _drain(stream: AsyncIterator[cloud_pb2.ModelChunk]) -> None:
+    async for _ in stream:
+        pass
