@@ -39,7 +39,7 @@ class Fleet:
         self._serving = {task: Serving.start(Student(path, options), cfg.max_batch) for task, path in cfg.tasks.items()}
         # One registry for the fleet: the edges' metrics add up, like a fleet-wide scrape.
         metrics = EdgeMetrics(CollectorRegistry())
-        redact = Redactor(cfg.redaction)
+        redact = Redactor(cfg.redaction, cfg.max_text_bytes)
         for i in range(self._count):
             client = CloudClient(cfg.cloud)
             self._clients.append(client)

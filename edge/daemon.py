@@ -79,7 +79,7 @@ class EdgeDaemon:
         if cfg.cloud.target is not None:
             self._cloud = CloudClient(cfg.cloud)
         self._escalator = self._escalator or self._cloud
-        redact = Redactor(cfg.redaction)
+        redact = Redactor(cfg.redaction, cfg.max_text_bytes)
         if self._cloud is not None and cfg.feedback.outbox is not None:
             self._start_feedback(cfg.feedback.outbox, redact, self._cloud)
         if self._cloud is not None and store is not None:  # the config requires a cloud for the updater

@@ -19,12 +19,17 @@ DEFAULT_PATTERNS: dict[str, str] = {
 
 
 class Redactor:
-    """Replaces every match of each named pattern with `[NAME]`."""
+    """Replaces every match of each named pattern with `[NAME]`, then keeps at most `max_bytes`
+    of UTF-8: a replacement can be longer than what it hides (`a@b.c` → `[EMAIL]`), and a
+    text the edge accepted must not be refused by the cloud's equal limit for it."""
 
-    def __init__(self, patterns: dict[str, str]) -> None:
+    def __init__(self, patterns: dict[str, str], max_bytes: int | None = None) -> None:
         self._rules = [(re.compile(pattern), f"[{name.upper()}]") for name, pattern in patterns.items()]
+        self._max_bytes = max_bytes
 
     def __call__(self, text: str) -> str:
         for pattern, replacement in self._rules:
             text = pattern.sub(replacement, text)
-        return text
+        if self._max_bytes is None:
+            return text
+        return text.encode()[: self._max_bytes].decode(errors="ignore")  # never half a character

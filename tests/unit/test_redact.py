@@ -72,3 +72,11 @@ def test_an_invalid_pattern_is_refused_at_start_naming_it(tmp_path) -> None:
     path.write_text("tasks: {t: /m}\npolicy: {mode: edge_only}\nredaction: {broken: '[0-9'}\n")
     with pytest.raises(ConfigError, match=r"redaction(.|\n)*'broken' is not a valid regex"):
         load_config(EdgeConfig, path)
+
+
+def test_a_redacted_text_never_outgrows_the_limit() -> None:
+    limited = Redactor(DEFAULT_PATTERNS, max_bytes=20)
+    text = "é mail a@b.co now!!"  # 20 bytes; "[EMAIL]" is one byte longer than "a@b.co"
+    assert len(text.encode()) == 20
+    assert limited(text) == "é mail [EMAIL] now!"
+    assert limited("é" * 11) == "é" * 10  # 22 bytes: clipped at a character boundary, not inside one
