@@ -11,7 +11,7 @@ import threading
 import time
 import uuid
 from collections.abc import Collection, Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 from itertools import groupby
 from pathlib import Path
 
@@ -30,21 +30,25 @@ HIVE = ds.partitioning(PARTITIONS, flavor="hive")
 class FeedbackStore:
     """Stores feedback records once each, by record_id (per task).
 
-    The ids already stored are kept in memory, loaded per task on its first append, so an
-    append reads nothing back. That index makes this object the store's one writer: a second
-    writer (another process or Serve replica) on the same dataset could store a record that
-    both receive at once twice; `read` hides such copies.
+    The ids stored in the last `dedup_days` days are kept in memory, by day, loaded per task
+    on its first append (only those days' partitions are read), so an append reads nothing
+    back and memory stays bounded. A record sent again later than that is stored again, as
+    is one that a second writer (another process or Serve replica) on the same dataset
+    receives at the same time; `read` hides such copies.
 
     Safe to call from several threads; blocking I/O, so async callers use a thread.
     """
 
-    def __init__(self, uri: str, tasks: Mapping[str, Collection[str]] | None = None, max_text_bytes: int = 2048) -> None:
+    def __init__(self, uri: str, tasks: Mapping[str, Collection[str]] | None = None, max_text_bytes: int = 2048,
+                 dedup_days: int = 30) -> None:
         """`uri`: a local directory or a pyarrow filesystem URI (s3://bucket/feedback?region=...).
-        `tasks` (task -> labels), where given, refuses records of other tasks or labels."""
+        `tasks` (task -> labels), where given, refuses records of other tasks or labels.
+        `dedup_days`: longer than an edge's outbox holds records while the cloud is away."""
         self._fs, self._root = _filesystem(uri)
         self._tasks = tasks
         self._max_text_bytes = max_text_bytes
-        self._ids: dict[str, set[str]] = {}
+        self._window = timedelta(days=dedup_days)
+        self._ids: dict[str, dict[date, set[str]]] = {}
         self._lock = threading.Lock()
 
     def append(self, records: Sequence[cloud_pb2.FeedbackRecord]) -> tuple[int, int]:
@@ -57,13 +61,16 @@ class FeedbackStore:
         per task, and returns them. InvalidFeedback (nothing stored) if any record is invalid."""
         check(records, self._tasks, self._max_text_bytes)
         with self._lock:
-            new = self._unseen(records)
             now = time.time()
             day = datetime.fromtimestamp(now, timezone.utc).date()
+            new = self._unseen(records, day)
             for task, group in groupby(sorted(new, key=lambda r: r.task), key=lambda r: r.task):
                 batch = list(group)
                 self._write(f"{self._root}/task={task}/date={day.isoformat()}", to_table(batch, int(now * 1000)))
-                self._ids[task].update(r.record_id for r in batch)
+                days = self._ids[task]
+                days.setdefault(day, set()).update(r.record_id for r in batch)
+                for old in [d for d in days if d < day - self._window]:
+                    del days[old]
         return new
 
     def read(self, task: str) -> pa.Table:
@@ -73,29 +80,35 @@ class FeedbackStore:
         first = table.select(["record_id"]).append_column("row", rows).group_by("record_id", use_threads=False)
         return table.take(first.aggregate([("row", "min")])["row_min"].sort())
 
-    def _unseen(self, records: Sequence[cloud_pb2.FeedbackRecord]) -> list[cloud_pb2.FeedbackRecord]:
+    def _unseen(self, records: Sequence[cloud_pb2.FeedbackRecord], today: date) -> list[cloud_pb2.FeedbackRecord]:
         batch: set[tuple[str, str]] = set()
         new = []
         for r in records:
             key = (r.task, r.record_id)
-            if key not in batch and r.record_id not in self._stored_ids(r.task):
+            days = self._stored_ids(r.task, today)
+            if key not in batch and not any(r.record_id in ids for ids in days.values()):
                 batch.add(key)
                 new.append(r)
         return new
 
-    def _stored_ids(self, task: str) -> set[str]:
+    def _stored_ids(self, task: str, today: date) -> dict[date, set[str]]:
         if task not in self._ids:
-            self._ids[task] = set(self._scan(task, ["record_id"])["record_id"].to_pylist())
+            recent = ds.field("date") >= pa.scalar(today - self._window, pa.date32())
+            table = self._scan(task, ["record_id", "date"], recent)
+            days: dict[date, set[str]] = {}
+            for record_id, day in zip(table["record_id"].to_pylist(), table["date"].to_pylist(), strict=True):
+                days.setdefault(day, set()).add(record_id)
+            self._ids[task] = days
         return self._ids[task]
 
-    def _scan(self, task: str, columns: list[str] | None = None) -> pa.Table:
+    def _scan(self, task: str, columns: list[str] | None = None, where: ds.Expression | None = None) -> pa.Table:
         directory = f"{self._root}/task={task}"
         if self._fs.get_file_info(directory).type == pafs.FileType.NotFound:
             return SCHEMA.empty_table().select(columns or SCHEMA.names)
         # Discovery skips names starting with '.' or '_': an unfinished temporary file is never read.
         dataset = ds.dataset(directory, schema=SCHEMA, format="parquet", filesystem=self._fs,
                              partitioning=HIVE, partition_base_dir=self._root)
-        return dataset.to_table(columns=columns)
+        return dataset.to_table(columns=columns, filter=where)
 
     def _write(self, directory: str, table: pa.Table) -> None:
         sink = pa.BufferOutputStream()

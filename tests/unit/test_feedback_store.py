@@ -43,6 +43,22 @@ def test_a_new_store_on_the_same_directory_knows_what_is_stored(tmp_path: Path) 
     assert FeedbackStore(str(tmp_path), TASKS).append([_record("r2"), _record("r3")]) == (1, 1)
 
 
+def test_the_id_index_covers_a_window_of_days_and_read_hides_older_copies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import cloud.feedback.store as store_module
+
+    today = datetime.now(timezone.utc).timestamp()
+    monkeypatch.setattr(store_module.time, "time", lambda: today - 40 * 86400)
+    FeedbackStore(str(tmp_path)).append([_record("old")])
+    monkeypatch.setattr(store_module.time, "time", lambda: today - 2 * 86400)
+    FeedbackStore(str(tmp_path)).append([_record("recent")])
+    monkeypatch.setattr(store_module.time, "time", lambda: today)
+    store = FeedbackStore(str(tmp_path), dedup_days=30)  # reads back only the last 30 days' ids
+    assert store.append([_record("recent"), _record("old")]) == (1, 1)  # "old" is past the window
+    assert sorted(store.read("t")["record_id"].to_pylist()) == ["old", "recent"]
+
+
 def test_records_are_partitioned_by_task_and_day_with_the_documented_columns(tmp_path: Path) -> None:
     store = FeedbackStore(str(tmp_path), TASKS)
     escalation = _record(
