@@ -5,9 +5,11 @@ deliberately worse one, trained on Ray, is published but rejected by the gate.
 """
 
 import json
+import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from cloud.feedback import FeedbackStore
@@ -158,4 +160,10 @@ def test_traffic_is_train_without_the_seed_and_the_held_out_split() -> None:
     # 1,000 held out, then a seed of 10% of the other 9,003 (901); a few duplicate texts go too.
     assert len(train) - 1000 - 901 - 20 <= len(traffic) <= len(train) - 1000 - 901
     assert set(traffic) <= set(train)
+    # No traffic text is a seed or held-out text (rebuilt here the way load_splits orders train).
+    order = np.random.default_rng(cfg.seed).permutation(len(train))
+    n_val = int(len(train) * cfg.val_fraction)
+    held_out = {train[i].text for i in order[:n_val]}
+    seed = {train[i].text for i in order[n_val:][: math.ceil((len(train) - n_val) * 0.1)]}
+    assert not {e.text for e in traffic} & (held_out | seed)
     assert len(traffic_examples(cfg.task, splits, 1.0, cfg.student.max_length)) <= 20  # all seed or held out

@@ -1,4 +1,5 @@
 import asyncio
+import random
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -120,6 +121,11 @@ async def test_recorder_counts_refusals_when_full(outbox: Outbox) -> None:
 def test_audit_samples_the_configured_share(outbox: Outbox) -> None:
     assert _recorder(outbox, CollectorRegistry(), audit_draw=0.005).audit_due()
     assert not _recorder(outbox, CollectorRegistry(), audit_draw=0.5).audit_due()
+    seeded = random.Random(3)
+    recorder = FeedbackRecorder(outbox, Redactor(DEFAULT_PATTERNS), "dev-1", 0.05, EdgeMetrics(CollectorRegistry()),
+                                on_added=lambda: None, chance=seeded.random)
+    share = sum(recorder.audit_due() for _ in range(20_000)) / 20_000
+    assert abs(share - 0.05) < 0.006  # 4 standard deviations of a binomial share
 
 
 class ScriptedSink:
