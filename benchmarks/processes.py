@@ -21,8 +21,11 @@ class Server:
 
 
 @contextlib.contextmanager
-def announced_server(args: list[str], env: dict[str, str] | None = None, timeout_s: float = 120) -> Iterator[Server]:
-    """Runs `python args...` until it prints 'listening on port N'; SIGTERM on exit."""
+def announced_server(args: list[str], env: dict[str, str] | None = None, timeout_s: float = 120,
+                     stop_timeout_s: float = 15) -> Iterator[Server]:
+    """Runs `python args...` until it prints 'listening on port N'; SIGTERM on exit, SIGKILL
+    if it has not stopped within `stop_timeout_s` (a killed cloud orphans Ray's and vLLM's
+    processes, so give it time)."""
     process = subprocess.Popen(
         [sys.executable, *args],
         stdout=subprocess.PIPE,
@@ -35,7 +38,7 @@ def announced_server(args: list[str], env: dict[str, str] | None = None, timeout
     finally:
         process.send_signal(signal.SIGTERM)
         try:
-            process.wait(timeout=15)
+            process.wait(timeout=stop_timeout_s)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()

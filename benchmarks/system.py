@@ -43,7 +43,7 @@ def cloud(cfg: dict[str, Any]) -> Iterator[Cloud]:
     """`tandem cloud serve` with `cfg` until the block ends (SIGTERM)."""
     print("starting the cloud (Ray Serve + vLLM; about 90 s)", flush=True)
     with _config_file(cfg) as path, announced_server(
-        ["-m", "tandem.cli", "cloud", "serve", "--config", str(path)], timeout_s=900
+        ["-m", "tandem.cli", "cloud", "serve", "--config", str(path)], timeout_s=900, stop_timeout_s=120
     ) as server:
         yield Cloud(server, f"http://127.0.0.1:{cfg['ray_metrics_port']}/metrics")
 

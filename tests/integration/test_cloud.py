@@ -64,7 +64,8 @@ def cloud(cloud_dir: Path) -> Iterator[tuple[Server, int]]:
         ],
     }
     (tmp / "cloud.yaml").write_text(yaml.safe_dump(cfg))
-    with announced_server(["-m", "tandem.cli", "cloud", "serve", "--config", str(tmp / "cloud.yaml")], timeout_s=600) as server:
+    with announced_server(["-m", "tandem.cli", "cloud", "serve", "--config", str(tmp / "cloud.yaml")], timeout_s=600,
+                          stop_timeout_s=120) as server:
         yield server, metrics_port
 
 
