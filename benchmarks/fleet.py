@@ -16,10 +16,8 @@ from benchmarks.edge_load import Infer
 from edge.cloud_client import CloudClient
 from edge.config import EdgeConfig
 from edge.metrics import EdgeMetrics
-from edge.policy import Policy
-from edge.redact import Redactor
-from edge.runtime import Serving, TaskRuntime
-from edge.service import EdgeService
+from edge.runtime import Serving
+from edge.service import build_service
 from edge.student import SessionOptions, Student
 
 
@@ -39,12 +37,10 @@ class Fleet:
         self._serving = {task: Serving.start(Student(path, options), cfg.max_batch) for task, path in cfg.tasks.items()}
         # One registry for the fleet: the edges' metrics add up, like a fleet-wide scrape.
         metrics = EdgeMetrics(CollectorRegistry())
-        redact = Redactor(cfg.redaction, cfg.max_text_bytes)
         for i in range(self._count):
             client = CloudClient(cfg.cloud)
             self._clients.append(client)
-            runtimes = {task: TaskRuntime(s, Policy(cfg.policy), cfg.max_batch) for task, s in self._serving.items()}
-            service = EdgeService(runtimes, client, metrics, cfg.max_text_bytes, redact, f"{cfg.device_id}-{i}", None)
+            service = build_service(cfg, self._serving, metrics, client, device_id=f"{cfg.device_id}-{i}")
             self.edges.append(service.infer)
         return self
 

@@ -11,6 +11,7 @@ stay within `tolerance` of the expert.
 
 import asyncio
 import json
+import logging
 import random
 import signal
 import tempfile
@@ -27,12 +28,14 @@ from pydantic_settings import SettingsConfigDict
 from benchmarks.cascade import cascade_accuracy, escalation_rate_for_target
 from benchmarks.edge_load import replay
 from benchmarks.loadgen import poisson
-from benchmarks.processes import Server
 from benchmarks.plots import plot_flywheel
 from benchmarks.system import ROOT, Cloud, cloud, cloud_config, edge_config, edge_daemon
 from tandem.settings import TandemSettings
 from tandem.signing import public_path
+from tandem.subprocesses import Server
 from tandem.v1 import edge_pb2, edge_pb2_grpc
+
+log = logging.getLogger(__name__)
 
 EXPERT = "banking77-classifier"
 
@@ -83,10 +86,10 @@ class Loop:
     followed by distillation, the gate, and the edge's pull and swap."""
 
     def __init__(self, cfg: FlywheelConfig, work: Path) -> None:
+        from benchmarks.traffic import traffic_examples
         from cloud.registry import ModelRegistry
         from cloud.training.config import DistillConfig
         from cloud.training.data import load_splits
-        from cloud.training.distill_data import traffic_examples
 
         self.cfg = cfg
         self.work = work
@@ -108,7 +111,7 @@ class Loop:
         """Round 0: a student from the labelled seed alone, promoted as the first version."""
         from cloud.training.distill import run_distill
 
-        print(f"\n== learning loop, round 0: cold student from {self.cfg.seed_fraction:.0%} of train ==", flush=True)
+        log.info("learning loop, round 0: a cold student from %.0f%% of train", 100 * self.cfg.seed_fraction)
         return self._evaluate(0, run_distill(self.distill, feedback=[]))
 
     def cloud_config(self) -> dict[str, Any]:
@@ -129,8 +132,7 @@ class Loop:
         """Streams `chunk` through the daemon, retrains from the feedback, rolls out, measures."""
         from cloud.training.distill import run_distill
 
-        print(f"\n== learning loop, round {r}: {len(chunk)} queries of traffic at {self.cfg.traffic_rps:g} req/s ==",
-              flush=True)
+        log.info("learning loop, round %d: %d queries of traffic at %g req/s", r, len(chunk), self.cfg.traffic_rps)
         served = await _stream(daemon, self.task.name, chunk, self.cfg.traffic_rps, r)
         records = await _settle(self.distill.feedback_store_uri(), self.task.name)
         result = run_distill(self.distill)
@@ -166,7 +168,7 @@ class Loop:
             "cascade_escalation_rate": rate,
             "retrain_seconds": result["seconds"],
         }
-        print(json.dumps(row), flush=True)
+        log.info("round %d: %s", r, json.dumps(row))
         return row
 
 
@@ -179,7 +181,8 @@ async def _stream(daemon: Server, task: str, chunk: list[Any], rate: float, r: i
     async with grpc.aio.insecure_channel(f"127.0.0.1:{daemon.port}") as channel:
         stub = edge_pb2_grpc.EdgeStub(channel)
         run = await replay([stub.Infer], task, chunk, poisson(rate, count=len(chunk), seed=r), f"traffic-{r}")
-    print(f"traffic: escalated {run['escalation_rate']:.1%}, accuracy {run['accuracy']:.1%}, errors {run['errors']}", flush=True)
+    log.info("traffic: escalated %.1f%%, accuracy %.1f%%, errors %s",
+             100 * run["escalation_rate"], 100 * run["accuracy"], run["errors"])
     return {k: run[k] for k in ("answered", "accuracy", "escalation_rate", "fallback_rate", "p50_ms", "p99_ms", "errors")}
 
 
@@ -196,7 +199,7 @@ async def _settle(uri: str, task: str, quiet_s: float = 5.0, limit_s: float = 12
         elif time.monotonic() - since >= quiet_s:
             break
         await asyncio.sleep(1.0)
-    print(f"feedback store: {count} records", flush=True)
+    log.info("feedback store: %d records", count)
     return count
 
 
@@ -209,7 +212,7 @@ async def _await_version(daemon: Server, task: str, text: str, version: str, lim
         while time.monotonic() < deadline:
             r = await stub.Infer(edge_pb2.InferRequest(task=task, text=text.encode()), timeout=10)
             if r.model_version == version:
-                print(f"edge swapped to {version}", flush=True)
+                log.info("edge swapped to %s", version)
                 return
             await asyncio.sleep(1.0)
     raise TimeoutError(f"the edge did not swap to {version} within {limit_s:.0f} s")

@@ -30,7 +30,7 @@ def _target(value: float, limit: float, at_most: bool = True, met: bool | None =
 
 
 def targets(r: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The issue's targets, then each figure against its floor measured in the same run."""
+    """The system's targets, then each figure against its floor measured in the same run."""
     runs, floors = r["runs"], r["floors"]
     # Sustained: at least 95% of the offered rate answered, no errors, and sends at most 2 ms
     # late (lateness adds to every latency measured from the schedule).

@@ -14,6 +14,7 @@ floors measured in the same run, written as JSON, Markdown and plots.
 import asyncio
 import datetime
 import json
+import logging
 import os
 import platform
 import random
@@ -31,12 +32,14 @@ from benchmarks.edge_bench import EdgeBenchConfig, measure_echo, measure_raw
 from benchmarks.edge_load import replay
 from benchmarks.loadgen import open_loop, poisson
 from benchmarks.monitor import Monitor
-from benchmarks.processes import announced_server
 from benchmarks.report import write_report
 from benchmarks.system import Cloud, cloud, cloud_config, edge_config, edge_daemon
 from tandem.settings import TandemSettings, load_config
+from tandem.subprocesses import announced_server
 from tandem.tasks import Example
 from tandem.v1 import edge_pb2_grpc
+
+log = logging.getLogger(__name__)
 
 EXPERT = "banking77-classifier"
 
@@ -87,9 +90,9 @@ async def _measure(cfg: SuiteConfig, train_cfg: Any) -> dict[str, Any]:
     student = train_cfg.model_dir("student")
     queries = _sequence(test, cfg.queries or len(test), cfg.seed)
     report: dict[str, Any] = {"config": json.loads(cfg.model_dump_json()), "environment": _environment()}
-    print("\n== floors ==", flush=True)
+    log.info("floors")
     report["floors"] = await _floors(cfg, student, train_cfg, [e.text for e in test])
-    print("\n== generator capacity (Poisson, against the raw echo server) ==", flush=True)
+    log.info("generator capacity (Poisson, against the raw echo server)")
     report["generator"] = await _generator_capacity(cfg)
     # The whole system runs, feedback capture included, into a scratch store and registry.
     with tempfile.TemporaryDirectory(prefix="tandem-bench-") as tmp:
@@ -97,7 +100,7 @@ async def _measure(cfg: SuiteConfig, train_cfg: Any) -> dict[str, Any]:
         with cloud(cloud_config({EXPERT}, feedback_uri=str(work / "feedback"), registry_dir=str(work / "registry"))) as c:
             runs = {}
             for name, policy in (("edge_only", {"mode": "edge_only"}), ("cloud_only", {"mode": "cloud_only"}), ("cascade", {})):
-                print(f"\n== {name}: {len(queries)} queries, Poisson {cfg.rate_rps:g} req/s ==", flush=True)
+                log.info("%s: %d queries, Poisson %g req/s", name, len(queries), cfg.rate_rps)
                 runs[name] = await _daemon_run(_edge(task.name, student, c, work, name, policy), c, task.name, queries,
                                                cfg.rate_rps, cfg.seed, name)
             report["runs"] = runs
@@ -126,7 +129,7 @@ async def _daemon_run(edge_cfg: dict[str, Any], c: Cloud, task: str, queries: li
             with Monitor([daemon.process.pid], c.metrics_url) as monitor:
                 result = await replay([stub.Infer], task, queries, poisson(rate, count=len(queries), seed=seed), name)
     result.update(monitor.summary(), policy=edge_cfg["policy"], offered_rps=rate)
-    _print_run(name, result)
+    _log_run(name, result)
     return result
 
 
@@ -134,7 +137,7 @@ async def _sweep(cfg: SuiteConfig, c: Cloud, task: str, student: Path, test: lis
     queries = _sequence(test, cfg.sweep_queries, cfg.seed + 1)
     points = []
     for threshold in cfg.sweep_thresholds:
-        print(f"\n== sweep: threshold {threshold:g} ==", flush=True)
+        log.info("sweep: threshold %g", threshold)
         name = f"sweep-{threshold:g}"
         edge_cfg = _edge(task, student, c, work, name, {"mode": "threshold", "threshold": threshold})
         points.append({"threshold": threshold, **await _daemon_run(edge_cfg, c, task, queries, cfg.rate_rps, cfg.seed, name)})
@@ -149,7 +152,7 @@ async def _step_response(cfg: SuiteConfig, c: Cloud, task: str, student: Path, t
     async with Fleet(edge_cfg, cfg.fleet_edges) as fleet:
         saturated_at, capacity = None, None
         for i, rate in enumerate(cfg.step_rates):
-            print(f"\n== step response: {cfg.fleet_edges} simulated edges, every request escalated, {rate:g} req/s ==", flush=True)
+            log.info("step response: %d simulated edges, every request escalated, %g req/s", cfg.fleet_edges, rate)
             queries = _sequence(test, int(rate * cfg.step_duration_s), cfg.seed + 2 + i)
             with Monitor([os.getpid()], c.metrics_url) as monitor:
                 step = await replay(fleet.edges, task, queries, poisson(rate, count=len(queries), seed=cfg.seed + i), f"step-{i}")
@@ -157,7 +160,7 @@ async def _step_response(cfg: SuiteConfig, c: Cloud, task: str, student: Path, t
             # This process is the whole fleet plus the load generator, not one edge.
             step["bench_cpu_cores"], step["bench_rss_mb_max"] = step.pop("edge_cpu_cores"), step.pop("edge_rss_mb_max")
             step.pop("cdf")
-            _print_run(f"{rate:g} req/s", step)
+            _log_run(f"{rate:g} req/s", step)
             steps.append(step)
             if not _saturated(step):
                 capacity = step["throughput_rps"] * step["by_path"].get("escalated", {}).get("share", 0.0)
@@ -190,7 +193,7 @@ async def _floors(cfg: SuiteConfig, student: Path, train_cfg: Any, texts: list[s
         "grpc_echo": {"p50_ms": echo["p50_ms"], "p99_ms": echo["p99_ms"], "paced_p50_ms": echo["open_loop"]["p50_ms"]},
         "vllm_offline": vllm,
     }
-    print(json.dumps(floors, indent=1), flush=True)
+    log.info("floors: %s", json.dumps(floors))
     return floors
 
 
@@ -208,18 +211,19 @@ async def _generator_capacity(cfg: SuiteConfig) -> list[dict[str, Any]]:
                 r = (await open_loop(call, poisson(rate, duration_s=cfg.generator_duration_s, seed=cfg.seed))).summary()
                 runs.append({"offered_rps": rate, "achieved_rps": r["throughput_rps"], "p50_ms": r["p50_ms"],
                              "p99_ms": r["p99_ms"], "send_lateness_p99_ms": r["send_lateness_p99_ms"], "errors": r["errors"]})
-                print(f"offered {rate:6.0f} req/s  achieved {r['throughput_rps']:6.0f}  p50 {r['p50_ms']:.2f} ms  "
-                      f"p99 {r['p99_ms']:.2f} ms  send lateness p99 {r['send_lateness_p99_ms']:.2f} ms  errors {r['errors']}", flush=True)
+                log.info("offered %6.0f req/s  achieved %6.0f  p50 %.2f ms  p99 %.2f ms  send lateness p99 %.2f ms  errors %s",
+                         rate, r["throughput_rps"], r["p50_ms"], r["p99_ms"], r["send_lateness_p99_ms"], r["errors"])
     return runs
 
 
-def _print_run(name: str, r: dict[str, Any]) -> None:
+def _log_run(name: str, r: dict[str, Any]) -> None:
     if not r["answered"]:
-        print(f"{name}: no answers; errors {r['errors']} {r['error_examples']}", flush=True)
+        log.warning("%s: no answers; errors %s %s", name, r["errors"], r["error_examples"])
         return
     paths = "  ".join(f"{p} {v['share']:.0%} acc {v['accuracy']:.1%}" for p, v in r["by_path"].items())
-    print(f"{name}: p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  {r['throughput_rps']:.0f} req/s  "
-          f"accuracy {r['accuracy']:.1%}  escalated {r['escalation_rate']:.1%}  [{paths}]  errors {r['errors']}", flush=True)
+    log.info("%s: p50 %.2f ms  p99 %.2f ms  %.0f req/s  accuracy %.1f%%  escalated %.1f%%  [%s]  errors %s",
+             name, r["p50_ms"], r["p99_ms"], r["throughput_rps"], 100 * r["accuracy"], 100 * r["escalation_rate"],
+             paths, r["errors"])
 
 
 def _environment() -> dict[str, Any]:

@@ -3,6 +3,7 @@
 config with a few fields changed."""
 
 import contextlib
+import logging
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -11,8 +12,9 @@ from typing import Any
 
 import yaml
 
-from benchmarks.ports import free_port
-from benchmarks.processes import Server, announced_server
+from tandem.subprocesses import Server, announced_server, free_port
+
+log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,21 +31,24 @@ class Cloud:
 
 def cloud_config(experts: set[str] | None = None, **fields: Any) -> dict[str, Any]:
     """cloud/cloud.yaml with free ports, only the tasks whose expert is in `experts`
-    (all by default), and `fields` replaced."""
+    (all by default), replicas logging warnings and errors only (a measured run's console
+    is for its report), and `fields` replaced."""
     cfg = yaml.safe_load((ROOT / "cloud" / "cloud.yaml").read_text())
     if experts is not None:
         cfg["tasks"] = {name: t for name, t in cfg["tasks"].items() if t["expert"] in experts}
         cfg["experts"] = [e for e in cfg["experts"] if e["name"] in experts]
-    cfg.update(grpc_port=free_port(), http_port=free_port(), ray_metrics_port=free_port(), **fields)
+    cfg.update(grpc_port=free_port(), http_port=free_port(), ray_metrics_port=free_port(), log_level="WARNING",
+               access_log=False)
+    cfg.update(fields)
     return cfg
 
 
 @contextlib.contextmanager
 def cloud(cfg: dict[str, Any]) -> Iterator[Cloud]:
     """`tandem cloud serve` with `cfg` until the block ends (SIGTERM)."""
-    print("starting the cloud (Ray Serve + vLLM; about 90 s)", flush=True)
+    log.info("starting the cloud (Ray Serve + vLLM; it takes a minute or two)")
     with _config_file(cfg) as path, announced_server(
-        ["-m", "tandem.cli", "cloud", "serve", "--config", str(path)], timeout_s=900, stop_timeout_s=120
+        ["-m", "tandem_cli", "cloud", "serve", "--config", str(path)], timeout_s=900, stop_timeout_s=120
     ) as server:
         yield Cloud(server, f"http://127.0.0.1:{cfg['ray_metrics_port']}/metrics")
 
@@ -64,7 +69,7 @@ def edge_config(task: str, student: Path, cloud_target: str | None, **fields: An
 @contextlib.contextmanager
 def edge_daemon(cfg: dict[str, Any]) -> Iterator[Server]:
     """`tandem edge serve` with `cfg` until the block ends (SIGTERM)."""
-    with _config_file(cfg) as path, announced_server(["-m", "tandem.cli", "edge", "serve", "--config", str(path)]) as server:
+    with _config_file(cfg) as path, announced_server(["-m", "tandem_cli", "edge", "serve", "--config", str(path)]) as server:
         yield server
 
 

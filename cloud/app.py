@@ -1,16 +1,18 @@
-"""The Ray Serve applications: one per expert, each implementing `tandem.v1.Cloud.Escalate`
-directly on its vLLM engine, and the registry (feedback in, students out).
+"""The Ray Serve applications: one per expert, each implementing `tandem.v1.Expert` directly
+on its vLLM engine, and the fleet application implementing `tandem.v1.Fleet` (feedback in,
+students out, each task's expert application).
 
 Serve's gRPC proxy routes by the `application` metadata, so the proxy is the router and
-each escalation takes one Serve hop (an ingress deployment in front of the experts cost a
-second hop: 11.6 ms of overhead against a 5.5 ms Serve echo, measured by `tandem bench
-cloud`). Edges map each task to its expert's application.
+each escalation takes one Serve hop: an ingress deployment in front of the experts would
+add a second hop to every escalation (`tandem bench cloud` measures the overhead). Edges
+learn each task's expert application from Fleet.GetRoutes.
 
 Each expert records the escalations it answers as feedback, sent in the background to the
-registry application's deployment through a DeploymentHandle (one Serve hop, off the
-request path).
+fleet application's deployment through a DeploymentHandle (one Serve hop, off the request
+path).
 
-`tandem cloud serve` and `serve run cloud/serve_config.yaml` build them with the same code.
+`cloud/topology.py` names the builders below (`expert_app`, `fleet_app`) in the Serve
+config; `tandem cloud serve` and `serve run cloud/serve_config.yaml` both call them.
 """
 
 import asyncio
@@ -28,22 +30,34 @@ from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Histogram
 
 from cloud.config import CloudConfig, ExpertConfig
-from cloud.errors import (EscalationError, ExpertTimeout, ExpertUnavailable, InvalidAnswer, InvalidEscalation,
-                          InvalidFeedback, RegistryError)
+from cloud.errors import (EscalationError, ExpertTimeout, ExpertUnavailable, FleetError, InvalidAnswer,
+                          InvalidEscalation)
 from cloud.experts.protocol import Runner
-from cloud.feedback.recorder import FeedbackRecorder
-from cloud.feedback.records import check, escalation_record
+from cloud.feedback.recorder import EscalationRecorder, escalation_record
 from cloud.feedback.store import FeedbackStore
 from cloud.registry.models import ModelRegistry
-from cloud.registry.service import RegistryMetrics, RegistryServicer
+from cloud.registry.service import FleetMetrics, FleetServicer
+from tandem.contract import FLEET_APPLICATION, FieldError, check_device_id, check_request_id, check_text
 from tandem.settings import load_config
-from tandem.v1 import cloud_pb2, common_pb2
+from tandem.v1 import common_pb2, expert_pb2, fleet_pb2
 
-log = logging.getLogger("ray.serve")
+log = logging.getLogger(__name__)
 
 LATENCY_BOUNDARIES = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
-SERVICER = "tandem.v1.cloud_pb2_grpc.add_CloudServicer_to_server"
-REGISTRY_DEPLOYMENT = "Registry"
+FLEET_DEPLOYMENT = "Fleet"
+# The task label of metrics for escalations of a task this expert does not answer: the wire
+# value would let any client add label values. Not a valid task name, so it collides with none.
+UNKNOWN_TASK = "(unknown)"
+
+
+def log_to_serve() -> None:
+    """Gives the `cloud` package's loggers the handlers Serve set up for `ray.serve` in this
+    replica (its log file, and stderr): Serve configures no other logger."""
+    serve_logger = logging.getLogger("ray.serve")
+    cloud_logger = logging.getLogger("cloud")
+    cloud_logger.handlers[:] = serve_logger.handlers
+    cloud_logger.setLevel(serve_logger.level)
+    cloud_logger.propagate = False
 
 
 @serve.deployment
@@ -51,18 +65,17 @@ class Expert:
     """One vLLM engine answering the tasks routed to it. Concurrent calls share the engine:
     vLLM batches them continuously. Method names are the RPC names."""
 
-    def __init__(self, cfg: dict[str, Any], tasks: dict[str, list[str]], max_text_bytes: int, timeout_s: float,
-                 registry_app: str, recorder: dict[str, Any]) -> None:
-        """`recorder`: FeedbackRecorder options (batch_size, interval_s, retries)."""
+    def __init__(self, cfg: dict[str, Any], tasks: dict[str, list[str]], timeout_s: float,
+                 recorder: dict[str, Any]) -> None:
+        """`recorder`: EscalationRecorder options (batch_size, interval_s, retries)."""
         from cloud.experts.engine import build_engine
 
+        log_to_serve()
         self._cfg = ExpertConfig.model_validate(cfg)
         self._tasks = tasks  # task -> labels
-        self._max_text_bytes = max_text_bytes
         self._timeout_s = timeout_s
-        self._registry_app = registry_app
-        self._registry: DeploymentHandle | None = None
-        self._feedback = FeedbackRecorder(self._send_feedback, **recorder)
+        self._fleet: DeploymentHandle | None = None
+        self._recorder = EscalationRecorder(self._send_feedback, **recorder)
         self._engine = build_engine(self._cfg)
         self._runner = self._build_runner(self._engine)
         self._in_flight = 0
@@ -87,62 +100,41 @@ class Expert:
                 raise ValueError(f"expert {self._cfg.name}: checkpoint labels differ from task {task}'s label set")
         return ClassifyRunner(engine, model_labels)
 
-    async def Escalate(self, request: cloud_pb2.EscalateRequest, grpc_context: RayServegRPCContext) -> cloud_pb2.EscalateResponse:
-        if not request.request_id:
-            request.request_id = uuid.uuid4().hex
-        tags = {"task": request.task, "expert": self._cfg.name}
+    async def Escalate(self, request: expert_pb2.EscalateRequest, grpc_context: RayServegRPCContext) -> expert_pb2.EscalateResponse:
+        tags = {"task": request.task if request.task in self._tasks else UNKNOWN_TASK, "expert": self._cfg.name}
         try:
-            response = await self._escalate(request)
+            labels = self._validate(request)
+            response = await self._escalate(request, labels)
         except EscalationError as exc:
             # Tracebacks for server-side failures; a bad request is not worth one.
-            log.warning("escalation %s task=%s failed: %s %s", request.request_id, request.task, exc.code.name, exc,
+            log.warning("escalation %r task=%r failed: %s %s", request.request_id, request.task, exc.code.name, exc,
                         exc_info=not isinstance(exc, InvalidEscalation))
             self._escalations.inc(tags={**tags, "code": exc.code.name})
             grpc_context.set_code(exc.code)
             grpc_context.set_details(str(exc))
-            return cloud_pb2.EscalateResponse(request_id=request.request_id)
+            return expert_pb2.EscalateResponse(request_id=request.request_id)
         self._escalations.inc(tags={**tags, "code": "OK"})
-        log.info("escalation %s task=%s label=%s %.1f ms", request.request_id, request.task, response.label, response.expert_ms)
-        self._record(request, response)
+        log.debug("escalation %s task=%s label=%s %.1f ms", request.request_id, request.task, response.label, response.expert_ms)
+        self._recorder.add(escalation_record(request, response, int(time.time() * 1000)))
         return response
 
-    def _record(self, request: cloud_pb2.EscalateRequest, response: cloud_pb2.EscalateResponse) -> None:
-        record = escalation_record(request, response, int(time.time() * 1000))
-        try:
-            # Checked here, so that one odd record (say, an overlong request id) cannot get
-            # its whole batch refused by the registry.
-            check([record], None, self._max_text_bytes)
-        except InvalidFeedback as exc:
-            log.warning("escalation %s not recorded as feedback: %s", request.request_id, exc)
-            return
-        self._feedback.add(record)
-
-    async def _send_feedback(self, records: list[cloud_pb2.FeedbackRecord]) -> None:
-        if self._registry is None:
-            # Looked up on first use, not at start: an expert answers even while the registry
-            # application is missing (its records are retried, then dropped, with logs).
-            self._registry = await asyncio.to_thread(serve.get_deployment_handle, REGISTRY_DEPLOYMENT, self._registry_app)
-        await self._registry.store_feedback.remote(cloud_pb2.ReportFeedbackRequest(records=records))
-
-    async def __del__(self) -> None:
-        # Serve awaits `__del__` when it stops a replica gracefully, after in-flight requests
-        # finish: the hook for sending the escalations still pending, and for stopping the
-        # engine, whose EngineCore process otherwise outlives the replica (seen: orphaned
-        # engines holding ~1.4 GB each after `tandem cloud serve` stopped).
-        try:
-            await self._feedback.close()
-        finally:
-            self._engine.shutdown()
-
-    async def _escalate(self, request: cloud_pb2.EscalateRequest) -> cloud_pb2.EscalateResponse:
+    def _validate(self, request: expert_pb2.EscalateRequest) -> list[str]:
+        """The labels of the request's task, once its fields are checked (the cloud's only
+        check of them); gives the request an id if it came without one."""
         labels = self._tasks.get(request.task)
         if labels is None:
             raise InvalidEscalation("task", f"unknown task {request.task!r}; expert {self._cfg.name} answers {sorted(self._tasks)}")
-        size = len(request.text.encode())
-        if not request.text.strip():
-            raise InvalidEscalation("text", "must not be empty or blank")
-        if size > self._max_text_bytes:
-            raise InvalidEscalation("text", f"{size} bytes exceeds the limit of {self._max_text_bytes} bytes")
+        try:
+            check_text("text", request.text)
+            check_request_id("request_id", request.request_id)
+            check_device_id("device_id", request.device_id)
+        except FieldError as exc:
+            raise InvalidEscalation.of(exc) from None
+        if not request.request_id:
+            request.request_id = uuid.uuid4().hex
+        return labels
+
+    async def _escalate(self, request: expert_pb2.EscalateRequest, labels: list[str]) -> expert_pb2.EscalateResponse:
         self._in_flight += 1
         self._batch.observe(self._in_flight, tags=self._tags)
         started = time.perf_counter()
@@ -160,7 +152,7 @@ class Expert:
         self._latency.observe(elapsed, tags=self._tags)
         if answer.label not in labels:
             raise InvalidAnswer(f"expert {self._cfg.name} answered {answer.label!r}, not a label of task {request.task}")
-        return cloud_pb2.EscalateResponse(
+        return expert_pb2.EscalateResponse(
             request_id=request.request_id,
             label=answer.label,
             confidence=answer.confidence,
@@ -168,6 +160,22 @@ class Expert:
             expert=self._cfg.name,
             expert_ms=elapsed * 1e3,
         )
+
+    async def _send_feedback(self, records: list[fleet_pb2.FeedbackRecord]) -> None:
+        if self._fleet is None:
+            # Looked up on first use, not at start: an expert answers even while the fleet
+            # application is missing (its records are retried, then dropped, with logs).
+            self._fleet = await asyncio.to_thread(serve.get_deployment_handle, FLEET_DEPLOYMENT, FLEET_APPLICATION)
+        await self._fleet.store_feedback.remote(fleet_pb2.ReportFeedbackRequest(records=records))
+
+    async def __del__(self) -> None:
+        # Serve awaits `__del__` when it stops a replica gracefully, after in-flight requests
+        # finish: the hook for sending the escalations still pending, and for stopping the
+        # engine, whose EngineCore process otherwise outlives the replica.
+        try:
+            await self._recorder.close()
+        finally:
+            self._engine.shutdown()
 
     async def check_health(self) -> None:
         # A real, tiny inference: vLLM's engine can hang while its process stays up.
@@ -179,34 +187,36 @@ class Expert:
 # One replica, no CPU reserved: it is I/O-bound and must not take an expert's CPU. One
 # replica is the feedback store's one writer (see FeedbackStore): with more, a record that
 # reaches two replicas at once may be stored twice, which FeedbackStore.read hides.
-@serve.deployment(name=REGISTRY_DEPLOYMENT, num_replicas=1, ray_actor_options={"num_cpus": 0})
-class Registry(RegistryServicer):
-    """ReportFeedback, GetManifest and FetchModel behind Serve's gRPC proxy, and the
-    escalations the experts record (`store_feedback`, through a DeploymentHandle)."""
+@serve.deployment(name=FLEET_DEPLOYMENT, num_replicas=1, ray_actor_options={"num_cpus": 0})
+class Fleet(FleetServicer):
+    """`tandem.v1.Fleet` behind Serve's gRPC proxy, and the escalations the experts record
+    (`store_feedback`, through a DeploymentHandle)."""
 
-    def __init__(self, feedback_uri: str, registry_dir: str, tasks: dict[str, list[str]], max_text_bytes: int,
+    def __init__(self, feedback_uri: str, registry_dir: str, tasks: dict[str, list[str]], routes: dict[str, str],
                  max_batch: int) -> None:
-        super().__init__(FeedbackStore(feedback_uri, tasks, max_text_bytes), ModelRegistry(Path(registry_dir)),
-                         ServeRegistryMetrics(), max_batch)
+        log_to_serve()
+        super().__init__(FeedbackStore(feedback_uri), ModelRegistry(Path(registry_dir)), tasks, routes,
+                         ServeFleetMetrics(), max_batch)
 
-    async def FetchModel(self, request: cloud_pb2.FetchModelRequest,
-                         grpc_context: RayServegRPCContext) -> AsyncIterator[cloud_pb2.ModelChunk]:
+    async def FetchModel(self, request: fleet_pb2.FetchModelRequest,
+                         grpc_context: RayServegRPCContext) -> AsyncIterator[fleet_pb2.ModelChunk]:
         async for chunk in super().FetchModel(request, grpc_context):
             yield chunk
         if grpc_context.code():
             # Serve carries a stream's context to the client only with a message; an exception
             # carries the status the servicer set.
-            raise RegistryError(grpc_context.details())
+            raise FleetError(grpc_context.details())
 
-    async def store_feedback(self, request: cloud_pb2.ReportFeedbackRequest) -> None:
+    async def store_feedback(self, request: fleet_pb2.ReportFeedbackRequest) -> None:
+        """The experts' escalation records: built from escalations the expert checked."""
         await self.store(request.records)
 
 
-class ServeRegistryMetrics(RegistryMetrics):
+class ServeFleetMetrics(FleetMetrics):
     """Exported on Ray's metrics port, prefixed "ray_"."""
 
     def __init__(self) -> None:
-        self._requests = Counter("tandem_registry_requests", "Registry RPCs by method and gRPC status.",
+        self._requests = Counter("tandem_registry_requests", "Fleet RPCs by method and gRPC status.",
                                  tag_keys=("method", "code"))
         self._records = Counter("tandem_feedback_records", "Feedback records by task, kind and outcome (stored, duplicate).",
                                 tag_keys=("task", "kind", "outcome"))
@@ -218,24 +228,37 @@ class ServeRegistryMetrics(RegistryMetrics):
         self._records.inc(count, tags={"task": task, "kind": kind, "outcome": outcome})
 
 
-def build_apps(cfg: CloudConfig) -> dict[str, serve.Application]:
-    """The registry application first (the experts send it their escalations), then one per
-    expert, named after it, answering the tasks routed to it."""
-    labels = {name: task.spec.label_names() for name, task in cfg.tasks.items()}
-    registry = Registry.bind(cfg.feedback_uri, str(cfg.registry_dir), labels, cfg.max_text_bytes, cfg.feedback_max_batch)
+def fleet_app(args: dict[str, str]) -> serve.Application:
+    """Builder of the fleet application (`serve run` / `serve deploy`, `tandem cloud serve`):
+    args.config is the cloud YAML."""
+    cfg = load_config(CloudConfig, Path(args["config"]))
+    return Fleet.bind(cfg.feedback_uri, str(cfg.registry_dir), _labels(cfg), cfg.routes(), cfg.feedback_max_batch)
+
+
+def expert_app(args: dict[str, str]) -> serve.Application:
+    """Builder of one expert's application: args.config is the cloud YAML, args.expert the
+    expert, which answers the tasks routed to it."""
+    cfg = load_config(CloudConfig, Path(args["config"]))
+    expert = next((e for e in cfg.experts if e.name == args["expert"]), None)
+    if expert is None:
+        raise ValueError(f"{args['config']}: no expert named {args['expert']!r}")
+    return Expert.options(**_deployment_options(expert)).bind(*expert_args(cfg, expert))
+
+
+def expert_args(cfg: CloudConfig, expert: ExpertConfig) -> tuple[dict[str, Any], dict[str, list[str]], float, dict[str, Any]]:
+    """What `Expert.__init__` takes for `expert` of `cfg`."""
+    labels = _labels(cfg)
     recorder = {"batch_size": cfg.feedback_flush_records, "interval_s": cfg.feedback_flush_s, "retries": cfg.feedback_retries}
-    experts = {
-        expert.name: Expert.options(**_deployment_options(expert)).bind(
-            expert.model_dump(mode="json"),
-            {name: labels[name] for name, task in cfg.tasks.items() if task.expert == expert.name},
-            cfg.max_text_bytes,
-            cfg.expert_timeout_s,
-            cfg.registry_app,
-            recorder,
-        )
-        for expert in cfg.experts
-    }
-    return {cfg.registry_app: registry, **experts}
+    return (
+        expert.model_dump(mode="json"),
+        {task: labels[task] for task, t in cfg.tasks.items() if t.expert == expert.name},
+        cfg.expert_timeout_s,
+        recorder,
+    )
+
+
+def _labels(cfg: CloudConfig) -> dict[str, list[str]]:
+    return {name: task.spec.label_names() for name, task in cfg.tasks.items()}
 
 
 def _deployment_options(expert: ExpertConfig) -> dict[str, Any]:
@@ -254,15 +277,3 @@ def _deployment_options(expert: ExpertConfig) -> dict[str, Any]:
     else:
         options["num_replicas"] = d.num_replicas
     return options
-
-
-def app_builder(args: dict[str, str]) -> serve.Application:
-    """Entry point for `serve run` / `serve deploy`: args.config is the cloud YAML,
-    args.expert the expert this application serves."""
-    return build_apps(load_config(CloudConfig, args.get("config")))[args["expert"]]
-
-
-def registry_builder(args: dict[str, str]) -> serve.Application:
-    """Entry point for `serve run` / `serve deploy` of the registry: args.config is the cloud YAML."""
-    cfg = load_config(CloudConfig, args.get("config"))
-    return build_apps(cfg)[cfg.registry_app]

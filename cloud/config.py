@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from tandem import envs
+from tandem.contract import FLEET_APPLICATION, NAME, check_name
 from tandem.settings import TandemSettings
 from tandem.tasks import TaskSpec, banking77
 
@@ -47,8 +48,9 @@ class ExpertConfig(BaseModel):
     """A vLLM model that answers escalations for some tasks."""
 
     name: str = Field(
+        pattern=NAME.pattern,
         description="Serve application and deployment name: edges send it as the `application` "
-        "metadata for the tasks this expert answers; shows in metrics and answers."
+        "metadata for the tasks this expert answers (Fleet.GetRoutes tells them); shows in metrics and answers.",
     )
     kind: Literal["generate", "classify"] = Field(
         description="generate: instruct LLM constrained to the label set. classify: a "
@@ -68,8 +70,10 @@ class ExpertConfig(BaseModel):
         default_factory=dict, description="Further vllm AsyncEngineArgs, e.g. gpu_memory_utilization."
     )
     env: dict[str, str] = Field(
-        default_factory=lambda: {"VLLM_CPU_KVCACHE_SPACE": "1"},
-        description="Environment of the replica (vLLM reads its settings from there).",
+        # PASSIVE: OpenMP threads that finished their work sleep instead of spinning, so an
+        # idle engine leaves the CPUs to the other replicas.
+        default_factory=lambda: {"VLLM_CPU_KVCACHE_SPACE": "1", "OMP_WAIT_POLICY": "PASSIVE"},
+        description="Environment of the replica and its engine (vLLM reads its settings from there).",
     )
     deployment: DeploymentOptions = DeploymentOptions()
 
@@ -98,15 +102,14 @@ class CloudConfig(TandemSettings):
     ray_metrics_port: int = Field(
         8080, ge=1, le=65535, description="Where Ray exports Serve's and Tandem's metrics for Prometheus."
     )
-    max_text_bytes: int = Field(2048, ge=1, description="Largest accepted escalation text, in UTF-8 bytes.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Level of the replicas' logs (Tandem's and Serve's), on the console and in Ray's log files."
+    )
+    access_log: bool = Field(True, description="Serve's access log: one line per request, per replica.")
     expert_timeout_s: float = Field(
         30.0, gt=0, description="Longest an expert may take before DEADLINE_EXCEEDED (edges set shorter deadlines)."
     )
 
-    registry_app: str = Field(
-        "registry", description="Serve application (and route) answering ReportFeedback, GetManifest and FetchModel: "
-        "edges send it as the `application` metadata for those calls.",
-    )
     registry_dir: Path = Field(
         default_factory=lambda: envs.TANDEM_CACHE_DIR / "registry",
         description="Model registry root: <task>/<version>/ signed students, <task>/promoted.json.",
@@ -120,7 +123,7 @@ class CloudConfig(TandemSettings):
         1000, ge=1, description="Most records one ReportFeedback may carry; more are refused with INVALID_ARGUMENT."
     )
     feedback_flush_records: int = Field(
-        64, ge=1, description="An expert sends its answered escalations to the registry once this many are pending..."
+        64, ge=1, description="An expert sends its answered escalations to the fleet application once this many are pending..."
     )
     feedback_flush_s: float = Field(1.0, gt=0, description="...or this long after its last send, whichever comes first.")
     feedback_retries: int = Field(
@@ -138,6 +141,8 @@ class CloudConfig(TandemSettings):
 
     @model_validator(mode="after")
     def _experts_exist(self) -> "CloudConfig":
+        for task in self.tasks:
+            check_name("tasks", task)
         names = [e.name for e in self.experts]
         if len(set(names)) != len(names):
             raise ValueError(f"expert names must be unique: {names}")
@@ -147,6 +152,14 @@ class CloudConfig(TandemSettings):
         idle = set(names) - {t.expert for t in self.tasks.values()}
         if idle:
             raise ValueError(f"experts {sorted(idle)} answer no task")
-        if self.registry_app in names:
-            raise ValueError(f"registry_app {self.registry_app!r} is also an expert's name; applications need unique names")
+        if FLEET_APPLICATION in names:
+            raise ValueError(f"expert name {FLEET_APPLICATION!r} is the fleet application's; applications need unique names")
         return self
+
+    def logging_config(self) -> dict[str, Any]:
+        """Serve's LoggingConfig for every application and Serve's own actors."""
+        return {"log_level": self.log_level, "enable_access_log": self.access_log}
+
+    def routes(self) -> dict[str, str]:
+        """Task -> the Serve application (the expert) that answers it."""
+        return {task: t.expert for task, t in self.tasks.items()}

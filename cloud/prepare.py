@@ -8,13 +8,16 @@ Production configs name hub models instead (see cloud/cloud.prod.yaml); nothing 
 """
 
 import importlib.util
-import json
+import logging
 from pathlib import Path
 from typing import Any
 
-from cloud.training.artifact import atomic_dir
 from cloud.training.config import TrainConfig
 from tandem import envs
+from tandem.contract import MANIFEST_FILE, Manifest
+from tandem.fsio import atomic_dir
+
+log = logging.getLogger(__name__)
 
 SMOLLM2_DIR = "smollm2-135m-instruct"
 
@@ -30,13 +33,13 @@ def smollm2_gguf() -> Path:
 def prepare_smollm2(out: Path) -> Path:
     """Writes the HF folder (weights, tokenizer, chat template) unless it is there."""
     if (out / "config.json").exists():
-        print(f"SmolLM2 ready at {out}")
+        log.info("SmolLM2 ready at %s", out)
         return out
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     gguf = smollm2_gguf()
-    print(f"converting {gguf.name} to a Hugging Face folder at {out} (about a minute)")
+    log.info("converting %s to a Hugging Face folder at %s (about a minute)", gguf.name, out)
     with atomic_dir(out) as scratch:
         model = AutoModelForCausalLM.from_pretrained(
             gguf.parent, gguf_file=gguf.name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
@@ -50,13 +53,12 @@ def ensure_trained(cfg: TrainConfig, kind: str) -> dict[str, Any]:
     """The cached teacher or student if it was trained with this config; else trains it."""
     directory = cfg.model_dir(kind)
     fit = cfg.teacher if kind == "teacher" else cfg.student
-    manifest_path = directory / "manifest.json"
-    if manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("fit") == fit.model_dump() and manifest.get("task") == cfg.task.name:
-            print(f"reusing {kind} {manifest['version']} from {directory}")
+    if (directory / MANIFEST_FILE).exists():
+        manifest = Manifest.read(directory).model_dump(mode="json")
+        if manifest.get("fit") == fit.model_dump() and manifest["task"] == cfg.task.name:
+            log.info("reusing %s %s from %s", kind, manifest["version"], directory)
             return manifest
-    print(f"training the {kind} into {directory}")
+    log.info("training the %s into %s", kind, directory)
     if kind == "teacher":
         from cloud.training.teacher import train_teacher as train
     else:

@@ -1,35 +1,98 @@
-"""`tandem cloud serve`: a local Ray cluster, Serve with gRPC ingress, the apps, until SIGTERM."""
+"""`tandem cloud serve`: a local Ray cluster, Serve with gRPC ingress, and the applications of
+the generated Serve config (`cloud.topology`), built by the same builders `serve run` calls;
+until SIGTERM. Stopping leaves no process behind."""
 
+import contextlib
+import ctypes
+import importlib
+import logging
 import os
 import signal
 import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
+import psutil
 import ray
 from ray import serve
 from ray.serve.config import gRPCOptions, HTTPOptions
 
-from cloud.app import SERVICER, build_apps
 from cloud.config import CloudConfig
+from cloud.topology import serve_config
+from tandem.settings import load_config
+
+log = logging.getLogger(__name__)
+
+PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
+STOP_GRACE_S = 5.0
 
 
-def serve_forever(cfg: CloudConfig) -> None:
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _metrics_export_port=cfg.ray_metrics_port)
-    try:
-        serve.start(
-            http_options=HTTPOptions(host="127.0.0.1", port=cfg.http_port),
-            grpc_options=gRPCOptions(port=cfg.grpc_port, grpc_servicer_functions=[SERVICER]),
-        )
-        for name, app in build_apps(cfg).items():  # the registry first: experts send it feedback
-            serve.run(app, name=name, route_prefix=f"/{name}")
+def serve_forever(config: Path) -> None:
+    """Serves the cloud configured by the YAML file `config` until SIGTERM or SIGINT."""
+    with running_cloud(config) as cfg:
+        stop = threading.Event()
+        # Installed after ray.init, which installs its own SIGTERM handler (exit at once, with
+        # a traceback, skipping the experts' flush). These only set the event: a signal must
+        # not interrupt Ray's code mid-call.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
         # One parseable line: scripts and tests wait for it before sending traffic.
         print(f"tandem cloud listening on port {cfg.grpc_port}", flush=True)
         stop.wait()
-        # Stopping experts send their pending escalation records: while the registry still runs.
+
+
+@contextlib.contextmanager
+def running_cloud(config: Path) -> Iterator[CloudConfig]:
+    """The cloud of `config` on a local Ray cluster for the block; on exit the experts stop
+    first (sending their pending escalation records to the fleet application), then Serve and
+    Ray, then every process started meanwhile that is still alive."""
+    cfg = load_config(CloudConfig, config)
+    topology = serve_config(cfg, str(config))
+    # Processes orphaned by a dying parent (vLLM's engine, Ray's agents) become this process's
+    # children, so that stopping finds and ends them.
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        log.warning("prctl(PR_SET_CHILD_SUBREAPER) failed (errno %d): orphans may outlive the cloud", ctypes.get_errno())
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _metrics_export_port=cfg.ray_metrics_port)
+    try:
+        serve.start(
+            # Locally, Serve's HTTP proxy (health only) listens on loopback alone.
+            http_options=HTTPOptions(host="127.0.0.1", port=cfg.http_port),
+            grpc_options=gRPCOptions(**topology["grpc_options"]),
+            logging_config=topology["logging_config"],
+        )
+        for app in topology["applications"]:  # the fleet application first: experts send it feedback
+            serve.run(_build(app), name=app["name"], route_prefix=app["route_prefix"],
+                      logging_config=topology["logging_config"])
+        yield cfg
         for expert in cfg.experts:
             serve.delete(expert.name)
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        try:
+            serve.shutdown()
+            ray.shutdown()
+        finally:
+            _end_descendants(before)
+
+
+def _build(app: dict[str, Any]) -> serve.Application:
+    """What `serve run` does with an application's `import_path` and `args`."""
+    module, name = app["import_path"].split(":")
+    return getattr(importlib.import_module(module), name)(app["args"])
+
+
+def _end_descendants(keep: set[int]) -> None:
+    """SIGTERM to every descendant not in `keep`, SIGKILL to those still alive after
+    STOP_GRACE_S (Ray's agents ignore SIGTERM); reaps them."""
+    procs = [p for p in psutil.Process().children(recursive=True) if p.pid not in keep]
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=STOP_GRACE_S)
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=STOP_GRACE_S)
+    if procs:
+        log.info("stopped %d leftover processes (%d killed)", len(procs), len(alive))

@@ -1,5 +1,6 @@
 """Tandem's edge daemon: ONNX Runtime students, a confidence policy, a cloud fallback, a
 durable feedback outbox and a model updater.
 
-Imports nothing from `cloud`: the wire contract (`tandem.v1`) is all the two share.
+Imports nothing from `cloud`: the wire contract (`tandem.v1`) and its limits and artifact
+layout (`tandem.contract`) are all the two share.
 """

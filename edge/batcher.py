@@ -4,7 +4,7 @@ No timer: a lone request runs at once, so batching costs nothing at low load and
 forms when requests queue anyway. The model runs in a worker thread (ONNX Runtime
 releases the GIL, so the event loop keeps accepting requests meanwhile); a batch pays
 the thread hand-offs once instead of per request (`tandem bench edge` reports the daemon's
-maximum throughput with and without batching; 1,279 against 844 req/s when last run).
+maximum throughput with and without batching).
 """
 
 import asyncio

@@ -1,35 +1,48 @@
-"""Calls to the cloud over one channel. `Escalator` is the seam for escalation: the daemon
-depends on the protocol, `CloudClient` is the real transport, and tests may plug in their own.
+"""Calls to the cloud over one channel.
 
-Escalate goes to the task's expert application; ReportFeedback, GetManifest and FetchModel
-go to the registry application (Serve's proxy routes by the `application` metadata).
+Serve's gRPC proxy routes each call by its `application` metadata: escalations go to the
+application of the task's expert, feedback and models to the fleet application. The task →
+application map is the cloud's own (Fleet.GetRoutes), fetched at the first escalation and
+again when a task has no route. `Escalator` is what the service depends on; `CloudClient`
+is the transport.
 """
 
+import asyncio
 import contextlib
 import json
+import logging
+import math
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Protocol
 
 import grpc
 
-from edge.config import CloudConfig
-from edge.errors import CloudError
-from tandem.v1 import cloud_pb2, cloud_pb2_grpc
+from edge.config import CloudLinkConfig
+from edge.errors import CloudCallError, NoRoute
+from tandem.contract import FLEET_APPLICATION
+from tandem.v1 import expert_pb2, expert_pb2_grpc, fleet_pb2, fleet_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICES = (
+    expert_pb2.DESCRIPTOR.services_by_name["Expert"].full_name,
+    fleet_pb2.DESCRIPTOR.services_by_name["Fleet"].full_name,
+)
+FLEET_METADATA = (("application", FLEET_APPLICATION),)
 
 
 class Escalator(Protocol):
-    async def escalate(self, request: cloud_pb2.EscalateRequest) -> cloud_pb2.EscalateResponse:
-        """Answers or raises CloudError; never hangs past the configured deadline."""
-
-    async def close(self) -> None: ...
+    async def escalate(self, request: expert_pb2.EscalateRequest) -> expert_pb2.EscalateResponse:
+        """Answers or raises CloudCallError; never hangs past the configured deadline."""
 
 
-def channel_options(cfg: CloudConfig) -> list[tuple[str, int | str]]:
+def channel_options(cfg: CloudLinkConfig) -> list[tuple[str, int | str]]:
     """Retries and keepalive live in the channel config, not in hand-written loops."""
     service_config = {
         "methodConfig": [
             {
-                "name": [{"service": "tandem.v1.Cloud"}],
+                "name": [{"service": service} for service in SERVICES],
                 "retryPolicy": {
                     "maxAttempts": cfg.max_attempts,
                     "initialBackoff": "0.05s",
@@ -59,44 +72,49 @@ def channel_options(cfg: CloudConfig) -> list[tuple[str, int | str]]:
 
 
 class CloudClient:
-    """Every call raises CloudError on failure, never a raw gRPC error."""
+    """Every call raises CloudCallError on failure, never a raw gRPC error."""
 
-    def __init__(self, cfg: CloudConfig) -> None:
+    def __init__(self, cfg: CloudLinkConfig) -> None:
         if cfg.target is None:
             raise ValueError("cloud.target is not set")
         self._timeout_s = cfg.deadline_ms / 1000
-        self._applications = cfg.applications
-        self._registry = (("application", cfg.registry_application),)
+        self._routes_refresh_s = cfg.routes_refresh_s
         self._channel = grpc.aio.insecure_channel(cfg.target, options=channel_options(cfg))
-        self._stub = cloud_pb2_grpc.CloudStub(self._channel)
+        self._expert = expert_pb2_grpc.ExpertStub(self._channel)
+        self._fleet = fleet_pb2_grpc.FleetStub(self._channel)
+        self._routes: dict[str, str] = {}
+        self._routes_asked_at = -math.inf
+        self._routes_failure: tuple[grpc.StatusCode, str] | None = None
+        self._routes_lock = asyncio.Lock()
 
-    async def escalate(self, request: cloud_pb2.EscalateRequest) -> cloud_pb2.EscalateResponse:
+    async def escalate(self, request: expert_pb2.EscalateRequest) -> expert_pb2.EscalateResponse:
+        deadline = time.monotonic() + self._timeout_s
         # A channel that failed to connect fails every call anyway, after retries and their
-        # backoff (about 150 ms measured): answer locally at once instead.
+        # backoff: answer locally at once instead.
         if self._channel.get_state(try_to_connect=True) == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
-            raise CloudError(grpc.StatusCode.UNAVAILABLE, "not connected; reconnecting in the background")
-        application = self._applications.get(request.task, request.task)
+            raise CloudCallError(grpc.StatusCode.UNAVAILABLE, "not connected; reconnecting in the background")
+        application = await self._application(request.task, deadline)
         metadata = (("application", application), ("x-request-id", request.request_id))
         with _cloud_errors():
-            return await self._stub.Escalate(request, timeout=self._timeout_s, metadata=metadata)
+            return await self._expert.Escalate(request, timeout=_remaining_s(deadline), metadata=metadata)
 
     async def report_feedback(
-        self, records: list[cloud_pb2.FeedbackRecord], timeout_s: float
-    ) -> cloud_pb2.ReportFeedbackResponse:
-        request = cloud_pb2.ReportFeedbackRequest(records=records)
+        self, records: list[fleet_pb2.FeedbackRecord], timeout_s: float
+    ) -> fleet_pb2.ReportFeedbackResponse:
+        request = fleet_pb2.ReportFeedbackRequest(records=records)
         with _cloud_errors():
-            return await self._stub.ReportFeedback(request, timeout=timeout_s, metadata=self._registry)
+            return await self._fleet.ReportFeedback(request, timeout=timeout_s, metadata=FLEET_METADATA)
 
-    async def get_manifest(self, task: str, timeout_s: float) -> cloud_pb2.ModelManifest:
+    async def get_manifest(self, task: str, timeout_s: float) -> fleet_pb2.ModelManifest:
         with _cloud_errors():
-            return await self._stub.GetManifest(
-                cloud_pb2.GetManifestRequest(task=task), timeout=timeout_s, metadata=self._registry
+            return await self._fleet.GetManifest(
+                fleet_pb2.GetManifestRequest(task=task), timeout=timeout_s, metadata=FLEET_METADATA
             )
 
-    async def fetch_model(self, task: str, version: str, timeout_s: float) -> AsyncIterator[cloud_pb2.ModelChunk]:
+    async def fetch_model(self, task: str, version: str, timeout_s: float) -> AsyncIterator[fleet_pb2.ModelChunk]:
         """The version's chunks in order; `timeout_s` bounds the whole download."""
-        request = cloud_pb2.FetchModelRequest(task=task, version=version)
-        call = self._stub.FetchModel(request, timeout=timeout_s, metadata=self._registry)
+        request = fleet_pb2.FetchModelRequest(task=task, version=version)
+        call = self._fleet.FetchModel(request, timeout=timeout_s, metadata=FLEET_METADATA)
         try:
             with _cloud_errors():
                 async for chunk in call:
@@ -107,10 +125,47 @@ class CloudClient:
     async def close(self) -> None:
         await self._channel.close()
 
+    async def _application(self, task: str, deadline: float) -> str:
+        """The Serve application of the task's expert. Asks the cloud when the task has no
+        route, at most every `routes_refresh_s` (one caller asks, concurrent ones wait for it)."""
+        if task not in self._routes:
+            async with self._routes_lock:
+                if task not in self._routes and time.monotonic() - self._routes_asked_at >= self._routes_refresh_s:
+                    await self._ask_routes(deadline)
+        application = self._routes.get(task)
+        if application is not None:
+            return application
+        if self._routes_failure is not None:
+            code, details = self._routes_failure
+            raise CloudCallError(code, f"GetRoutes: {details}")
+        raise NoRoute(task)
+
+    async def _ask_routes(self, deadline: float) -> None:
+        timeout_s = _remaining_s(deadline)
+        self._routes_asked_at = time.monotonic()
+        try:
+            answer = await self._fleet.GetRoutes(fleet_pb2.GetRoutesRequest(), timeout=timeout_s, metadata=FLEET_METADATA)
+        except grpc.aio.AioRpcError as exc:
+            self._routes_failure = exc.code(), exc.details() or ""
+            log.warning("cannot get the expert routes from the cloud: %s %s", exc.code().name, exc.details())
+            return
+        self._routes_failure = None
+        if dict(answer.applications) != self._routes:
+            log.info("expert applications by task, from the cloud: %s", dict(answer.applications))
+        self._routes = dict(answer.applications)
+
+
+def _remaining_s(deadline: float) -> float:
+    """Time left before `deadline`; a passed deadline fails the call without sending it."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise CloudCallError(grpc.StatusCode.DEADLINE_EXCEEDED, "the escalation deadline passed before the call")
+    return remaining
+
 
 @contextlib.contextmanager
 def _cloud_errors() -> Iterator[None]:
     try:
         yield
     except grpc.aio.AioRpcError as exc:
-        raise CloudError(exc.code(), exc.details() or "") from exc
+        raise CloudCallError(exc.code(), exc.details() or "") from exc

@@ -43,18 +43,16 @@ class PolicyConfig(BaseModel):
         return self
 
 
-class CloudConfig(BaseModel):
-    """Where and how to escalate."""
+class CloudLinkConfig(BaseModel):
+    """Where and how to reach the cloud. Which expert application answers a task comes from
+    the cloud itself (Fleet.GetRoutes), not from here."""
 
     target: str | None = Field(
-        None, description="host:port of the Cloud gRPC service; None answers everything locally."
+        None, description="host:port of the cloud's gRPC ingress; None answers everything locally."
     )
-    applications: dict[str, str] = Field(
-        default_factory=dict,
-        description="Task → Ray Serve application (the expert answering it), sent as `application` "
-        "metadata; a task not listed uses its own name.",
+    deadline_ms: float = Field(
+        2000.0, gt=0, description="Deadline of one escalation, retries (and a routes lookup) included."
     )
-    deadline_ms: float = Field(2000.0, gt=0, description="Deadline of one escalation, retries included.")
     max_attempts: int = Field(3, ge=1, le=5, description="Attempts per call; retried only on UNAVAILABLE.")
     keepalive_ms: int = Field(
         300_000, ge=10_000, description="HTTP/2 keepalive ping interval; gRPC servers refuse idle pings "
@@ -63,8 +61,9 @@ class CloudConfig(BaseModel):
     max_reconnect_backoff_ms: int = Field(
         5000, ge=100, description="Longest wait between reconnection attempts while the cloud is down."
     )
-    registry_application: str = Field(
-        "registry", description="Ray Serve application answering ReportFeedback, GetManifest and FetchModel."
+    routes_refresh_s: float = Field(
+        5.0, gt=0, description="Shortest time between two GetRoutes calls made because a task had no "
+        "route (or the last call failed): while the cloud is down, escalations do not each ask again.",
     )
 
 
@@ -149,7 +148,6 @@ class EdgeConfig(TandemSettings):
     tasks: dict[str, Path] = Field(
         default_factory=dict, description="Task name → student artifact directory."
     )
-    max_text_bytes: int = Field(2048, ge=1, description="Largest accepted `text`, in UTF-8 bytes.")
     intra_op_threads: int = Field(1, ge=1, description="ONNX Runtime threads per inference.")
     allow_spinning: bool = Field(
         False, description="Let ONNX Runtime threads spin; costs CPU on a shared device."
@@ -166,7 +164,7 @@ class EdgeConfig(TandemSettings):
         "or is stored, in this order. Defaults: card numbers, e-mail addresses, phone numbers.",
     )
     policy: PolicyConfig = PolicyConfig()
-    cloud: CloudConfig = CloudConfig()
+    cloud: CloudLinkConfig = CloudLinkConfig()
     # Factories, not instances: their default paths read TANDEM_CACHE_DIR when a config is built.
     feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
     updater: UpdaterConfig = Field(default_factory=UpdaterConfig)

@@ -13,7 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
-from edge.cloud_client import CloudClient, Escalator
+from edge.cloud_client import CloudClient
 from edge.config import EdgeConfig
 from edge.delivery import Delivery
 from edge.errors import ArtifactError
@@ -21,10 +21,9 @@ from edge.feedback import FeedbackRecorder
 from edge.metrics import EdgeMetrics
 from edge.model_store import ModelStore
 from edge.outbox import Outbox
-from edge.policy import Policy
 from edge.redact import Redactor
 from edge.runtime import Serving, TaskRuntime
-from edge.service import EdgeService
+from edge.service import build_service
 from edge.student import SessionOptions, Student
 from edge.updater import Updater
 from tandem.signing import load_public_key
@@ -38,16 +37,10 @@ SERVICE_NAME = edge_pb2.DESCRIPTOR.services_by_name["Edge"].full_name
 class EdgeDaemon:
     """The daemon's lifecycle: `start()` loads every student and binds; `stop()` drains."""
 
-    def __init__(
-        self,
-        cfg: EdgeConfig,
-        registry: CollectorRegistry | None = None,
-        escalator: Escalator | None = None,
-    ) -> None:
+    def __init__(self, cfg: EdgeConfig, registry: CollectorRegistry | None = None) -> None:
         self.cfg = cfg
         self.registry = registry or CollectorRegistry()
         self.metrics = EdgeMetrics(self.registry)
-        self._escalator = escalator
         self._cloud: CloudClient | None = None
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
@@ -71,23 +64,23 @@ class EdgeDaemon:
         cfg = self.cfg
         load = functools.partial(Student, options=SessionOptions(cfg.intra_op_threads, cfg.allow_spinning))
         store = _model_store(cfg)
+        students: dict[str, Student] = {}
         for task, configured in cfg.tasks.items():
             pulled = await asyncio.to_thread(store.pulled_dirs, task) if store else []
-            student = _load_first(load, [*pulled, configured])
-            self._tasks[task] = TaskRuntime(Serving.start(student, cfg.max_batch), Policy(cfg.policy), cfg.max_batch)
-            self.metrics.model.labels(task, student.version).set(1)
+            students[task] = _load_first(load, [*pulled, configured])
         if cfg.cloud.target is not None:
             self._cloud = CloudClient(cfg.cloud)
-        self._escalator = self._escalator or self._cloud
-        redact = Redactor(cfg.redaction, cfg.max_text_bytes)
         if self._cloud is not None and cfg.feedback.outbox is not None:
-            self._start_feedback(cfg.feedback.outbox, redact, self._cloud)
+            self._start_feedback(cfg.feedback.outbox, self._cloud)
+        # Batchers start last: what `stop` must release is in `self._tasks` from here on.
+        servings = {task: Serving.start(student, cfg.max_batch) for task, student in students.items()}
+        service = build_service(cfg, servings, self.metrics, self._cloud, self._feedback)
+        self._tasks = service.tasks
+        for task, student in students.items():
+            self.metrics.model.labels(task, student.version).set(1)
         if self._cloud is not None and store is not None:  # the config requires a cloud for the updater
             self.updater = Updater(cfg.updater, store, self._cloud, self._tasks, load, self.metrics)
             self._run_in_background(self.updater.run())
-        service = EdgeService(
-            self._tasks, self._escalator, self.metrics, cfg.max_text_bytes, redact, cfg.device_id, self._feedback
-        )
         self._server = grpc.aio.server()
         edge_pb2_grpc.add_EdgeServicer_to_server(service, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
@@ -98,10 +91,11 @@ class EdgeDaemon:
         log.info("edge daemon serving %s on port %d", sorted(self._tasks), self.port)
         return self.port
 
-    def _start_feedback(self, path: Path, redact: Redactor, cloud: CloudClient) -> None:
+    def _start_feedback(self, path: Path, cloud: CloudClient) -> None:
         outbox = self._outbox = Outbox(path, self.cfg.feedback.max_records)
         self.metrics.outbox_depth.set_function(lambda: outbox.depth)
         delivery = Delivery(outbox, cloud, self.cfg.feedback, self.metrics)
+        redact = Redactor(self.cfg.redaction)
         self._feedback = FeedbackRecorder(
             outbox, redact, self.cfg.device_id, self.cfg.feedback.audit_rate, self.metrics, delivery.wake
         )
@@ -127,8 +121,6 @@ class EdgeDaemon:
             await runtime.close()
         if self._outbox is not None:
             await asyncio.to_thread(self._outbox.close)
-        if self._escalator is not None and self._escalator is not self._cloud:
-            await self._escalator.close()
         if self._cloud is not None:
             await self._cloud.close()
 

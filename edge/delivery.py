@@ -7,26 +7,25 @@ A record the cloud refuses as INVALID_ARGUMENT is moved to the outbox's `dead` t
 
 import asyncio
 import logging
-import random
-from collections.abc import Callable
 from typing import Protocol
 
 import grpc
 
 from edge.config import FeedbackConfig
-from edge.errors import CloudError
+from edge.errors import CloudCallError
 from edge.metrics import EdgeMetrics
 from edge.outbox import Outbox
-from tandem.v1 import cloud_pb2
+from tandem.backoff import Backoff
+from tandem.v1 import fleet_pb2
 
 log = logging.getLogger(__name__)
 
 
 class FeedbackSink(Protocol):
     async def report_feedback(
-        self, records: list[cloud_pb2.FeedbackRecord], timeout_s: float
-    ) -> cloud_pb2.ReportFeedbackResponse:
-        """Stores the records durably or raises CloudError."""
+        self, records: list[fleet_pb2.FeedbackRecord], timeout_s: float
+    ) -> fleet_pb2.ReportFeedbackResponse:
+        """Stores the records durably or raises CloudCallError."""
 
 
 # Statuses a batch can earn by its content or size: smaller batches may get through.
@@ -34,19 +33,11 @@ SPLITTABLE = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUST
 
 
 class Delivery:
-    def __init__(
-        self,
-        outbox: Outbox,
-        sink: FeedbackSink,
-        cfg: FeedbackConfig,
-        metrics: EdgeMetrics,
-        chance: Callable[[], float] = random.random,
-    ) -> None:
+    def __init__(self, outbox: Outbox, sink: FeedbackSink, cfg: FeedbackConfig, metrics: EdgeMetrics) -> None:
         self._outbox = outbox
         self._sink = sink
         self._cfg = cfg
         self._metrics = metrics
-        self._chance = chance
         self._added = asyncio.Event()
 
     def wake(self) -> None:
@@ -55,7 +46,9 @@ class Delivery:
 
     async def run(self) -> None:
         """Delivers until cancelled; waits for `wake` while the outbox is empty."""
-        backoff_s = self._cfg.min_backoff_s
+        # Equal jitter: never retry at once, and edges that lost the cloud together do not all
+        # come back at the same instant.
+        backoff = Backoff(self._cfg.min_backoff_s, self._cfg.max_backoff_s, jitter="equal")
         while True:
             self._added.clear()  # before reading: a record added after the read sets it again
             try:
@@ -68,18 +61,15 @@ class Delivery:
                 log.exception("feedback delivery failed; retrying after a backoff")
                 delivered = False
             if delivered:
-                backoff_s = self._cfg.min_backoff_s
+                backoff.reset()
             else:
-                # Equal jitter: at least half the backoff, so that edges that lost the cloud
-                # together do not all come back at the same instant.
-                await asyncio.sleep(backoff_s * (0.5 + self._chance() / 2))
-                backoff_s = min(backoff_s * 2, self._cfg.max_backoff_s)
+                await asyncio.sleep(backoff.next_wait_s())
 
-    async def _deliver(self, batch: list[cloud_pb2.FeedbackRecord]) -> bool:
+    async def _deliver(self, batch: list[fleet_pb2.FeedbackRecord]) -> bool:
         """Sends one batch; True when all of it left the outbox (acknowledged or moved aside)."""
         try:
             answer = await self._sink.report_feedback(batch, self._cfg.deadline_ms / 1000)
-        except CloudError as exc:
+        except CloudCallError as exc:
             if exc.code not in SPLITTABLE:
                 # Every other failure says nothing against the records: keep them and retry.
                 log.warning("feedback delivery of %d records failed, will retry: %s", len(batch), exc)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from edge.metrics import EdgeMetrics
 from edge.outbox import Outbox
 from edge.redact import Redactor
-from tandem.v1 import cloud_pb2
+from tandem.v1 import common_pb2, fleet_pb2
 
 log = logging.getLogger(__name__)
 
@@ -46,16 +46,16 @@ class FeedbackRecorder:
 
     async def record(
         self,
-        kind: cloud_pb2.FeedbackKind,
+        kind: fleet_pb2.FeedbackKind,
         task: str,
         text: str,
         request_id: str,
-        edge: cloud_pb2.EdgePrediction | None = None,
+        edge: common_pb2.EdgePrediction | None = None,
         label: str = "",
     ) -> str | None:
         """Commits a redacted record; its record_id, or None if the outbox refused it
         (full, or a storage error), which is counted and logged here."""
-        record = cloud_pb2.FeedbackRecord(
+        record = fleet_pb2.FeedbackRecord(
             record_id=uuid.uuid4().hex,
             request_id=request_id,
             task=task,
@@ -66,7 +66,7 @@ class FeedbackRecorder:
             device_id=self._device_id,
             created_unix_ms=int(time.time() * 1000),
         )
-        kind_name = cloud_pb2.FeedbackKind.Name(kind)
+        kind_name = fleet_pb2.FeedbackKind.Name(kind)
         try:
             accepted = await asyncio.to_thread(self._outbox.add, record)
         except sqlite3.Error:
@@ -81,8 +81,8 @@ class FeedbackRecorder:
         self._on_added()
         return record.record_id
 
-    def record_soon(self, kind: cloud_pb2.FeedbackKind, task: str, text: str, request_id: str,
-                    edge: cloud_pb2.EdgePrediction) -> None:
+    def record_soon(self, kind: fleet_pb2.FeedbackKind, task: str, text: str, request_id: str,
+                    edge: common_pb2.EdgePrediction) -> None:
         """`record` in the background: for samples whose answer should not wait for the disk."""
         pending = asyncio.get_running_loop().create_task(self.record(kind, task, text, request_id, edge))
         self._pending.add(pending)

@@ -10,7 +10,6 @@ directory is checked again before it is served after a restart.
 
 import json
 import logging
-import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,20 +17,13 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from tandem.contract import MANIFEST_FILE, NAME, SIGNATURE_FILE
 from tandem.fsio import atomic_write
-from tandem.signing import (
-    MANIFEST,
-    SIGNATURE,
-    VerificationError,
-    verify_artifact,
-    verify_manifest,
-)
+from tandem.signing import VerificationError, verify_artifact, verify_manifest
 
 log = logging.getLogger(__name__)
 
 STATE = "state.json"
-# Versions come off the wire and become directory names.
-_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 @dataclass
@@ -72,12 +64,12 @@ class ModelStore:
 
     def check_offer(self, task: str, version: str, manifest_json: bytes, signature: bytes) -> dict[str, Any]:
         """The signed manifest's `files` (name → sha256, size), before anything is downloaded."""
-        if not _VERSION.fullmatch(version):
+        if not NAME.fullmatch(version):  # it came off the wire and becomes a directory name
             raise VerificationError(f"invalid version name {version!r}")
         manifest = verify_manifest(manifest_json, signature, self._key)
         _check_identity(manifest, task, version)
         for name in manifest["files"]:
-            if Path(name).name != name or name in (".", "..", MANIFEST, SIGNATURE):
+            if Path(name).name != name or name in (".", "..", MANIFEST_FILE, SIGNATURE_FILE):
                 raise VerificationError(f"signed manifest lists an invalid file name {name!r}")
         return manifest["files"]
 
@@ -86,8 +78,8 @@ class ModelStore:
         directory = self.root / task / f".{version}.partial"
         shutil.rmtree(directory, ignore_errors=True)
         directory.mkdir(parents=True)
-        (directory / MANIFEST).write_bytes(manifest_json)
-        (directory / SIGNATURE).write_bytes(signature)
+        (directory / MANIFEST_FILE).write_bytes(manifest_json)
+        (directory / SIGNATURE_FILE).write_bytes(signature)
         return directory
 
     def install(self, task: str, version: str, staging: Path) -> Path:
@@ -113,7 +105,7 @@ class ModelStore:
         state = self.state(task)
         state.failed[version] = why
         self._save(task, state)
-        if _VERSION.fullmatch(version):  # else it was refused before anything was written
+        if NAME.fullmatch(version):  # else it was refused before anything was written
             shutil.rmtree(self.root / task / version, ignore_errors=True)
             shutil.rmtree(self.root / task / f".{version}.partial", ignore_errors=True)
 

@@ -13,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-from tandem.v1 import cloud_pb2
+from tandem.v1 import fleet_pb2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -51,7 +51,7 @@ class Outbox:
         """Records waiting for delivery."""
         return self._depth
 
-    def add(self, record: cloud_pb2.FeedbackRecord) -> bool:
+    def add(self, record: fleet_pb2.FeedbackRecord) -> bool:
         """Commits the record durably; False, storing nothing, when the outbox is full.
         Adding a record_id already waiting is a no-op that returns True."""
         with self._lock, self._db:
@@ -64,18 +64,18 @@ class Outbox:
             self._depth += cursor.rowcount
             return True
 
-    def oldest(self, n: int) -> list[cloud_pb2.FeedbackRecord]:
+    def oldest(self, n: int) -> list[fleet_pb2.FeedbackRecord]:
         """Up to `n` waiting records, oldest first; they stay until `remove` or `bury`."""
         with self._lock:
             rows = self._db.execute("SELECT payload FROM outbox ORDER BY seq LIMIT ?", (n,)).fetchall()
-        return [cloud_pb2.FeedbackRecord.FromString(payload) for (payload,) in rows]
+        return [fleet_pb2.FeedbackRecord.FromString(payload) for (payload,) in rows]
 
     def remove(self, record_ids: list[str]) -> None:
         """Deletes acknowledged records."""
         with self._lock, self._db:
             self._depth -= self._delete(record_ids)
 
-    def bury(self, records: list[cloud_pb2.FeedbackRecord], error: str) -> None:
+    def bury(self, records: list[fleet_pb2.FeedbackRecord], error: str) -> None:
         """Moves records the cloud refused into `dead`, with the refusal, in one transaction."""
         now_ms = int(time.time() * 1000)
         with self._lock, self._db:
@@ -85,11 +85,11 @@ class Outbox:
             )
             self._depth -= self._delete([r.record_id for r in records])
 
-    def dead(self) -> list[tuple[cloud_pb2.FeedbackRecord, str]]:
+    def dead(self) -> list[tuple[fleet_pb2.FeedbackRecord, str]]:
         """Buried records and why the cloud refused them, oldest first."""
         with self._lock:
             rows = self._db.execute("SELECT payload, error FROM dead ORDER BY buried_unix_ms, record_id").fetchall()
-        return [(cloud_pb2.FeedbackRecord.FromString(payload), error) for payload, error in rows]
+        return [(fleet_pb2.FeedbackRecord.FromString(payload), error) for payload, error in rows]
 
     def close(self) -> None:
         with self._lock:

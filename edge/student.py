@@ -10,8 +10,17 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from edge.errors import ArtifactError
+from tandem.contract import (
+    LABELS_FILE,
+    MODEL_FILE,
+    ONNX_INPUTS,
+    ONNX_OUTPUT,
+    STUDENT_FILES,
+    TOKENIZER_FILE,
+    Manifest,
+)
 
-FILES = ("model.onnx", "tokenizer.json", "labels.json", "manifest.json")
+_INPUT_IDS, _ATTENTION_MASK = ONNX_INPUTS
 
 
 @dataclass(frozen=True)
@@ -24,28 +33,28 @@ class Student:
     """Maps texts to calibrated label probabilities. Thread-safe for `predict`."""
 
     def __init__(self, directory: Path, options: SessionOptions = SessionOptions()) -> None:
-        missing = [name for name in FILES if not (directory / name).is_file()]
+        missing = [name for name in STUDENT_FILES if not (directory / name).is_file()]
         if missing:
             raise ArtifactError(f"{directory}: missing {missing}")
-        model = (directory / "model.onnx").read_bytes()
+        model = (directory / MODEL_FILE).read_bytes()
         try:
-            self.manifest = json.loads((directory / "manifest.json").read_text())
-            self.labels: list[str] = json.loads((directory / "labels.json").read_text())
-            self.version: str = self.manifest["version"]
-            self.temperature = float(self.manifest["temperature"])
-            self._tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
-            self._tokenizer.enable_truncation(int(self.manifest["max_length"]))
-        except Exception as exc:  # json, missing keys, and tokenizers (which raises bare Exception)
+            self.manifest = Manifest.read(directory)
+            self.labels: list[str] = json.loads((directory / LABELS_FILE).read_text())
+            self._tokenizer = Tokenizer.from_file(str(directory / TOKENIZER_FILE))
+        except Exception as exc:  # json, pydantic, and tokenizers (which raises bare Exception)
             raise ArtifactError(f"{directory}: unreadable artifact: {type(exc).__name__}: {exc}") from exc
-        if hashlib.sha256(model).hexdigest() != self.manifest.get("sha256"):
-            raise ArtifactError(f"{directory}: model.onnx does not match the manifest's sha256")
-        if not self.temperature > 0:
-            raise ArtifactError(f"{directory}: temperature must be positive, not {self.temperature}")
+        if self.manifest.temperature is None or self.manifest.max_length is None:
+            raise ArtifactError(f"{directory}: unreadable artifact: a student manifest needs temperature and max_length")
+        self.version = self.manifest.version
+        self.temperature = self.manifest.temperature
+        self._tokenizer.enable_truncation(self.manifest.max_length)
+        if hashlib.sha256(model).hexdigest() != self.manifest.sha256:
+            raise ArtifactError(f"{directory}: {MODEL_FILE} does not match the manifest's sha256")
         self._tokenizer.no_padding()
         try:
             self._session = ort.InferenceSession(model, _session_options(options), providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own untyped errors for bad graphs
-            raise ArtifactError(f"{directory}: ONNX Runtime cannot load model.onnx: {exc}") from exc
+            raise ArtifactError(f"{directory}: ONNX Runtime cannot load {MODEL_FILE}: {exc}") from exc
         n_out = self._session.get_outputs()[0].shape[-1]
         if n_out != len(self.labels):
             raise ArtifactError(f"{directory}: model has {n_out} outputs for {len(self.labels)} labels")
@@ -56,13 +65,14 @@ class Student:
         One ONNX Runtime run per text, on purpose: dynamic int8 quantisation scales
         activations over the whole input tensor, so in a shared tensor one text's answer
         would depend on its batch-mates (a daemon test checks answers do not change under
-        load). Padding also cost more than batching saved on banking77: a one-off probe
-        measured 991 texts/s at batch 32 against 2,189/s one at a time.
+        load). Padding to a shared length also cost more than batching saved, on banking77's
+        short texts.
         """
         logits = np.empty((len(texts), len(self.labels)), dtype=np.float32)
         for row, encoding in enumerate(self._tokenizer.encode_batch(texts)):
             ids = np.array([encoding.ids], dtype=np.int64)
-            logits[row] = self._session.run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0][0]
+            feed = {_INPUT_IDS: ids, _ATTENTION_MASK: np.ones_like(ids)}
+            logits[row] = self._session.run([ONNX_OUTPUT], feed)[0][0]
         logits /= self.temperature
         logits -= logits.max(axis=-1, keepdims=True)
         probs = np.exp(logits)

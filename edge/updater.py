@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from edge.config import UpdaterConfig
-from edge.errors import ArtifactError, CloudError
+from edge.errors import ArtifactError, CloudCallError
 from edge.metrics import EdgeMetrics
 from edge.model_store import ModelStore
 from edge.runtime import TaskRuntime
 from edge.student import Student
-from tandem.signing import MANIFEST, SIGNATURE, VerificationError
-from tandem.v1 import cloud_pb2
+from tandem.contract import MANIFEST_FILE, SIGNATURE_FILE
+from tandem.signing import VerificationError
+from tandem.v1 import fleet_pb2
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +41,9 @@ ERROR = "error"  # anything else (a full disk, a bug): logged with its traceback
 
 
 class ModelSource(Protocol):
-    async def get_manifest(self, task: str, timeout_s: float) -> cloud_pb2.ModelManifest: ...
+    async def get_manifest(self, task: str, timeout_s: float) -> fleet_pb2.ModelManifest: ...
 
-    def fetch_model(self, task: str, version: str, timeout_s: float) -> AsyncIterator[cloud_pb2.ModelChunk]: ...
+    def fetch_model(self, task: str, version: str, timeout_s: float) -> AsyncIterator[fleet_pb2.ModelChunk]: ...
 
 
 class Updater:
@@ -105,7 +106,7 @@ class Updater:
         runtime = self._tasks[task]
         try:
             offer = await self._source.get_manifest(task, self._cfg.deadline_ms / 1000)
-        except CloudError as exc:
+        except CloudCallError as exc:
             log.warning("cannot poll the registry for %s: %s", task, exc)
             return exc.reason
         serving = runtime.serving.student.version
@@ -115,7 +116,7 @@ class Updater:
             return KNOWN_BAD
         try:
             directory = await self._download(task, offer)
-        except CloudError as exc:  # transient: the next poll tries again
+        except CloudCallError as exc:  # transient: the next poll tries again
             log.warning("download of %s version %s failed, %s keeps serving: %s", task, offer.version, serving, exc)
             return exc.reason
         except VerificationError as exc:
@@ -132,7 +133,7 @@ class Updater:
         log.info("%s now serves version %s (was %s)", task, student.version, serving)
         return UPDATED
 
-    async def _download(self, task: str, offer: cloud_pb2.ModelManifest) -> Path:
+    async def _download(self, task: str, offer: fleet_pb2.ModelManifest) -> Path:
         """The verified version directory; the staging directory is gone either way."""
         files = self._store.check_offer(task, offer.version, offer.manifest_json, offer.signature)
         staging = await asyncio.to_thread(
@@ -150,7 +151,7 @@ class Updater:
         stream = self._source.fetch_model(task, version, self._cfg.fetch_timeout_s)
         async with contextlib.aclosing(stream) as chunks:
             async for chunk in chunks:
-                if chunk.file in (MANIFEST, SIGNATURE):
+                if chunk.file in (MANIFEST_FILE, SIGNATURE_FILE):
                     continue  # the signed bytes came with GetManifest
                 if chunk.file not in files:
                     raise VerificationError(f"registry sent {chunk.file!r}, which the signed manifest does not list")

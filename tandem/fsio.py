@@ -1,7 +1,10 @@
-"""Small files replaced atomically and durably on a local disk."""
+"""Files and directories replaced atomically on a local disk."""
 
+import contextlib
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -26,3 +29,29 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yields a scratch directory that replaces `final` only if the block succeeds.
+
+    A failure mid-build leaves the previous `final` in place; so does a failure to swap.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    scratch.chmod(0o755)  # mkdtemp makes it 0700; the published directory must be readable
+    try:
+        yield scratch
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            final.rename(old)
+        try:
+            scratch.rename(final)
+        except OSError:
+            if old.exists():
+                old.rename(final)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -1,8 +1,8 @@
 """Signed model artifacts: what the retrainer signs and what the edge verifies.
 
-An artifact directory holds its files plus `manifest.json` and `manifest.sig`. The manifest
-lists every other file's sha256 and size under `files`; `manifest.sig` is the Ed25519
-signature of manifest.json's exact bytes. So one signature check plus one checksum per file
+An artifact directory holds its files plus the manifest and its signature (`contract.MANIFEST_FILE`,
+`contract.SIGNATURE_FILE`). The manifest lists every other file's sha256 and size under `files`;
+the signature is the Ed25519 signature of the manifest's exact bytes. So one signature check plus one checksum per file
 proves the whole directory came from the holder of the private key, byte for byte.
 """
 
@@ -15,8 +15,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-MANIFEST = "manifest.json"
-SIGNATURE = "manifest.sig"
+from tandem.contract import MANIFEST_FILE, SIGNATURE_FILE
 
 
 class VerificationError(Exception):
@@ -36,7 +35,7 @@ def file_entries(directory: Path) -> dict[str, dict[str, Any]]:
     return {
         p.name: {"sha256": sha256_file(p), "size": p.stat().st_size}
         for p in sorted(directory.iterdir())
-        if p.is_file() and p.name not in (MANIFEST, SIGNATURE)
+        if p.is_file() and p.name not in (MANIFEST_FILE, SIGNATURE_FILE)
     }
 
 
@@ -73,12 +72,12 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
 
 
 def sign_artifact(directory: Path, key: Ed25519PrivateKey) -> dict[str, Any]:
-    """Adds `files` to the directory's manifest.json, rewrites it, and signs it."""
-    manifest = json.loads((directory / MANIFEST).read_text())
+    """Adds `files` to the directory's manifest, rewrites it, and signs it."""
+    manifest = json.loads((directory / MANIFEST_FILE).read_text())
     manifest["files"] = file_entries(directory)
     data = (json.dumps(manifest, indent=2) + "\n").encode()
-    (directory / MANIFEST).write_bytes(data)
-    (directory / SIGNATURE).write_bytes(key.sign(data))
+    (directory / MANIFEST_FILE).write_bytes(data)
+    (directory / SIGNATURE_FILE).write_bytes(key.sign(data))
     return manifest
 
 
@@ -96,9 +95,9 @@ def verify_manifest(manifest_json: bytes, signature: bytes, key: Ed25519PublicKe
 
 def verify_artifact(directory: Path, key: Ed25519PublicKey) -> dict[str, Any]:
     """Checks the signature, then every listed file's size and sha256; returns the manifest."""
-    if not (directory / SIGNATURE).is_file():
-        raise VerificationError(f"{directory}: unsigned ({SIGNATURE} missing)")
-    manifest = verify_manifest((directory / MANIFEST).read_bytes(), (directory / SIGNATURE).read_bytes(), key)
+    if not (directory / SIGNATURE_FILE).is_file():
+        raise VerificationError(f"{directory}: unsigned ({SIGNATURE_FILE} missing)")
+    manifest = verify_manifest((directory / MANIFEST_FILE).read_bytes(), (directory / SIGNATURE_FILE).read_bytes(), key)
     for name, entry in manifest["files"].items():
         path = directory / name
         if Path(name).name != name or not path.is_file():

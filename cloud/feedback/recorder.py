@@ -1,20 +1,22 @@
-"""Sending feedback records in the background, in batches, off the request path."""
+"""Sending an expert's answered escalations to the feedback store in the background, in
+batches, off the request path."""
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import Awaitable, Callable
 
-from tandem.v1 import cloud_pb2
+from tandem.v1 import expert_pb2, fleet_pb2
 
-log = logging.getLogger("ray.serve")
+log = logging.getLogger(__name__)
 
-Send = Callable[[list[cloud_pb2.FeedbackRecord]], Awaitable[object]]
+Send = Callable[[list[fleet_pb2.FeedbackRecord]], Awaitable[object]]
 
 
-class FeedbackRecorder:
+class EscalationRecorder:
     """`add` only queues: a background task sends `batch_size` records at once, or whatever is
     pending every `interval_s`. A failed send is logged and retried with capped exponential
-    backoff for as long as the replica runs (a registry restart loses nothing); at shutdown a
+    backoff for as long as the replica runs (a fleet application restart loses nothing); at shutdown a
     batch gets `retries` attempts, then is dropped (logged). Records beyond `max_pending` are
     dropped (logged) too, so an unreachable store costs bounded memory and never an answer."""
 
@@ -29,13 +31,13 @@ class FeedbackRecorder:
         self._max_pending = max_pending
         self._max_backoff_s = max_backoff_s
         self._send_timeout_s = send_timeout_s
-        self._pending: list[cloud_pb2.FeedbackRecord] = []
+        self._pending: list[fleet_pb2.FeedbackRecord] = []
         self._dropped = 0
         self._wake = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
 
-    def add(self, record: cloud_pb2.FeedbackRecord) -> None:
+    def add(self, record: fleet_pb2.FeedbackRecord) -> None:
         """Queues a record; never blocks or raises. Call from the event loop."""
         if len(self._pending) >= self._max_pending:
             if not self._dropped:
@@ -86,3 +88,24 @@ class FeedbackRecorder:
         if self._dropped:
             log.error("feedback: dropped %d records while %d were pending", self._dropped, self._max_pending)
             self._dropped = 0
+
+
+def escalation_record(request: expert_pb2.EscalateRequest, response: expert_pb2.EscalateResponse,
+                      answered_unix_ms: int) -> fleet_pb2.FeedbackRecord:
+    """What the cloud keeps of an escalation it answered. Its id hashes the device and request
+    ids: an escalation recorded twice is stored once, while two devices that both number their
+    requests 1, 2, ... do not collide, and any request id makes a valid record id."""
+    key = hashlib.sha256(f"{request.device_id}\0{request.request_id}".encode()).hexdigest()[:32]
+    return fleet_pb2.FeedbackRecord(
+        record_id=f"esc-{key}",
+        request_id=request.request_id,
+        task=request.task,
+        kind=fleet_pb2.ESCALATION,
+        text=request.text,
+        edge=request.edge,
+        label=response.label,
+        distribution=response.distribution,
+        expert=response.expert,
+        device_id=request.device_id,
+        created_unix_ms=answered_unix_ms,
+    )

@@ -1,22 +1,16 @@
-"""Feedback records as stored: the Arrow schema, the checks at the boundary, proto → rows."""
+"""Feedback records as stored: the Arrow schema, the checks at the Fleet boundary, proto → rows."""
 
-import hashlib
-import re
 from collections.abc import Collection, Mapping, Sequence
 
 import pyarrow as pa
 
 from cloud.errors import InvalidFeedback
-from tandem.v1 import cloud_pb2
+from tandem.contract import (LABELLED_KINDS, RECORD_ID, FieldError, check_device_id, check_name, check_request_id,
+                             check_text)
+from tandem.v1 import fleet_pb2
 
-# Printable ASCII without spaces: ids end up in logs and in joins across systems.
-RECORD_ID = re.compile(r"[\x21-\x7e]{1,128}")
-# A task becomes a partition directory (task=<name>).
-TASK = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-KINDS = {cloud_pb2.FeedbackKind.Value(name): name for name in ("ESCALATION", "CORRECTION", "FALLBACK", "AUDIT")}
-# Kinds whose `label` is the answer the record exists for.
-LABELLED = {cloud_pb2.ESCALATION, cloud_pb2.CORRECTION}
-
+KINDS = {fleet_pb2.FeedbackKind.Value(name): name for name in ("ESCALATION", "CORRECTION", "FALLBACK", "AUDIT")}
+# Device ids are stored in every row and hashed into escalation record ids.
 DISTRIBUTION = pa.list_(pa.struct([("label", pa.string()), ("probability", pa.float32())]))
 # The columns inside each Parquet file; task and date are its hive partition directories.
 FILE_SCHEMA = pa.schema([
@@ -40,42 +34,41 @@ PARTITIONS = pa.schema([("task", pa.string()), ("date", pa.date32())])
 SCHEMA = pa.schema([*FILE_SCHEMA, *PARTITIONS])
 
 
-def check(records: Sequence[cloud_pb2.FeedbackRecord], tasks: Mapping[str, Collection[str]] | None,
-          max_text_bytes: int) -> None:
+def check(records: Sequence[fleet_pb2.FeedbackRecord], tasks: Mapping[str, Collection[str]] | None) -> None:
     """InvalidFeedback naming the first bad field; `tasks` (task -> labels), where given,
     limits tasks and labels to the cloud's own."""
     for i, record in enumerate(records):
-        _check(record, f"records[{i}]", tasks, max_text_bytes)
+        try:
+            _check(record, f"records[{i}]", tasks)
+        except FieldError as exc:
+            raise InvalidFeedback.of(exc) from None
 
 
-def _check(r: cloud_pb2.FeedbackRecord, at: str, tasks: Mapping[str, Collection[str]] | None, max_text_bytes: int) -> None:
+def _check(r: fleet_pb2.FeedbackRecord, at: str, tasks: Mapping[str, Collection[str]] | None) -> None:
     if not RECORD_ID.fullmatch(r.record_id):
-        raise InvalidFeedback(f"{at}.record_id", f"{r.record_id!r} must be 1 to 128 printable ASCII characters, no spaces")
-    if not TASK.fullmatch(r.task):
-        raise InvalidFeedback(f"{at}.task", f"invalid task name {r.task!r}: up to 64 letters, digits, '.', '_', '-'")
+        raise FieldError(f"{at}.record_id", f"{r.record_id!r} must be 1 to 128 printable ASCII characters, no spaces")
+    check_request_id(f"{at}.request_id", r.request_id)
+    check_name(f"{at}.task", r.task)
     if tasks is not None and r.task not in tasks:
-        raise InvalidFeedback(f"{at}.task", f"unknown task {r.task!r}; the cloud has {sorted(tasks)}")
+        raise FieldError(f"{at}.task", f"unknown task {r.task!r}; the cloud has {sorted(tasks)}")
     if r.kind not in KINDS:
-        raise InvalidFeedback(f"{at}.kind", f"must be one of {', '.join(KINDS.values())}")
-    size = len(r.text.encode())
-    if not r.text.strip():
-        raise InvalidFeedback(f"{at}.text", "must not be empty or blank")
-    if size > max_text_bytes:
-        raise InvalidFeedback(f"{at}.text", f"{size} bytes exceeds the limit of {max_text_bytes} bytes")
-    if r.kind in LABELLED and not r.label:
-        raise InvalidFeedback(f"{at}.label", f"required for {KINDS[r.kind]} records")
+        raise FieldError(f"{at}.kind", f"must be one of {', '.join(KINDS.values())}")
+    check_text(f"{at}.text", r.text)
+    check_device_id(f"{at}.device_id", r.device_id)
+    if r.kind in LABELLED_KINDS and not r.label:
+        raise FieldError(f"{at}.label", f"required for {KINDS[r.kind]} records")
     if r.label and tasks is not None and r.label not in tasks[r.task]:
-        raise InvalidFeedback(f"{at}.label", f"{r.label!r} is not a label of task {r.task}")
+        raise FieldError(f"{at}.label", f"{r.label!r} is not a label of task {r.task}")
     if r.created_unix_ms <= 0:
-        raise InvalidFeedback(f"{at}.created_unix_ms", "must be set, in milliseconds since the Unix epoch")
+        raise FieldError(f"{at}.created_unix_ms", "must be set, in milliseconds since the Unix epoch")
 
 
-def to_table(records: Sequence[cloud_pb2.FeedbackRecord], stored_unix_ms: int) -> pa.Table:
+def to_table(records: Sequence[fleet_pb2.FeedbackRecord], stored_unix_ms: int) -> pa.Table:
     """The rows of one Parquet file (FILE_SCHEMA)."""
     return pa.Table.from_pylist([_row(r, stored_unix_ms) for r in records], schema=FILE_SCHEMA)
 
 
-def _row(r: cloud_pb2.FeedbackRecord, stored_unix_ms: int) -> dict[str, object]:
+def _row(r: fleet_pb2.FeedbackRecord, stored_unix_ms: int) -> dict[str, object]:
     return {
         "record_id": r.record_id,
         "request_id": r.request_id,
@@ -92,23 +85,3 @@ def _row(r: cloud_pb2.FeedbackRecord, stored_unix_ms: int) -> dict[str, object]:
         "stored_unix_ms": stored_unix_ms,
     }
 
-
-def escalation_record(request: cloud_pb2.EscalateRequest, response: cloud_pb2.EscalateResponse,
-                      answered_unix_ms: int) -> cloud_pb2.FeedbackRecord:
-    """What the cloud keeps of an escalation it answered. Its id hashes the device and request
-    ids: an escalation recorded twice is stored once, while two devices that both number their
-    requests 1, 2, ... do not collide, and any request id makes a valid record id."""
-    key = hashlib.sha256(f"{request.device_id}\0{request.request_id}".encode()).hexdigest()[:32]
-    return cloud_pb2.FeedbackRecord(
-        record_id=f"esc-{key}",
-        request_id=request.request_id,
-        task=request.task,
-        kind=cloud_pb2.ESCALATION,
-        text=request.text,
-        edge=request.edge,
-        label=response.label,
-        distribution=response.distribution,
-        expert=response.expert,
-        device_id=request.device_id,
-        created_unix_ms=answered_unix_ms,
-    )

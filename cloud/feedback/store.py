@@ -10,7 +10,7 @@ never touches old ones; each file appears whole or not at all.
 import threading
 import time
 import uuid
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Sequence
 from datetime import date, datetime, timedelta, timezone
 from itertools import groupby
 from pathlib import Path
@@ -20,9 +20,9 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from cloud.feedback.records import PARTITIONS, SCHEMA, check, to_table
+from cloud.feedback.records import PARTITIONS, SCHEMA, to_table
 from tandem.fsio import atomic_write
-from tandem.v1 import cloud_pb2
+from tandem.v1 import fleet_pb2
 
 HIVE = ds.partitioning(PARTITIONS, flavor="hive")
 
@@ -39,27 +39,23 @@ class FeedbackStore:
     Safe to call from several threads; blocking I/O, so async callers use a thread.
     """
 
-    def __init__(self, uri: str, tasks: Mapping[str, Collection[str]] | None = None, max_text_bytes: int = 2048,
-                 dedup_days: int = 30) -> None:
+    def __init__(self, uri: str, dedup_days: int = 30) -> None:
         """`uri`: a local directory or a pyarrow filesystem URI (s3://bucket/feedback?region=...).
-        `tasks` (task -> labels), where given, refuses records of other tasks or labels.
         `dedup_days`: longer than an edge's outbox holds records while the cloud is away."""
         self._fs, self._root = _filesystem(uri)
-        self._tasks = tasks
-        self._max_text_bytes = max_text_bytes
         self._window = timedelta(days=dedup_days)
         self._ids: dict[str, dict[date, set[str]]] = {}
         self._lock = threading.Lock()
 
-    def append(self, records: Sequence[cloud_pb2.FeedbackRecord]) -> tuple[int, int]:
+    def append(self, records: Sequence[fleet_pb2.FeedbackRecord]) -> tuple[int, int]:
         """(stored, duplicates): see `add`."""
         new = self.add(records)
         return len(new), len(records) - len(new)
 
-    def add(self, records: Sequence[cloud_pb2.FeedbackRecord]) -> list[cloud_pb2.FeedbackRecord]:
+    def add(self, records: Sequence[fleet_pb2.FeedbackRecord]) -> list[fleet_pb2.FeedbackRecord]:
         """Stores the records whose id is neither stored yet nor earlier in the batch, one file
-        per task, and returns them. InvalidFeedback (nothing stored) if any record is invalid."""
-        check(records, self._tasks, self._max_text_bytes)
+        per task, and returns them. The records are valid: the Fleet boundary checked them
+        (`cloud.feedback.records.check`), and the experts build theirs from checked escalations."""
         with self._lock:
             now = time.time()
             day = datetime.fromtimestamp(now, timezone.utc).date()
@@ -80,7 +76,7 @@ class FeedbackStore:
         first = table.select(["record_id"]).append_column("row", rows).group_by("record_id", use_threads=False)
         return table.take(first.aggregate([("row", "min")])["row_min"].sort())
 
-    def _unseen(self, records: Sequence[cloud_pb2.FeedbackRecord], today: date) -> list[cloud_pb2.FeedbackRecord]:
+    def _unseen(self, records: Sequence[fleet_pb2.FeedbackRecord], today: date) -> list[fleet_pb2.FeedbackRecord]:
         batch: set[tuple[str, str]] = set()
         new = []
         for r in records:

@@ -2,19 +2,15 @@
 `root/<task>/promoted.json` (the version edges should run, and the one before it)."""
 
 import json
-import re
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from cloud.training.artifact import atomic_dir
-from tandem.fsio import atomic_write
-from tandem.signing import MANIFEST, SIGNATURE
+from tandem.contract import MANIFEST_FILE, NAME, SIGNATURE_FILE, Manifest
+from tandem.fsio import atomic_dir, atomic_write
 
 PROMOTED = "promoted.json"
-# Task and version names become path components, and FetchModel takes them off the wire.
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 class ModelNotFound(KeyError):
@@ -32,17 +28,17 @@ class ModelRegistry:
 
     def publish(self, task: str, artifact_dir: Path) -> str:
         """Copies a signed artifact in atomically; returns its manifest's version."""
-        manifest = json.loads((artifact_dir / MANIFEST).read_text())
-        if not (artifact_dir / SIGNATURE).is_file() or not manifest.get("files"):
-            raise ValueError(f"{artifact_dir}: unsigned artifact ({SIGNATURE} or manifest files missing)")
-        if manifest.get("task") != task:
-            raise ValueError(f"{artifact_dir}: manifest task {manifest.get('task')!r} is not {task!r}")
-        version = manifest["version"]
+        manifest = Manifest.read(artifact_dir)
+        if not (artifact_dir / SIGNATURE_FILE).is_file() or not manifest.files:
+            raise ValueError(f"{artifact_dir}: unsigned artifact ({SIGNATURE_FILE} or manifest files missing)")
+        if manifest.task != task:
+            raise ValueError(f"{artifact_dir}: manifest task {manifest.task!r} is not {task!r}")
+        version = manifest.version
         final = self._task_dir(task) / _checked(version, "version")
         if final.exists():
             raise FileExistsError(f"{task} version {version} is already published; versions are immutable")
         with atomic_dir(final) as scratch:
-            for name in [*manifest["files"], MANIFEST, SIGNATURE]:
+            for name in [*manifest.files, MANIFEST_FILE, SIGNATURE_FILE]:
                 shutil.copyfile(artifact_dir / name, scratch / name)
         return version
 
@@ -65,7 +61,7 @@ class ModelRegistry:
     def path(self, task: str, version: str) -> Path:
         """The directory of a published version; ModelNotFound if there is none."""
         directory = self._task_dir(task) / _checked(version, "version")
-        if not (directory / MANIFEST).is_file():
+        if not (directory / MANIFEST_FILE).is_file():
             raise ModelNotFound(f"task {task!r} has no published version {version!r}")
         return directory
 
@@ -74,7 +70,7 @@ class ModelRegistry:
         directory = self._task_dir(task)
         if not directory.is_dir():
             return []
-        manifests = [p / MANIFEST for p in directory.iterdir() if _NAME.fullmatch(p.name) and (p / MANIFEST).is_file()]
+        manifests = [p / MANIFEST_FILE for p in directory.iterdir() if NAME.fullmatch(p.name) and (p / MANIFEST_FILE).is_file()]
         created = {m.parent.name: json.loads(m.read_text())["created_at"] for m in manifests}
         return sorted(created, key=lambda v: (created[v], v))
 
@@ -87,6 +83,7 @@ class ModelRegistry:
 
 
 def _checked(name: str, what: str) -> str:
-    if not _NAME.fullmatch(name):
+    # Names become path components, and FetchModel takes them off the wire.
+    if not NAME.fullmatch(name):
         raise ModelNotFound(f"invalid {what} name {name!r}: letters, digits, '.', '_', '-', not starting with '.'")
     return name

@@ -1,9 +1,9 @@
-"""`tandem.v1.Cloud` minus Escalate: feedback in, signed students out.
+"""`tandem.v1.Fleet`: feedback in, signed students out, and each task's expert application.
 
 The methods take `(request, grpc_context)` and touch the context only through `set_code`
 and `set_details`, so one class serves both on a plain grpc.aio server (which passes the
 context positionally) and as a Ray Serve deployment (which passes a RayServegRPCContext by
-the keyword `grpc_context`; see `cloud.app.Registry`).
+the keyword `grpc_context`; see `cloud.app.Fleet`).
 """
 
 import asyncio
@@ -11,25 +11,25 @@ import contextlib
 import json
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from cloud.errors import InvalidFeedback, NotFound, RegistryError, StoreUnavailable
-from cloud.feedback.records import KINDS
+from cloud.errors import FleetError, InvalidFeedback, NotFound, StoreUnavailable
+from cloud.feedback.records import KINDS, check
 from cloud.feedback.store import FeedbackStore
 from cloud.registry.models import ModelNotFound, ModelRegistry
-from tandem.signing import MANIFEST, SIGNATURE
-from tandem.v1 import cloud_pb2, cloud_pb2_grpc
+from tandem.contract import MANIFEST_FILE, SIGNATURE_FILE
+from tandem.v1 import fleet_pb2, fleet_pb2_grpc
 
-log = logging.getLogger("ray.serve")
+log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 256 << 10
 
 
-class RegistryMetrics:
+class FleetMetrics:
     """What the servicer counts; this base counts nothing (`cloud.app` exports to Prometheus)."""
 
     def request(self, method: str, code: grpc.StatusCode) -> None:
@@ -39,73 +39,78 @@ class RegistryMetrics:
         """`count` (> 0) records of a task and kind were `stored` or a `duplicate`."""
 
 
-class RegistryServicer(cloud_pb2_grpc.CloudServicer):
-    """ReportFeedback into a FeedbackStore; GetManifest and FetchModel from a ModelRegistry."""
+class FleetServicer(fleet_pb2_grpc.FleetServicer):
+    """ReportFeedback into a FeedbackStore; GetManifest and FetchModel from a ModelRegistry;
+    GetRoutes from the cloud's task -> expert map."""
 
-    def __init__(self, feedback: FeedbackStore, models: ModelRegistry, metrics: RegistryMetrics | None = None,
-                 max_batch: int = 1000, chunk_bytes: int = CHUNK_BYTES) -> None:
+    def __init__(self, feedback: FeedbackStore, models: ModelRegistry, tasks: Mapping[str, Collection[str]] | None = None,
+                 routes: Mapping[str, str] | None = None, metrics: FleetMetrics | None = None, max_batch: int = 1000,
+                 chunk_bytes: int = CHUNK_BYTES) -> None:
+        """`tasks` (task -> labels), where given, refuses feedback of other tasks or labels.
+        `routes`: task -> the Serve application of its expert."""
         self._feedback = feedback
         self._models = models
-        self._metrics = metrics or RegistryMetrics()
+        self._tasks = tasks
+        self._routes = fleet_pb2.Routes(applications=routes or {})
+        self._metrics = metrics or FleetMetrics()
         self._max_batch = max_batch
         self._chunk_bytes = chunk_bytes
 
-    async def Escalate(self, request: cloud_pb2.EscalateRequest, grpc_context: Any) -> cloud_pb2.EscalateResponse:
-        # The base class's version takes its context positionally, which Serve does not pass.
-        grpc_context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        grpc_context.set_details("Escalate is answered by the experts' applications, not the registry's")
-        return cloud_pb2.EscalateResponse()
-
-    async def ReportFeedback(self, request: cloud_pb2.ReportFeedbackRequest, grpc_context: Any) -> cloud_pb2.ReportFeedbackResponse:
+    async def ReportFeedback(self, request: fleet_pb2.ReportFeedbackRequest, grpc_context: Any) -> fleet_pb2.ReportFeedbackResponse:
         try:
+            if len(request.records) > self._max_batch:
+                raise InvalidFeedback("records", f"{len(request.records)} records exceed the batch limit of {self._max_batch}")
+            check(request.records, self._tasks)
             stored, duplicates = await self.store(request.records)
-        except RegistryError as exc:
+        except FleetError as exc:
             self._refuse("ReportFeedback", exc, grpc_context)
-            return cloud_pb2.ReportFeedbackResponse()
+            return fleet_pb2.ReportFeedbackResponse()
         self._metrics.request("ReportFeedback", grpc.StatusCode.OK)
-        return cloud_pb2.ReportFeedbackResponse(stored=stored, duplicates=duplicates)
+        return fleet_pb2.ReportFeedbackResponse(stored=stored, duplicates=duplicates)
 
-    async def GetManifest(self, request: cloud_pb2.GetManifestRequest, grpc_context: Any) -> cloud_pb2.ModelManifest:
+    async def GetRoutes(self, request: fleet_pb2.GetRoutesRequest, grpc_context: Any) -> fleet_pb2.Routes:
+        self._metrics.request("GetRoutes", grpc.StatusCode.OK)
+        return self._routes
+
+    async def GetManifest(self, request: fleet_pb2.GetManifestRequest, grpc_context: Any) -> fleet_pb2.ModelManifest:
         try:
             manifest = await asyncio.to_thread(self._manifest, request.task)
-        except RegistryError as exc:
+        except FleetError as exc:
             self._refuse("GetManifest", exc, grpc_context)
-            return cloud_pb2.ModelManifest()
+            return fleet_pb2.ModelManifest()
         self._metrics.request("GetManifest", grpc.StatusCode.OK)
         return manifest
 
-    async def FetchModel(self, request: cloud_pb2.FetchModelRequest, grpc_context: Any) -> AsyncIterator[cloud_pb2.ModelChunk]:
+    async def FetchModel(self, request: fleet_pb2.FetchModelRequest, grpc_context: Any) -> AsyncIterator[fleet_pb2.ModelChunk]:
         """The manifest and its signature first, then every file the manifest lists. An empty
         version means the promoted one."""
         try:
             _, directory = self._resolve(request.task, request.version)
             with _registry_io():
-                names = [MANIFEST, SIGNATURE, *json.loads((directory / MANIFEST).read_bytes())["files"]]
+                names = [MANIFEST_FILE, SIGNATURE_FILE, *json.loads((directory / MANIFEST_FILE).read_bytes())["files"]]
             for name in names:
                 async for chunk in self._chunks(directory / name):
                     yield chunk
-        except RegistryError as exc:
+        except FleetError as exc:
             self._refuse("FetchModel", exc, grpc_context)
             return
         self._metrics.request("FetchModel", grpc.StatusCode.OK)
 
-    def _manifest(self, task: str) -> cloud_pb2.ModelManifest:
+    def _manifest(self, task: str) -> fleet_pb2.ModelManifest:
         version, directory = self._resolve(task, "")
         with _registry_io():
-            manifest_json = (directory / MANIFEST).read_bytes()
+            manifest_json = (directory / MANIFEST_FILE).read_bytes()
             files = json.loads(manifest_json)["files"]
-            return cloud_pb2.ModelManifest(
+            return fleet_pb2.ModelManifest(
                 task=task,
                 version=version,
                 manifest_json=manifest_json,
-                signature=(directory / SIGNATURE).read_bytes(),
-                files=[cloud_pb2.ModelFile(name=name, size=f["size"], sha256=f["sha256"]) for name, f in files.items()],
+                signature=(directory / SIGNATURE_FILE).read_bytes(),
+                files=[fleet_pb2.ModelFile(name=name, size=f["size"], sha256=f["sha256"]) for name, f in files.items()],
             )
 
-    async def store(self, records: Sequence[cloud_pb2.FeedbackRecord]) -> tuple[int, int]:
-        """(stored, duplicates), or InvalidFeedback / StoreUnavailable."""
-        if len(records) > self._max_batch:
-            raise InvalidFeedback("records", f"{len(records)} records exceed the batch limit of {self._max_batch}")
+    async def store(self, records: Sequence[fleet_pb2.FeedbackRecord]) -> tuple[int, int]:
+        """(stored, duplicates) of valid records, or StoreUnavailable."""
         try:
             new = await asyncio.to_thread(self._feedback.add, records)
         except OSError as exc:  # pyarrow's I/O errors too
@@ -122,19 +127,19 @@ class RegistryServicer(cloud_pb2_grpc.CloudServicer):
         except ModelNotFound as exc:
             raise NotFound(str(exc)) from exc
 
-    async def _chunks(self, path: Path) -> AsyncIterator[cloud_pb2.ModelChunk]:
+    async def _chunks(self, path: Path) -> AsyncIterator[fleet_pb2.ModelChunk]:
         offset = 0
         with _registry_io(), path.open("rb") as f:
             while True:
                 data = await asyncio.to_thread(f.read, self._chunk_bytes)
                 if data or not offset:  # an empty file still arrives, as one empty chunk
-                    yield cloud_pb2.ModelChunk(file=path.name, offset=offset, data=data)
+                    yield fleet_pb2.ModelChunk(file=path.name, offset=offset, data=data)
                 offset += len(data)
                 if len(data) < self._chunk_bytes:
                     return
 
-    def _refuse(self, method: str, exc: RegistryError, grpc_context: Any) -> None:
-        """The one place registry errors become statuses."""
+    def _refuse(self, method: str, exc: FleetError, grpc_context: Any) -> None:
+        """The one place fleet errors become statuses."""
         # Tracebacks for server-side failures; a bad request is not worth one.
         client_error = isinstance(exc, (InvalidFeedback, NotFound))
         log.warning("%s failed: %s %s", method, exc.code.name, exc, exc_info=not client_error)
@@ -142,7 +147,7 @@ class RegistryServicer(cloud_pb2_grpc.CloudServicer):
         grpc_context.set_code(exc.code)
         grpc_context.set_details(str(exc))
 
-    def _count(self, records: Sequence[cloud_pb2.FeedbackRecord], new: list[cloud_pb2.FeedbackRecord]) -> None:
+    def _count(self, records: Sequence[fleet_pb2.FeedbackRecord], new: list[fleet_pb2.FeedbackRecord]) -> None:
         stored = Counter((r.task, KINDS[r.kind]) for r in new)
         duplicates = Counter((r.task, KINDS[r.kind]) for r in records) - stored  # keeps counts > 0
         for outcome, counts in (("stored", stored), ("duplicate", duplicates)):

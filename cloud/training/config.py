@@ -83,8 +83,8 @@ class DistillConfig(TandemSettings):
     )
     student: FitConfig = FitConfig(layers=2, lr=3e-4)
     min_steps: int = Field(
-        600, ge=0, description="Train at least this many steps, passing more often over a small set: a 10% "
-        "seed is 29 batches, and 3 epochs of it leave the student near chance (15% on banking77, 76% at 600).",
+        600, ge=0, description="Train at least this many steps, passing more often over a small set: a few "
+        "epochs of a 10% seed are too few steps and leave the student near chance.",
     )
     min_accuracy_gain: float = Field(
         0.005, ge=0, le=1, description="Promote only if held-out accuracy beats the promoted version's by this "

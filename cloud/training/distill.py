@@ -8,7 +8,6 @@ rejected one can be inspected; edges only ever fetch the promoted one.
 """
 
 import contextlib
-import json
 import logging
 import math
 import tempfile
@@ -32,7 +31,9 @@ from cloud.training.data import Splits, load_splits
 from cloud.training.distill_data import NO_LABEL, DistillSet, FeedbackExample, build_distill_set, read_feedback
 from cloud.training.gate import judge
 from cloud.training.loop import Loss, fit_loss, predict_logits
+from cloud.training.quiet import quiet_third_party
 from cloud.training.student import export_student
+from tandem.contract import MANIFEST_FILE, Manifest
 from tandem.signing import generate_key, load_private_key, public_path, sign_artifact
 
 log = logging.getLogger(__name__)
@@ -48,14 +49,13 @@ def run_distill(cfg: DistillConfig, feedback: list[FeedbackExample] | None = Non
     key = signing_key(cfg.signing_key_path())
     registry = ModelRegistry(cfg.registry_root())
     parent = registry.promoted(task)
-    print(f"{task}: reading the task's data and feedback; promoted now: {parent}", flush=True)
+    log.info("%s: reading the task's data and feedback; promoted now: %s", task, parent)
     splits = load_splits(cfg.splits_config(), cfg.student)
     feedback = read_feedback(cfg.feedback_store_uri(), task) if feedback is None else feedback
     data = build_distill_set(splits, feedback, cfg.seed_fraction, cfg.student.max_length)
-    print(
-        f"{task}: {data.labelled} labelled examples (seed_fraction {cfg.seed_fraction}), "
-        f"feedback {data.feedback or 'none'} ({data.dropped} dropped)",
-        flush=True,
+    log.info(
+        "%s: %d labelled examples (seed_fraction %s), feedback %s (%d dropped)",
+        task, data.labelled, cfg.seed_fraction, data.feedback or "none", data.dropped,
     )
     soft, teacher = teacher_logits(cfg.teacher_path(), splits.label_names, data.ids)
     files, fields = train_candidate(cfg, splits, data, soft)
@@ -63,7 +63,7 @@ def run_distill(cfg: DistillConfig, feedback: list[FeedbackExample] | None = Non
         candidate = Path(tmp)
         for name, content in files.items():
             (candidate / name).write_bytes(content)
-        print(f"{task}: judging the candidate against {parent or 'no promoted version'}", flush=True)
+        log.info("%s: judging the candidate against %s", task, parent or "no promoted version")
         promoted = None if parent is None else registry.path(task, parent)
         gate = judge(candidate, promoted, splits.val, splits.label_names, cfg.min_accuracy_gain)
         lineage = _lineage(cfg, data, teacher)
@@ -73,10 +73,10 @@ def run_distill(cfg: DistillConfig, feedback: list[FeedbackExample] | None = Non
     if gate["passed"]:
         registry.promote(task, version)
     against = "nothing promoted" if parent is None else f"{gate['promoted_accuracy']:.3f} for {parent}"
-    print(
-        f"{task}: published {version}, {'promoted' if gate['passed'] else 'not promoted'}: held-out accuracy "
-        f"{gate['candidate_accuracy']:.3f} against {against} (min gain {cfg.min_accuracy_gain})",
-        flush=True,
+    log.info(
+        "%s: published %s, %s: held-out accuracy %.3f against %s (min gain %s)",
+        task, version, "promoted" if gate["passed"] else "not promoted", gate["candidate_accuracy"], against,
+        cfg.min_accuracy_gain,
     )
     return {
         "task": task,
@@ -125,7 +125,7 @@ def signing_key(path: Path) -> Ed25519PrivateKey:
     """The private key at `path`, generated the first time."""
     if not path.exists():
         generate_key(path)
-        print(f"generated a new signing key {path}; edges must trust {public_path(path)}", flush=True)
+        log.info("generated a new signing key %s; edges must trust %s", path, public_path(path))
     return load_private_key(path)
 
 
@@ -139,8 +139,7 @@ def teacher_logits(teacher_dir: Path, label_names: list[str], ids: list[list[int
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     if labels != label_names:
         raise ValueError(f"teacher_dir {teacher_dir}: its labels are not the task's, in the task's order")
-    manifest = teacher_dir / "manifest.json"
-    version = json.loads(manifest.read_text())["version"] if manifest.is_file() else str(teacher_dir)
+    version = Manifest.read(teacher_dir).version if (teacher_dir / MANIFEST_FILE).is_file() else str(teacher_dir)
     return predict_logits(model, ids, desc="teacher soft labels"), version
 
 
@@ -149,10 +148,15 @@ def train_candidate(
 ) -> tuple[dict[str, bytes], dict[str, Any]]:
     """`distil_student` in a Ray task reserving `num_cpus`, or in this process."""
     if not cfg.use_ray:
+        log.info("distilling the student, then exporting it to int8 ONNX and calibrating it")
         return distil_student(cfg, splits, data, soft)
-    print(f"training in a Ray task with {cfg.num_cpus} CPUs", flush=True)
+    log.info("distilling the student in a Ray task with %s CPUs, then exporting it to int8 ONNX and calibrating it",
+             cfg.num_cpus)
     with ray_session():
-        task = ray.remote(num_cpus=cfg.num_cpus)(distil_student)
+        # Read once, when torch starts OpenMP in the worker: its threads otherwise spin while
+        # waiting for work, taking the cores from everything else on a small shared machine.
+        env = {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}
+        task = ray.remote(num_cpus=cfg.num_cpus, runtime_env=env)(distil_student)
         return ray.get(task.remote(cfg, splits, data, soft))
 
 
@@ -163,11 +167,11 @@ def distil_student(
 
     Bytes, not a path: on a cluster the task may run on another node than the round.
     """
+    quiet_third_party()  # in a Ray worker, a process that no `tandem` command set up
     fit_cfg = cfg.student.model_copy(update={"epochs": training_epochs(cfg, len(data.ids))})
     model = build_classifier(splits.label_names, fit_cfg.layers)
     loss = distillation_loss(soft, data.labels, cfg.kd_temperature, cfg.alpha)
     fit_loss(model, data.ids, loss, fit_cfg, cfg.seed, desc="distil")
-    print("exporting the student to int8 ONNX and calibrating it", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         fields = export_student(model, fit_cfg, splits, Path(tmp))
         return {p.name: p.read_bytes() for p in Path(tmp).iterdir()}, fields

@@ -15,17 +15,19 @@ import numpy as np
 from cloud.feedback import FeedbackStore
 from cloud.training.data import Split, Splits, tokenizer
 from cloud.training.loop import encode
-from tandem.tasks import Example, TaskSpec
+from tandem.contract import LABELLED_KINDS
+from tandem.v1 import fleet_pb2
 
 NO_LABEL = -1
-LABELLED_KINDS = frozenset({"CORRECTION", "ESCALATION"})  # kinds whose `label` is ground truth
+# contract.LABELLED_KINDS by name: the feedback store holds kinds as their names.
+LABELLED_KIND_NAMES = frozenset(fleet_pb2.FeedbackKind.Name(k) for k in LABELLED_KINDS)
 
 
 @dataclass(frozen=True)
 class FeedbackExample:
     kind: str  # ESCALATION, CORRECTION, FALLBACK or AUDIT
     text: str  # redacted on the device
-    label: str  # the correct label where known (see LABELLED_KINDS), else ""
+    label: str  # the correct label where known (see LABELLED_KIND_NAMES), else ""
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,7 @@ def build_distill_set(
     rows = [f for f in feedback if f.text.strip()]
     ids = encode(tokenizer(), [f.text for f in rows], max_length)
     kept = [(f, x) for f, x in zip(rows, ids) if tuple(x) not in held_out]
-    labels = [index.get(f.label, NO_LABEL) if f.kind in LABELLED_KINDS else NO_LABEL for f, _ in kept]
+    labels = [index.get(f.label, NO_LABEL) if f.kind in LABELLED_KIND_NAMES else NO_LABEL for f, _ in kept]
     return DistillSet(
         ids=seed.ids + [x for _, x in kept],
         labels=np.concatenate([seed.labels, np.array(labels, dtype=np.int64)]),
@@ -68,13 +70,3 @@ def build_distill_set(
         feedback=dict(Counter(f.kind for f, _ in kept)),
         dropped=len(feedback) - len(kept),
     )
-
-
-def traffic_examples(task: TaskSpec, splits: Splits, seed_fraction: float, max_length: int) -> list[Example]:
-    """Train examples neither in the labelled seed nor held out: what the learning-loop
-    benchmark streams through the system as traffic."""
-    seed = labelled_seed(splits.train, seed_fraction)
-    excluded = {tuple(x) for x in seed.ids + splits.val.ids}
-    examples = task.load("train")
-    ids = encode(tokenizer(), [e.text for e in examples], max_length)
-    return [e for e, x in zip(examples, ids) if tuple(x) not in excluded]

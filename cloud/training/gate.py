@@ -8,13 +8,14 @@ import numpy as np
 
 from cloud.training.data import Split
 from cloud.training.export import onnx_logits
+from tandem.contract import LABELS_FILE, MODEL_FILE
 
 
 def onnx_accuracy(directory: Path, split: Split, label_names: list[str]) -> float:
-    """Accuracy of an artifact's model.onnx on `split`, compared by label name, so that an
+    """Accuracy of an artifact's model on `split`, compared by label name, so that an
     artifact with another label order is still judged fairly."""
-    predicted = onnx_logits(directory / "model.onnx", split.ids).argmax(-1)
-    own = json.loads((directory / "labels.json").read_text())
+    predicted = onnx_logits(directory / MODEL_FILE, split.ids).argmax(-1)
+    own = json.loads((directory / LABELS_FILE).read_text())
     return float(np.mean([own[p] == label_names[t] for p, t in zip(predicted, split.labels)]))
 
 

@@ -1,6 +1,6 @@
 """`tandem train student`: a truncated MiniLM, exported to int8 ONNX and calibrated.
 
-The artifact directory holds model.onnx, tokenizer.json, labels.json and manifest.json:
+The artifact directory holds `contract.STUDENT_FILES` (model, tokenizer, labels, manifest):
 everything the edge needs, nothing it must not import.
 """
 
@@ -12,13 +12,15 @@ from typing import Any
 import numpy as np
 from transformers import PreTrainedModel
 
-from cloud.training.artifact import atomic_dir, write_manifest
+from cloud.training.artifact import write_manifest
 from cloud.training.base_model import build_classifier, minilm_dir
 from cloud.training.calibration import expected_calibration_error, fit_temperature, softmax
 from cloud.training.config import FitConfig, TrainConfig
 from cloud.training.data import Splits, load_splits
 from cloud.training.export import export_onnx, onnx_logits, quantize_int8
 from cloud.training.loop import fit, predict_logits
+from tandem.contract import LABELS_FILE, MODEL_FILE, TOKENIZER_FILE
+from tandem.fsio import atomic_dir
 
 
 def train_student(cfg: TrainConfig, out: Path, parent: str | None = None) -> dict[str, Any]:
@@ -34,20 +36,20 @@ def train_student(cfg: TrainConfig, out: Path, parent: str | None = None) -> dic
 
 
 def export_student(model: PreTrainedModel, fit_cfg: FitConfig, splits: Splits, directory: Path) -> dict[str, Any]:
-    """Writes the edge's files (int8 model.onnx, tokenizer.json, labels.json) into `directory`;
+    """Writes the edge's files (int8 model, tokenizer, labels) into `directory`;
     returns the manifest fields that describe them: payload, temperature, test metrics."""
     test_fp32 = predict_logits(model, splits.test.ids)
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "model.fp32.onnx"
         export_onnx(model, fp32)
-        quantize_int8(fp32, directory / "model.onnx")
+        quantize_int8(fp32, directory / MODEL_FILE)
     # Calibrate the model the edge runs (int8), not the torch one.
-    temperature = fit_temperature(onnx_logits(directory / "model.onnx", splits.val.ids), splits.val.labels)
-    test_int8 = onnx_logits(directory / "model.onnx", splits.test.ids)
-    (directory / "tokenizer.json").write_bytes((minilm_dir() / "tokenizer.json").read_bytes())
-    (directory / "labels.json").write_text(json.dumps(splits.label_names, indent=1) + "\n")
+    temperature = fit_temperature(onnx_logits(directory / MODEL_FILE, splits.val.ids), splits.val.labels)
+    test_int8 = onnx_logits(directory / MODEL_FILE, splits.test.ids)
+    (directory / TOKENIZER_FILE).write_bytes((minilm_dir() / "tokenizer.json").read_bytes())
+    (directory / LABELS_FILE).write_text(json.dumps(splits.label_names, indent=1) + "\n")
     return {
-        "payload": "model.onnx",
+        "payload": MODEL_FILE,
         "fit": fit_cfg.model_dump(),
         "layers": model.config.num_hidden_layers,
         "max_length": fit_cfg.max_length,

@@ -7,11 +7,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from cloud.training.artifact import atomic_dir, write_manifest
+from cloud.training.artifact import write_manifest
 from cloud.training.base_model import TOKENIZER_FILES, build_classifier, minilm_dir
 from cloud.training.config import TrainConfig
 from cloud.training.data import load_splits
 from cloud.training.loop import fit, predict_logits
+from tandem.fsio import atomic_dir
 
 
 def train_teacher(cfg: TrainConfig, out: Path) -> dict[str, Any]:

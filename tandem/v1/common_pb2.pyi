@@ -11,3 +11,13 @@ class LabelScore(_message.Message):
     label: str
     probability: float
     def __init__(self, label: _Optional[str] = ..., probability: _Optional[float] = ...) -> None: ...
+
+class EdgePrediction(_message.Message):
+    __slots__ = ("label", "confidence", "model_version")
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    label: str
+    confidence: float
+    model_version: str
+    def __init__(self, label: _Optional[str] = ..., confidence: _Optional[float] = ..., model_version: _Optional[str] = ...) -> None: ...

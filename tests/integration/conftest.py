@@ -11,7 +11,7 @@ import pytest
 import pytest_asyncio
 
 from tandem.tasks import read_examples
-from tandem.v1 import cloud_pb2, cloud_pb2_grpc, common_pb2, edge_pb2_grpc
+from tandem.v1 import common_pb2, edge_pb2_grpc, expert_pb2, expert_pb2_grpc, fleet_pb2, fleet_pb2_grpc
 
 pytestmark = pytest.mark.integration
 
@@ -34,15 +34,22 @@ def artifact_copy(student_dir: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(student_dir, tmp_path / "student"))
 
 
-class ScriptedCloud(cloud_pb2_grpc.CloudServicer):
-    """A real gRPC Cloud server whose behaviour a test sets: answer, slow, overloaded or
-    unavailable_once (UNAVAILABLE to the first call, answers after)."""
+# The scripted cloud's expert application for banking77.
+ROUTES = {"banking77": "banking77-expert"}
+
+
+class ScriptedCloud(expert_pb2_grpc.ExpertServicer, fleet_pb2_grpc.FleetServicer):
+    """A real gRPC cloud whose behaviour a test sets. Escalate: `mode` is answer, slow,
+    overloaded or unavailable_once (UNAVAILABLE to the first call, answers after). Fleet:
+    GetRoutes answers `routes`; the other Fleet methods are unimplemented."""
 
     def __init__(self) -> None:
         self.mode = "answer"
-        self.seen: list[tuple[cloud_pb2.EscalateRequest, dict[str, str]]] = []
+        self.routes = dict(ROUTES)
+        self.seen: list[tuple[expert_pb2.EscalateRequest, dict[str, str]]] = []
+        self.routes_asked: list[dict[str, str]] = []
 
-    async def Escalate(self, request: cloud_pb2.EscalateRequest, context: grpc.aio.ServicerContext) -> cloud_pb2.EscalateResponse:
+    async def Escalate(self, request: expert_pb2.EscalateRequest, context: grpc.aio.ServicerContext) -> expert_pb2.EscalateResponse:
         self.seen.append((request, dict(context.invocation_metadata())))
         if self.mode == "slow":
             await asyncio.sleep(5)
@@ -50,7 +57,7 @@ class ScriptedCloud(cloud_pb2_grpc.CloudServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "warming up")
         if self.mode == "overloaded":
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full")
-        return cloud_pb2.EscalateResponse(
+        return expert_pb2.EscalateResponse(
             request_id=request.request_id,
             label="card_arrival",
             confidence=0.97,
@@ -59,12 +66,20 @@ class ScriptedCloud(cloud_pb2_grpc.CloudServicer):
             expert_ms=1.0,
         )
 
+    async def GetRoutes(self, request: fleet_pb2.GetRoutesRequest, context: grpc.aio.ServicerContext) -> fleet_pb2.Routes:
+        self.routes_asked.append(dict(context.invocation_metadata()))
+        return fleet_pb2.Routes(applications=self.routes)
+
 
 @contextlib.asynccontextmanager
-async def serving(servicer: cloud_pb2_grpc.CloudServicer, port: int = 0) -> AsyncIterator[str]:
-    """A real grpc.aio server for a Cloud servicer; yields its address."""
+async def serving(servicer: expert_pb2_grpc.ExpertServicer | fleet_pb2_grpc.FleetServicer, port: int = 0) -> AsyncIterator[str]:
+    """A real grpc.aio server for an Expert servicer, a Fleet servicer, or one that is both;
+    yields its address."""
     server = grpc.aio.server()
-    cloud_pb2_grpc.add_CloudServicer_to_server(servicer, server)
+    if isinstance(servicer, expert_pb2_grpc.ExpertServicer):
+        expert_pb2_grpc.add_ExpertServicer_to_server(servicer, server)
+    if isinstance(servicer, fleet_pb2_grpc.FleetServicer):
+        fleet_pb2_grpc.add_FleetServicer_to_server(servicer, server)
     port = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     try:

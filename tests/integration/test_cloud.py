@@ -2,6 +2,7 @@
 on CPU), reached through Serve's gRPC ingress. The engines start once for the module."""
 
 import asyncio
+import contextlib
 import re
 import time
 import urllib.request
@@ -13,19 +14,19 @@ import psutil
 import pytest
 import yaml
 
-from benchmarks.ports import free_port
-from benchmarks.processes import Server, announced_server
 from cloud.feedback import FeedbackStore
-from edge.config import CloudConfig, PolicyConfig
+from edge.config import CloudLinkConfig, PolicyConfig
+from tandem.contract import FLEET_APPLICATION, TEXT_MAX_BYTES
+from tandem.subprocesses import Server, announced_server, free_port
 from tandem.tasks import banking77
-from tandem.v1 import cloud_pb2, cloud_pb2_grpc, edge_pb2
+from tandem.v1 import common_pb2, edge_pb2, expert_pb2, expert_pb2_grpc, fleet_pb2, fleet_pb2_grpc
 
 from .conftest import running_daemon
 
 pytestmark = pytest.mark.integration
 
 APPLICATION = {"banking77": "classifier", "banking77-llm": "llm"}  # task -> expert application
-REGISTRY = [("application", "registry")]  # ReportFeedback, GetManifest, FetchModel
+FLEET = [("application", FLEET_APPLICATION)]  # ReportFeedback, GetManifest, FetchModel, GetRoutes
 LABELS = banking77().label_names()
 
 
@@ -51,7 +52,6 @@ def cloud(cloud_dir: Path) -> Iterator[tuple[Server, int]]:
     metrics_port = free_port()
     cfg = {
         "grpc_port": free_port(), "http_port": free_port(), "ray_metrics_port": metrics_port,
-        "max_text_bytes": 512,
         "feedback_uri": str(tmp / "feedback"), "registry_dir": str(tmp / "registry"), "feedback_flush_s": 0.2,
         "tasks": {"banking77": {"spec": spec, "expert": "classifier"}, "banking77-llm": {"spec": spec, "expert": "llm"}},
         "experts": [
@@ -64,26 +64,44 @@ def cloud(cloud_dir: Path) -> Iterator[tuple[Server, int]]:
         ],
     }
     (tmp / "cloud.yaml").write_text(yaml.safe_dump(cfg))
-    with announced_server(["-m", "tandem.cli", "cloud", "serve", "--config", str(tmp / "cloud.yaml")], timeout_s=600,
+    with announced_server(["-m", "tandem_cli", "cloud", "serve", "--config", str(tmp / "cloud.yaml")], timeout_s=600,
                           stop_timeout_s=120) as server:
         yield server, metrics_port
+        started = psutil.Process(server.process.pid).children(recursive=True)
+    # Stopping ends every process the cloud started: Ray's, the replicas' and vLLM's engines.
+    _, alive = psutil.wait_procs(started, timeout=10)
+    assert not alive, f"left running after the cloud stopped: {_commands(alive)}"
+
+
+def _commands(procs: list[psutil.Process]) -> list[str]:
+    commands = []
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            commands.append(f"{proc.pid} {' '.join(proc.cmdline())[:120]}")
+    return commands
 
 
 @pytest.fixture(scope="module")
-def stub(cloud: tuple[Server, int]) -> Iterator[cloud_pb2_grpc.CloudStub]:
+def stub(cloud: tuple[Server, int]) -> Iterator[expert_pb2_grpc.ExpertStub]:
     with grpc.insecure_channel(f"127.0.0.1:{cloud[0].port}") as channel:
-        yield cloud_pb2_grpc.CloudStub(channel)
+        yield expert_pb2_grpc.ExpertStub(channel)
+
+
+@pytest.fixture(scope="module")
+def fleet(cloud: tuple[Server, int]) -> Iterator[fleet_pb2_grpc.FleetStub]:
+    with grpc.insecure_channel(f"127.0.0.1:{cloud[0].port}") as channel:
+        yield fleet_pb2_grpc.FleetStub(channel)
 
 
 def _metadata(task: str) -> list[tuple[str, str]]:
     return [("application", APPLICATION.get(task, "classifier"))]
 
 
-def _escalate(stub: cloud_pb2_grpc.CloudStub, task: str, text: str, timeout: float = 60, **kw: str) -> cloud_pb2.EscalateResponse:
-    return stub.Escalate(cloud_pb2.EscalateRequest(task=task, text=text, **kw), metadata=_metadata(task), timeout=timeout)
+def _escalate(stub: expert_pb2_grpc.ExpertStub, task: str, text: str, timeout: float = 60, **kw: str) -> expert_pb2.EscalateResponse:
+    return stub.Escalate(expert_pb2.EscalateRequest(task=task, text=text, **kw), metadata=_metadata(task), timeout=timeout)
 
 
-def test_classify_expert_answers_with_a_label_distribution(stub: cloud_pb2_grpc.CloudStub, banking_texts: list[str]) -> None:
+def test_classify_expert_answers_with_a_label_distribution(stub: expert_pb2_grpc.ExpertStub, banking_texts: list[str]) -> None:
     for i, text in enumerate(banking_texts[:10]):
         r = _escalate(stub, "banking77", text, request_id=f"cls-{i}")
         probs = [d.probability for d in r.distribution]
@@ -93,26 +111,26 @@ def test_classify_expert_answers_with_a_label_distribution(stub: cloud_pb2_grpc.
         assert r.expert_ms > 0
 
 
-def test_generate_expert_answers_within_the_label_set(stub: cloud_pb2_grpc.CloudStub, banking_texts: list[str]) -> None:
+def test_generate_expert_answers_within_the_label_set(stub: expert_pb2_grpc.ExpertStub, banking_texts: list[str]) -> None:
     for text in banking_texts[:3]:
         r = _escalate(stub, "banking77-llm", text)
         assert r.label in LABELS and r.expert == "llm" and 0 < r.confidence <= 1
 
 
 async def test_edge_daemon_escalates_to_the_served_cloud(student_dir: Path, cloud: tuple[Server, int]) -> None:
-    target = CloudConfig(target=f"127.0.0.1:{cloud[0].port}", deadline_ms=30000, applications=APPLICATION)
+    target = CloudLinkConfig(target=f"127.0.0.1:{cloud[0].port}", deadline_ms=30000)
     async with running_daemon(student_dir, policy=PolicyConfig(mode="cloud_only"), cloud=target) as (_, edge):
         r = await edge.Infer(edge_pb2.InferRequest(task="banking77", text=b"my card has not arrived", request_id="e2e-1"), timeout=60)
     assert (r.source, r.expert, r.request_id) == (edge_pb2.CLOUD, "classifier", "e2e-1")
     assert r.label in LABELS and r.timings.cloud_ms > 0
 
 
-def test_concurrent_escalations_are_batched_in_the_engine(cloud: tuple[Server, int], stub: cloud_pb2_grpc.CloudStub,
+def test_concurrent_escalations_are_batched_in_the_engine(cloud: tuple[Server, int], stub: expert_pb2_grpc.ExpertStub,
                                                          banking_texts: list[str]) -> None:
-    async def burst() -> list[cloud_pb2.EscalateResponse]:
+    async def burst() -> list[expert_pb2.EscalateResponse]:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{cloud[0].port}") as channel:
-            aio_stub = cloud_pb2_grpc.CloudStub(channel)
-            calls = [aio_stub.Escalate(cloud_pb2.EscalateRequest(task="banking77", text=t), metadata=_metadata("banking77"), timeout=60)
+            aio_stub = expert_pb2_grpc.ExpertStub(channel)
+            calls = [aio_stub.Escalate(expert_pb2.EscalateRequest(task="banking77", text=t), metadata=_metadata("banking77"), timeout=60)
                      for t in banking_texts[:48]]
             return await asyncio.gather(*calls)
 
@@ -136,18 +154,19 @@ def test_concurrent_escalations_are_batched_in_the_engine(cloud: tuple[Server, i
 
 @pytest.mark.parametrize(
     ("task", "text", "fragment"),
-    [("weather", "hi", "task: unknown task 'weather'; expert classifier answers ['banking77']"), ("banking77", "x" * 513, "text: 513 bytes exceeds the limit of 512"),
+    [("weather", "hi", "task: unknown task 'weather'; expert classifier answers ['banking77']"),
+     ("banking77", "x" * (TEXT_MAX_BYTES + 1), f"text: {TEXT_MAX_BYTES + 1} bytes exceeds the limit of {TEXT_MAX_BYTES}"),
      ("banking77", "   ", "text: must not be empty")],
 )
-def test_bad_escalations_are_invalid_argument(stub: cloud_pb2_grpc.CloudStub, task: str, text: str, fragment: str) -> None:
+def test_bad_escalations_are_invalid_argument(stub: expert_pb2_grpc.ExpertStub, task: str, text: str, fragment: str) -> None:
     with pytest.raises(grpc.RpcError) as info:
         _escalate(stub, task, text, timeout=30)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and fragment in info.value.details()
 
 
-def test_answered_escalations_are_recorded_in_the_feedback_store(stub: cloud_pb2_grpc.CloudStub, cloud_dir: Path) -> None:
-    edge = cloud_pb2.EdgePrediction(label="lost_or_stolen_card", confidence=0.41, model_version="student-v1")
-    r = stub.Escalate(cloud_pb2.EscalateRequest(request_id="fb-1", task="banking77", text="my card never came",
+def test_answered_escalations_are_recorded_in_the_feedback_store(stub: expert_pb2_grpc.ExpertStub, cloud_dir: Path) -> None:
+    edge = common_pb2.EdgePrediction(label="lost_or_stolen_card", confidence=0.41, model_version="student-v1")
+    r = stub.Escalate(expert_pb2.EscalateRequest(request_id="fb-1", task="banking77", text="my card never came",
                                                 edge=edge, device_id="kiosk-7"),
                       metadata=_metadata("banking77"), timeout=60)
     store = FeedbackStore(str(cloud_dir / "feedback"))
@@ -164,14 +183,18 @@ def test_answered_escalations_are_recorded_in_the_feedback_store(stub: cloud_pb2
     assert row["created_unix_ms"] <= row["stored_unix_ms"]
 
 
-def test_feedback_reported_through_the_proxy_is_stored_once(cloud: tuple[Server, int], stub: cloud_pb2_grpc.CloudStub,
+def test_the_fleet_routes_each_task_to_its_expert_application(fleet: fleet_pb2_grpc.FleetStub) -> None:
+    assert dict(fleet.GetRoutes(fleet_pb2.GetRoutesRequest(), metadata=FLEET, timeout=30).applications) == APPLICATION
+
+
+def test_feedback_reported_through_the_proxy_is_stored_once(cloud: tuple[Server, int], fleet: fleet_pb2_grpc.FleetStub,
                                                             cloud_dir: Path) -> None:
-    records = [cloud_pb2.FeedbackRecord(record_id=f"fix-{i}", task="banking77", kind=cloud_pb2.CORRECTION,
+    records = [fleet_pb2.FeedbackRecord(record_id=f"fix-{i}", task="banking77", kind=fleet_pb2.CORRECTION,
                                         text="card still not here", label="card_arrival", created_unix_ms=1_700_000_000_000)
                for i in range(2)]
-    request = cloud_pb2.ReportFeedbackRequest(records=records)
-    first = stub.ReportFeedback(request, metadata=REGISTRY, timeout=30)
-    again = stub.ReportFeedback(request, metadata=REGISTRY, timeout=30)
+    request = fleet_pb2.ReportFeedbackRequest(records=records)
+    first = fleet.ReportFeedback(request, metadata=FLEET, timeout=30)
+    again = fleet.ReportFeedback(request, metadata=FLEET, timeout=30)
     assert (first.stored, first.duplicates, again.stored, again.duplicates) == (2, 0, 0, 2)
     stored = FeedbackStore(str(cloud_dir / "feedback")).read("banking77")["record_id"].to_pylist()
     assert stored.count("fix-0") == stored.count("fix-1") == 1
@@ -179,32 +202,32 @@ def test_feedback_reported_through_the_proxy_is_stored_once(cloud: tuple[Server,
     deadline = time.monotonic() + 60
     while not ((m := pattern.search(urllib.request.urlopen(f"http://127.0.0.1:{cloud[1]}/metrics", timeout=5).read().decode()))
                and float(m.group(1)) >= 2):
-        assert time.monotonic() < deadline, "the registry's duplicate count never reached Prometheus"
+        assert time.monotonic() < deadline, "the fleet's duplicate count never reached Prometheus"
         time.sleep(2)
 
 
-def test_bad_feedback_is_invalid_argument_and_a_task_without_a_promoted_model_not_found(stub: cloud_pb2_grpc.CloudStub) -> None:
-    blank = cloud_pb2.FeedbackRecord(record_id="blank", task="banking77", kind=cloud_pb2.AUDIT, text=" ", created_unix_ms=1)
+def test_bad_feedback_is_invalid_argument_and_a_task_without_a_promoted_model_not_found(fleet: fleet_pb2_grpc.FleetStub) -> None:
+    blank = fleet_pb2.FeedbackRecord(record_id="blank", task="banking77", kind=fleet_pb2.AUDIT, text=" ", created_unix_ms=1)
     with pytest.raises(grpc.RpcError) as info:
-        stub.ReportFeedback(cloud_pb2.ReportFeedbackRequest(records=[blank]), metadata=REGISTRY, timeout=30)
+        fleet.ReportFeedback(fleet_pb2.ReportFeedbackRequest(records=[blank]), metadata=FLEET, timeout=30)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "records[0].text: must not be empty" in info.value.details()
     with pytest.raises(grpc.RpcError) as info:
-        stub.GetManifest(cloud_pb2.GetManifestRequest(task="banking77"), metadata=REGISTRY, timeout=30)
+        fleet.GetManifest(fleet_pb2.GetManifestRequest(task="banking77"), metadata=FLEET, timeout=30)
     assert info.value.code() == grpc.StatusCode.NOT_FOUND and "task 'banking77' has no promoted model" in info.value.details()
     with pytest.raises(grpc.RpcError) as info:
-        list(stub.FetchModel(cloud_pb2.FetchModelRequest(task="banking77", version="v0"), metadata=REGISTRY, timeout=30))
+        list(fleet.FetchModel(fleet_pb2.FetchModelRequest(task="banking77", version="v0"), metadata=FLEET, timeout=30))
     assert info.value.code() == grpc.StatusCode.NOT_FOUND and "task 'banking77' has no published version 'v0'" in info.value.details()
 
 
 def test_overload_is_refused_with_resource_exhausted_before_queued_work_finishes(cloud: tuple[Server, int]) -> None:
     async def flood() -> list[tuple[float, grpc.StatusCode]]:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{cloud[0].port}") as channel:
-            aio_stub = cloud_pb2_grpc.CloudStub(channel)
+            aio_stub = expert_pb2_grpc.ExpertStub(channel)
             start = time.perf_counter()
 
             async def one(i: int) -> tuple[float, grpc.StatusCode]:
                 try:
-                    await aio_stub.Escalate(cloud_pb2.EscalateRequest(task="banking77-llm", text=f"card {i} blocked"),
+                    await aio_stub.Escalate(expert_pb2.EscalateRequest(task="banking77-llm", text=f"card {i} blocked"),
                                             metadata=_metadata("banking77-llm"), timeout=120)
                     code = grpc.StatusCode.OK
                 except grpc.aio.AioRpcError as exc:
@@ -221,7 +244,7 @@ def test_overload_is_refused_with_resource_exhausted_before_queued_work_finishes
     assert max(refused) < max(served), "refusals must not wait for the queue to drain"
 
 
-def test_client_deadline_is_respected(stub: cloud_pb2_grpc.CloudStub) -> None:
+def test_client_deadline_is_respected(stub: expert_pb2_grpc.ExpertStub) -> None:
     started = time.perf_counter()
     with pytest.raises(grpc.RpcError) as info:
         _escalate(stub, "banking77-llm", "how do I top up by card", timeout=0.05)
@@ -229,7 +252,7 @@ def test_client_deadline_is_respected(stub: cloud_pb2_grpc.CloudStub) -> None:
     assert time.perf_counter() - started < 5
 
 
-def test_dead_engine_fails_fast_and_serve_replaces_the_replica(stub: cloud_pb2_grpc.CloudStub) -> None:
+def test_dead_engine_fails_fast_and_serve_replaces_the_replica(stub: expert_pb2_grpc.ExpertStub) -> None:
     """Kills the classifier's vLLM engine process: requests fail with a status instead of
     hanging, the health check marks the replica unhealthy, Serve starts a new one."""
     replica = next(p for p in psutil.process_iter(["cmdline"])

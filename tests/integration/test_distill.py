@@ -12,16 +12,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks.traffic import traffic_examples
 from cloud.feedback import FeedbackStore
 from cloud.registry import ModelRegistry
 from cloud.training.config import DistillConfig, FitConfig, TrainConfig
 from cloud.training.data import load_splits
 from cloud.training.distill import run_distill
-from cloud.training.distill_data import FeedbackExample, read_feedback, traffic_examples
+from cloud.training.distill_data import FeedbackExample, read_feedback
 from cloud.training.teacher import train_teacher
 from edge.student import Student
 from tandem.signing import VerificationError, generate_key, load_public_key, public_path, verify_artifact
-from tandem.v1 import cloud_pb2
+from tandem.v1 import fleet_pb2
 
 pytestmark = pytest.mark.integration
 
@@ -138,11 +139,11 @@ def test_published_versions_verify_and_altered_copies_are_rejected(root: Path, r
 
 def test_feedback_is_read_from_the_store_once_per_record(tmp_path: Path) -> None:
     store = FeedbackStore(str(tmp_path / "feedback"))
-    record = cloud_pb2.FeedbackRecord
-    correction = record(record_id="c1", task="banking77", kind=cloud_pb2.CORRECTION, text="card?",
+    record = fleet_pb2.FeedbackRecord
+    correction = record(record_id="c1", task="banking77", kind=fleet_pb2.CORRECTION, text="card?",
                         label="card_arrival", created_unix_ms=1)
-    fallback = record(record_id="f1", task="banking77", kind=cloud_pb2.FALLBACK, text="hi", created_unix_ms=2)
-    other = record(record_id="o1", task="other", kind=cloud_pb2.AUDIT, text="x", created_unix_ms=3)
+    fallback = record(record_id="f1", task="banking77", kind=fleet_pb2.FALLBACK, text="hi", created_unix_ms=2)
+    other = record(record_id="o1", task="other", kind=fleet_pb2.AUDIT, text="x", created_unix_ms=3)
     store.append([correction, fallback, other])
     store.append([correction])
     assert read_feedback(str(tmp_path / "feedback"), "banking77") == [

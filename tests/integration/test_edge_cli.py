@@ -15,8 +15,7 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from benchmarks.ports import free_port
-from benchmarks.processes import Server, announced_server
+from tandem.subprocesses import Server, announced_server, free_port
 from tandem.v1 import edge_pb2, edge_pb2_grpc
 
 pytestmark = pytest.mark.integration
@@ -31,7 +30,7 @@ def _config(tmp_path: Path, student_dir: Path, metrics_port: int, **extra: objec
 
 
 def _serve(config: Path) -> contextlib.AbstractContextManager[Server]:
-    return announced_server(["-m", "tandem.cli", "edge", "serve", "--config", str(config)])
+    return announced_server(["-m", "tandem_cli", "edge", "serve", "--config", str(config)])
 
 
 def _infer(port: int, n: int) -> list[edge_pb2.InferResponse]:
@@ -56,7 +55,7 @@ def test_serve_answers_reports_health_and_metrics_and_exits_cleanly(student_dir:
 
 def test_invalid_config_exits_2_naming_the_field(student_dir: Path, tmp_path: Path) -> None:
     config = _config(tmp_path, student_dir, 0, policy={"mode": "edge_only", "threshold": 2})
-    done = subprocess.run([sys.executable, "-m", "tandem.cli", "edge", "serve", "--config", str(config)],
+    done = subprocess.run([sys.executable, "-m", "tandem_cli", "edge", "serve", "--config", str(config)],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "policy.threshold" in done.stderr and "less than or equal to 1" in done.stderr

@@ -16,11 +16,11 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from benchmarks.processes import Server, announced_server
 from cloud.feedback.store import FeedbackStore
 from cloud.registry.models import ModelRegistry
-from cloud.registry.service import RegistryServicer
-from tandem.v1 import cloud_pb2, edge_pb2, edge_pb2_grpc
+from cloud.registry.service import FleetServicer
+from tandem.subprocesses import Server, announced_server
+from tandem.v1 import edge_pb2, edge_pb2_grpc, fleet_pb2
 
 from .conftest import serving
 
@@ -29,8 +29,8 @@ pytestmark = pytest.mark.integration
 TASK = "banking77"
 
 
-class SwitchedRegistry(RegistryServicer):
-    """The real registry servicer behind a switch. `down`: ReportFeedback answers UNAVAILABLE
+class SwitchedFleet(FleetServicer):
+    """The real Fleet servicer behind a switch. `down`: ReportFeedback answers UNAVAILABLE
     and stores nothing. `kill_after_store`: stores the batch, then SIGKILLs `victim` before the
     OK leaves, and stores normally from then on. `up`: stores."""
 
@@ -38,13 +38,13 @@ class SwitchedRegistry(RegistryServicer):
         super().__init__(store, ModelRegistry(root / "models"))
         self.mode = "down"
         self.victim: subprocess.Popen[str] | None = None
-        self.answers: list[cloud_pb2.ReportFeedbackResponse] = []
+        self.answers: list[fleet_pb2.ReportFeedbackResponse] = []
 
-    async def ReportFeedback(self, request: cloud_pb2.ReportFeedbackRequest, grpc_context: Any) -> cloud_pb2.ReportFeedbackResponse:
+    async def ReportFeedback(self, request: fleet_pb2.ReportFeedbackRequest, grpc_context: Any) -> fleet_pb2.ReportFeedbackResponse:
         if self.mode == "down":
             grpc_context.set_code(grpc.StatusCode.UNAVAILABLE)
             grpc_context.set_details("feedback store down (test)")
-            return cloud_pb2.ReportFeedbackResponse()
+            return fleet_pb2.ReportFeedbackResponse()
         answer = await super().ReportFeedback(request, grpc_context)
         self.answers.append(answer)
         if self.mode == "kill_after_store" and self.victim is not None:
@@ -56,8 +56,8 @@ class SwitchedRegistry(RegistryServicer):
 @contextlib.asynccontextmanager
 async def _daemon(config: Path) -> AsyncIterator[tuple[Server, edge_pb2_grpc.EdgeStub]]:
     """`tandem edge serve` as a subprocess, started and stopped off the event loop (the
-    registry answering it runs on this loop)."""
-    manager = announced_server(["-m", "tandem.cli", "edge", "serve", "--config", str(config)])
+    Fleet servicer answering it runs on this loop)."""
+    manager = announced_server(["-m", "tandem_cli", "edge", "serve", "--config", str(config)])
     server = await asyncio.to_thread(manager.__enter__)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     try:
@@ -71,7 +71,7 @@ def _config(tmp_path: Path, student_dir: Path, target: str) -> Path:
     path = tmp_path / "edge.yaml"
     path.write_text(yaml.safe_dump({
         "listen": "127.0.0.1:0", "metrics_port": None, "tasks": {TASK: str(student_dir)}, "device_id": "kill-test",
-        # The registry does not answer Escalate (UNIMPLEMENTED): every answer is a fallback.
+        # The Fleet servicer names no expert for the task (GetRoutes): every answer is a fallback.
         "policy": {"mode": "cloud_only"}, "cloud": {"target": target},
         "feedback": {"outbox": str(tmp_path / "outbox.sqlite3"), "batch_size": 16, "audit_rate": 0.0,
                      "min_backoff_s": 0.05, "max_backoff_s": 0.2},
@@ -125,9 +125,9 @@ async def test_sigkill_mid_delivery_and_mid_recording_stores_every_acknowledged_
     student_dir: Path, tmp_path: Path
 ) -> None:
     store = FeedbackStore(str(tmp_path / "cloud" / "feedback"))
-    registry = SwitchedRegistry(store, tmp_path / "cloud")
+    fleet = SwitchedFleet(store, tmp_path / "cloud")
     outbox = tmp_path / "outbox.sqlite3"
-    async with serving(registry) as target:
+    async with serving(fleet) as target:
         config = _config(tmp_path, student_dir, target)
 
         # 1. The store is down: 160 records pile up. Then it stores one batch, and the daemon
@@ -135,13 +135,13 @@ async def test_sigkill_mid_delivery_and_mid_recording_stores_every_acknowledged_
         async with _daemon(config) as (server, stub):
             acknowledged = await _answered(stub, range(160))
             assert len(acknowledged) == 160 and _waiting(outbox) == 160
-            registry.victim, registry.mode = server.process, "kill_after_store"
+            fleet.victim, fleet.mode = server.process, "kill_after_store"
             assert await asyncio.to_thread(server.process.wait, 30) == -signal.SIGKILL
-        assert [a.stored for a in registry.answers] == [16] and _waiting(outbox) == 160
+        assert [a.stored for a in fleet.answers] == [16] and _waiting(outbox) == 160
 
         # 2. The store is down again; the daemon is killed while corrections and fallbacks
         #    are being recorded, some answered, some in flight.
-        registry.mode = "down"
+        fleet.mode = "down"
         async with _daemon(config) as (server, stub):
             recording = asyncio.ensure_future(_answered(stub, range(160, 400)))
             await _until(lambda: _waiting(outbox) >= 220)
@@ -151,7 +151,7 @@ async def test_sigkill_mid_delivery_and_mid_recording_stores_every_acknowledged_
         acknowledged += survivors
 
         # 3. The store is up: a restarted daemon delivers everything left.
-        registry.mode = "up"
+        fleet.mode = "up"
         async with _daemon(config):
             await _until(lambda: _waiting(outbox) == 0)
 
@@ -160,7 +160,7 @@ async def test_sigkill_mid_delivery_and_mid_recording_stores_every_acknowledged_
     raw_rows = sum(pq.read_metadata(f).num_rows for f in (tmp_path / "cloud" / "feedback").rglob("*.parquet"))
     assert all(stored[r] == 1 for r in acknowledged), "an acknowledged record was lost or duplicated"
     assert max(stored.values()) == 1 and set(stored) <= {f"q-{i}" for i in range(400)}
-    assert raw_rows == table.num_rows == sum(a.stored for a in registry.answers), "a record was written twice"
-    assert sum(a.duplicates for a in registry.answers) == 16, "the batch killed before its OK was re-sent"
+    assert raw_rows == table.num_rows == sum(a.stored for a in fleet.answers), "a record was written twice"
+    assert sum(a.duplicates for a in fleet.answers) == 16, "the batch killed before its OK was re-sent"
     kinds = Counter(table["kind"].to_pylist())
     assert kinds["FALLBACK"] > 0 and kinds["CORRECTION"] > 0 and set(table["device_id"].to_pylist()) == {"kill-test"}

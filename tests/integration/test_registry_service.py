@@ -1,4 +1,4 @@
-"""RegistryServicer on a plain grpc.aio server: a FeedbackStore and a ModelRegistry on temporary
+"""FleetServicer on a plain grpc.aio server: a FeedbackStore and a ModelRegistry on temporary
 directories, as an edge's tests run it (no Ray)."""
 
 import os
@@ -11,16 +11,17 @@ import pytest_asyncio
 
 from cloud.feedback import FeedbackStore
 from cloud.registry import ModelRegistry
-from cloud.registry.service import CHUNK_BYTES, RegistryServicer
+from cloud.registry.service import CHUNK_BYTES, FleetServicer
 from cloud.training.artifact import write_manifest
-from tandem.signing import (MANIFEST, SIGNATURE, generate_key, load_private_key, load_public_key, public_path,
-                            sign_artifact, verify_artifact)
-from tandem.v1 import cloud_pb2, cloud_pb2_grpc
+from tandem.contract import MANIFEST_FILE, SIGNATURE_FILE
+from tandem.signing import generate_key, load_private_key, load_public_key, public_path, sign_artifact, verify_artifact
+from tandem.v1 import fleet_pb2, fleet_pb2_grpc
 
 pytestmark = pytest.mark.integration
 
 TASKS = {"t": ["card_arrival", "lost_card"], "u": ["card_arrival"]}
-Served = tuple[cloud_pb2_grpc.CloudStub, FeedbackStore, ModelRegistry]
+ROUTES = {"t": "classifier", "u": "llm"}
+Served = tuple[fleet_pb2_grpc.FleetStub, FeedbackStore, ModelRegistry]
 
 
 @pytest.fixture()
@@ -31,23 +32,23 @@ def key_path(tmp_path: Path) -> Path:
 
 
 @pytest_asyncio.fixture()
-async def registry(tmp_path: Path) -> AsyncIterator[Served]:
-    store, models = FeedbackStore(str(tmp_path / "feedback"), TASKS), ModelRegistry(tmp_path / "registry")
+async def fleet(tmp_path: Path) -> AsyncIterator[Served]:
+    store, models = FeedbackStore(str(tmp_path / "feedback")), ModelRegistry(tmp_path / "registry")
     server = grpc.aio.server()
-    cloud_pb2_grpc.add_CloudServicer_to_server(RegistryServicer(store, models, max_batch=10), server)
+    fleet_pb2_grpc.add_FleetServicer_to_server(FleetServicer(store, models, TASKS, ROUTES, max_batch=10), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            yield cloud_pb2_grpc.CloudStub(channel), store, models
+            yield fleet_pb2_grpc.FleetStub(channel), store, models
     finally:
         await server.stop(0)
 
 
-def _record(record_id: str, **fields: object) -> cloud_pb2.FeedbackRecord:
-    values = {"task": "t", "kind": cloud_pb2.CORRECTION, "text": "where is my card", "label": "card_arrival",
+def _record(record_id: str, **fields: object) -> fleet_pb2.FeedbackRecord:
+    values = {"task": "t", "kind": fleet_pb2.CORRECTION, "text": "where is my card", "label": "card_arrival",
               "created_unix_ms": 1_700_000_000_000, **fields}
-    return cloud_pb2.FeedbackRecord(record_id=record_id, **values)
+    return fleet_pb2.FeedbackRecord(record_id=record_id, **values)
 
 
 def _artifact(key_path: Path, name: str, payload: bytes) -> Path:
@@ -61,14 +62,19 @@ def _artifact(key_path: Path, name: str, payload: bytes) -> Path:
     return directory
 
 
-async def test_the_same_feedback_batch_sent_twice_is_stored_once(registry: Served) -> None:
-    stub, store, _ = registry
-    request = cloud_pb2.ReportFeedbackRequest(records=[_record("c1"), _record("c2"), _record("c1")])
+async def test_the_same_feedback_batch_sent_twice_is_stored_once(fleet: Served) -> None:
+    stub, store, _ = fleet
+    request = fleet_pb2.ReportFeedbackRequest(records=[_record("c1"), _record("c2"), _record("c1")])
     first = await stub.ReportFeedback(request, timeout=10)
     second = await stub.ReportFeedback(request, timeout=10)
     assert (first.stored, first.duplicates) == (2, 1)
     assert (second.stored, second.duplicates) == (0, 3)
     assert store.read("t")["record_id"].to_pylist() == ["c1", "c2"]
+
+
+async def test_routes_name_each_tasks_expert_application(fleet: Served) -> None:
+    stub, _, _ = fleet
+    assert dict((await stub.GetRoutes(fleet_pb2.GetRoutesRequest(), timeout=10)).applications) == ROUTES
 
 
 @pytest.mark.parametrize(
@@ -79,43 +85,43 @@ async def test_the_same_feedback_batch_sent_twice_is_stored_once(registry: Serve
         ([_record(f"r{i}") for i in range(11)], "records: 11 records exceed the batch limit of 10"),
     ],
 )
-async def test_invalid_feedback_is_invalid_argument(registry: Served, records: list[cloud_pb2.FeedbackRecord],
+async def test_invalid_feedback_is_invalid_argument(fleet: Served, records: list[fleet_pb2.FeedbackRecord],
                                                     details: str) -> None:
-    stub, store, _ = registry
+    stub, store, _ = fleet
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await stub.ReportFeedback(cloud_pb2.ReportFeedbackRequest(records=records), timeout=10)
+        await stub.ReportFeedback(fleet_pb2.ReportFeedbackRequest(records=records), timeout=10)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and details in info.value.details()
     assert store.read("t").num_rows == 0
 
 
-async def test_the_promoted_student_arrives_byte_identical_and_verifies(registry: Served, key_path: Path,
+async def test_the_promoted_student_arrives_byte_identical_and_verifies(fleet: Served, key_path: Path,
                                                                         tmp_path: Path) -> None:
-    stub, _, models = registry
+    stub, _, models = fleet
     payload = os.urandom(2 * CHUNK_BYTES + 12345)  # three chunks, the last one short
     older = models.publish("t", _artifact(key_path, "old", b"old model"))
     version = models.publish("t", _artifact(key_path, "new", payload))
     models.promote("t", version)
 
-    manifest = await stub.GetManifest(cloud_pb2.GetManifestRequest(task="t"), timeout=10)
+    manifest = await stub.GetManifest(fleet_pb2.GetManifestRequest(task="t"), timeout=10)
     published = models.path("t", version)
     assert (manifest.task, manifest.version) == ("t", version)
-    assert manifest.manifest_json == (published / MANIFEST).read_bytes()
-    assert manifest.signature == (published / SIGNATURE).read_bytes()
+    assert manifest.manifest_json == (published / MANIFEST_FILE).read_bytes()
+    assert manifest.signature == (published / SIGNATURE_FILE).read_bytes()
     assert {f.name: f.size for f in manifest.files} == {
-        p.name: p.stat().st_size for p in published.iterdir() if p.name not in (MANIFEST, SIGNATURE)
+        p.name: p.stat().st_size for p in published.iterdir() if p.name not in (MANIFEST_FILE, SIGNATURE_FILE)
     }
     assert {f.name for f in manifest.files} == {"empty.txt", "labels.json", "model.onnx"}
 
-    chunks = [c async for c in stub.FetchModel(cloud_pb2.FetchModelRequest(task="t", version=version), timeout=10)]
-    assert [c.file for c in chunks[:2]] == [MANIFEST, SIGNATURE]
+    chunks = [c async for c in stub.FetchModel(fleet_pb2.FetchModelRequest(task="t", version=version), timeout=10)]
+    assert [c.file for c in chunks[:2]] == [MANIFEST_FILE, SIGNATURE_FILE]
     assert max(len(c.data) for c in chunks) == CHUNK_BYTES
     received = _reassemble(chunks, tmp_path / "received")
     assert {p.name: p.read_bytes() for p in received.iterdir()} == {p.name: p.read_bytes() for p in published.iterdir()}
     assert verify_artifact(received, load_public_key(public_path(key_path)))["version"] == version
 
-    old = [c async for c in stub.FetchModel(cloud_pb2.FetchModelRequest(task="t", version=older), timeout=10)]
+    old = [c async for c in stub.FetchModel(fleet_pb2.FetchModelRequest(task="t", version=older), timeout=10)]
     assert b"".join(c.data for c in old if c.file == "model.onnx") == b"old model"
-    promoted = [c async for c in stub.FetchModel(cloud_pb2.FetchModelRequest(task="t"), timeout=10)]
+    promoted = [c async for c in stub.FetchModel(fleet_pb2.FetchModelRequest(task="t"), timeout=10)]
     assert promoted == chunks, "an empty version means the promoted one"
 
 
@@ -128,20 +134,20 @@ async def test_the_promoted_student_arrives_byte_identical_and_verifies(registry
         ("FetchModel:t:../t", "invalid version name '../t'"),
     ],
 )
-async def test_unknown_tasks_and_versions_are_not_found(registry: Served, key_path: Path, call: str,
+async def test_unknown_tasks_and_versions_are_not_found(fleet: Served, key_path: Path, call: str,
                                                         details: str) -> None:
-    stub, _, models = registry
+    stub, _, models = fleet
     models.publish("t", _artifact(key_path, "unpromoted", b"model"))
     method, task, *version = call.split(":")
     with pytest.raises(grpc.aio.AioRpcError) as info:
         if method == "GetManifest":
-            await stub.GetManifest(cloud_pb2.GetManifestRequest(task=task), timeout=10)
+            await stub.GetManifest(fleet_pb2.GetManifestRequest(task=task), timeout=10)
         else:
-            [c async for c in stub.FetchModel(cloud_pb2.FetchModelRequest(task=task, version=version[0]), timeout=10)]
+            [c async for c in stub.FetchModel(fleet_pb2.FetchModelRequest(task=task, version=version[0]), timeout=10)]
     assert info.value.code() == grpc.StatusCode.NOT_FOUND and details in info.value.details()
 
 
-def _reassemble(chunks: list[cloud_pb2.ModelChunk], directory: Path) -> Path:
+def _reassemble(chunks: list[fleet_pb2.ModelChunk], directory: Path) -> Path:
     directory.mkdir()
     for chunk in chunks:
         path = directory / chunk.file
@@ -151,19 +157,19 @@ def _reassemble(chunks: list[cloud_pb2.ModelChunk], directory: Path) -> Path:
     return directory
 
 
-async def test_an_unreadable_registry_is_unavailable_not_unknown(registry: Served, key_path: Path) -> None:
+async def test_an_unreadable_registry_is_unavailable_not_unknown(fleet: Served, key_path: Path) -> None:
     """A damaged published version (its signature lost on the volume) must not crash the RPCs."""
-    stub, _, models = registry
+    stub, _, models = fleet
     version = models.publish("t", _artifact(key_path, "v1", b"onnx bytes"))
     models.promote("t", version)
-    (models.path("t", version) / SIGNATURE).unlink()
-    for call in (stub.GetManifest(cloud_pb2.GetManifestRequest(task="t"), timeout=10),
-                 _drain(stub.FetchModel(cloud_pb2.FetchModelRequest(task="t"), timeout=10))):
+    (models.path("t", version) / SIGNATURE_FILE).unlink()
+    for call in (stub.GetManifest(fleet_pb2.GetManifestRequest(task="t"), timeout=10),
+                 _drain(stub.FetchModel(fleet_pb2.FetchModelRequest(task="t"), timeout=10))):
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await call
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "registry read failed" in info.value.details()
 
 
-async def _drain(stream: AsyncIterator[cloud_pb2.ModelChunk]) -> None:
+async def _drain(stream: AsyncIterator[fleet_pb2.ModelChunk]) -> None:
     async for _ in stream:
         pass

@@ -16,15 +16,10 @@ import pytest
 
 from cloud.feedback.store import FeedbackStore
 from cloud.registry.models import ModelRegistry
-from cloud.registry.service import RegistryServicer
-from edge.config import CloudConfig, PolicyConfig, UpdaterConfig
-from tandem.signing import (
-    SIGNATURE,
-    generate_key,
-    load_private_key,
-    public_path,
-    sign_artifact,
-)
+from cloud.registry.service import FleetServicer
+from edge.config import CloudLinkConfig, PolicyConfig, UpdaterConfig
+from tandem.contract import SIGNATURE_FILE
+from tandem.signing import generate_key, load_private_key, public_path, sign_artifact
 from tandem.v1 import edge_pb2
 
 from .conftest import running_daemon, serving
@@ -65,14 +60,14 @@ async def cloud(tmp_path: Path) -> AsyncIterator[Cloud]:
     key = tmp_path / "keys" / "registry.key"
     generate_key(key)
     models = ModelRegistry(tmp_path / "registry")
-    async with serving(RegistryServicer(FeedbackStore(str(tmp_path / "feedback")), models)) as target:
+    async with serving(FleetServicer(FeedbackStore(str(tmp_path / "feedback")), models)) as target:
         yield Cloud(models, target, key, tmp_path)
 
 
 def _updating(cloud: Cloud, models_dir: Path, target: str | None = None) -> dict:
     return {
         "policy": PolicyConfig(mode="edge_only"),
-        "cloud": CloudConfig(target=target or cloud.target),
+        "cloud": CloudLinkConfig(target=target or cloud.target),
         # Polled by the test: the daemon's own loop would first poll within the hour.
         "updater": UpdaterConfig(enabled=True, public_key=public_path(cloud.key), models_dir=models_dir,
                                  poll_interval_s=3600),
@@ -139,7 +134,7 @@ def _truncate(path: Path) -> None:
 @pytest.mark.parametrize(
     "damage",
     [
-        pytest.param(lambda cloud, v, other: cloud.published(v, SIGNATURE).write_bytes(b""), id="unsigned"),
+        pytest.param(lambda cloud, v, other: cloud.published(v, SIGNATURE_FILE).write_bytes(b""), id="unsigned"),
         pytest.param(None, id="wrong-key"),
         pytest.param(lambda cloud, v, other: _flip_a_byte(cloud.published(v, "model.onnx")), id="corrupt-byte"),
         pytest.param(lambda cloud, v, other: _truncate(cloud.published(v, "tokenizer.json")), id="truncated"),
@@ -204,7 +199,7 @@ async def test_a_pulled_version_survives_a_restart_and_the_previous_one_is_kept(
         await daemon.updater.poll()
     async with contextlib.AsyncExitStack() as stack:
         # Restarted with the cloud unreachable: only what is on disk can make it serve v3.
-        async with serving(RegistryServicer(FeedbackStore(str(tmp_path / "f2")), ModelRegistry(tmp_path / "r2"))) as t:
+        async with serving(FleetServicer(FeedbackStore(str(tmp_path / "f2")), ModelRegistry(tmp_path / "r2"))) as t:
             dead = t
         _, stub = await stack.enter_async_context(running_daemon(student_dir, **_updating(cloud, models_dir, dead)))
         answer = await _infer(stub)

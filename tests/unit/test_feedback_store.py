@@ -7,16 +7,17 @@ import pytest
 
 from cloud.errors import InvalidFeedback
 from cloud.feedback import FeedbackStore
-from cloud.feedback.records import SCHEMA
-from tandem.v1 import cloud_pb2, common_pb2
+from cloud.feedback.recorder import escalation_record
+from cloud.feedback.records import SCHEMA, check
+from tandem.v1 import common_pb2, expert_pb2, fleet_pb2
 
 TASKS = {"t": ["card_arrival", "lost_card"], "u": ["card_arrival"]}
 NOW_MS = 1_700_000_000_000
 
 
-def _record(record_id: str, task: str = "t", kind: int = cloud_pb2.CORRECTION, **fields: object) -> cloud_pb2.FeedbackRecord:
+def _record(record_id: str, task: str = "t", kind: int = fleet_pb2.CORRECTION, **fields: object) -> fleet_pb2.FeedbackRecord:
     values = {"text": f"text of {record_id}", "label": "card_arrival", "created_unix_ms": NOW_MS, **fields}
-    return cloud_pb2.FeedbackRecord(record_id=record_id, task=task, kind=kind, **values)
+    return fleet_pb2.FeedbackRecord(record_id=record_id, task=task, kind=kind, **values)
 
 
 def _files(root: Path) -> list[str]:
@@ -24,8 +25,8 @@ def _files(root: Path) -> list[str]:
 
 
 def test_the_same_batch_sent_twice_is_stored_once(tmp_path: Path) -> None:
-    store = FeedbackStore(str(tmp_path), TASKS)
-    batch = [_record("r1"), _record("r2", kind=cloud_pb2.FALLBACK, label=""), _record("r3")]
+    store = FeedbackStore(str(tmp_path))
+    batch = [_record("r1"), _record("r2", kind=fleet_pb2.FALLBACK, label=""), _record("r3")]
     assert store.append(batch) == (3, 0)
     assert store.append(batch) == (0, 3)
     assert store.read("t")["record_id"].to_pylist() == ["r1", "r2", "r3"]
@@ -33,14 +34,14 @@ def test_the_same_batch_sent_twice_is_stored_once(tmp_path: Path) -> None:
 
 
 def test_duplicates_within_a_batch_are_stored_once(tmp_path: Path) -> None:
-    store = FeedbackStore(str(tmp_path), TASKS)
+    store = FeedbackStore(str(tmp_path))
     assert store.append([_record("r1"), _record("r1", text="again"), _record("r2")]) == (2, 1)
     assert store.read("t")["text"].to_pylist() == ["text of r1", "text of r2"]
 
 
 def test_a_new_store_on_the_same_directory_knows_what_is_stored(tmp_path: Path) -> None:
-    FeedbackStore(str(tmp_path), TASKS).append([_record("r1"), _record("r2")])
-    assert FeedbackStore(str(tmp_path), TASKS).append([_record("r2"), _record("r3")]) == (1, 1)
+    FeedbackStore(str(tmp_path)).append([_record("r1"), _record("r2")])
+    assert FeedbackStore(str(tmp_path)).append([_record("r2"), _record("r3")]) == (1, 1)
 
 
 def test_the_id_index_covers_a_window_of_days_and_read_hides_older_copies(
@@ -60,10 +61,10 @@ def test_the_id_index_covers_a_window_of_days_and_read_hides_older_copies(
 
 
 def test_records_are_partitioned_by_task_and_day_with_the_documented_columns(tmp_path: Path) -> None:
-    store = FeedbackStore(str(tmp_path), TASKS)
+    store = FeedbackStore(str(tmp_path))
     escalation = _record(
-        "esc-1", kind=cloud_pb2.ESCALATION, request_id="req-1", expert="classifier", device_id="kiosk-7",
-        edge=cloud_pb2.EdgePrediction(label="lost_card", confidence=0.5, model_version="v1"),
+        "esc-1", kind=fleet_pb2.ESCALATION, request_id="req-1", expert="classifier", device_id="kiosk-7",
+        edge=common_pb2.EdgePrediction(label="lost_card", confidence=0.5, model_version="v1"),
         distribution=[common_pb2.LabelScore(label="card_arrival", probability=0.75)],
     )
     store.append([escalation, _record("u-1", task="u")])
@@ -86,7 +87,7 @@ def test_records_are_partitioned_by_task_and_day_with_the_documented_columns(tmp
 
 
 def test_a_failed_write_leaves_nothing_visible_and_can_be_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    store = FeedbackStore(str(tmp_path), TASKS)
+    store = FeedbackStore(str(tmp_path))
     store.append([_record("r1")])
 
     def crash(src: str, dst: str) -> None:  # the temporary file is written; the rename never happens
@@ -102,15 +103,15 @@ def test_a_failed_write_leaves_nothing_visible_and_can_be_retried(tmp_path: Path
 
 
 def test_a_temporary_file_left_by_a_crash_is_never_read(tmp_path: Path) -> None:
-    store = FeedbackStore(str(tmp_path), TASKS)
+    store = FeedbackStore(str(tmp_path))
     store.append([_record("r1")])
     partition = next(tmp_path.rglob("part-*")).parent
     (partition / ".part-crashed.parquet.tmp").write_bytes(b"PAR1 half a file")
-    assert FeedbackStore(str(tmp_path), TASKS).read("t")["record_id"].to_pylist() == ["r1"]
+    assert FeedbackStore(str(tmp_path)).read("t")["record_id"].to_pylist() == ["r1"]
 
 
 def test_read_hides_a_copy_stored_by_a_second_writer(tmp_path: Path) -> None:
-    first, second = FeedbackStore(str(tmp_path), TASKS), FeedbackStore(str(tmp_path), TASKS)
+    first, second = FeedbackStore(str(tmp_path)), FeedbackStore(str(tmp_path))
     first.append([_record("r0")])
     second.append([_record("r00")])  # both have loaded their id index now
     assert first.append([_record("r1")]) == second.append([_record("r1")]) == (1, 0)
@@ -118,7 +119,7 @@ def test_read_hides_a_copy_stored_by_a_second_writer(tmp_path: Path) -> None:
 
 
 def test_concurrent_appends_store_each_record_once(tmp_path: Path) -> None:
-    store = FeedbackStore(str(tmp_path), TASKS)
+    store = FeedbackStore(str(tmp_path))
     results: list[tuple[int, int]] = []
     threads = [threading.Thread(target=lambda: results.append(store.append([_record(f"r{i}") for i in range(20)])))
                for _ in range(4)]
@@ -132,15 +133,15 @@ def test_concurrent_appends_store_each_record_once(tmp_path: Path) -> None:
 
 def test_a_filesystem_uri_serves_as_well() -> None:
     """pyarrow's in-memory mock:// filesystem stands in for s3://: no rename, one write per file."""
-    store = FeedbackStore("mock:///bucket/feedback", TASKS)
+    store = FeedbackStore("mock:///bucket/feedback")
     assert store.append([_record("r1"), _record("r1")]) == (1, 1)
     assert store.append([_record("r1"), _record("r2")]) == (1, 1)
     assert store.read("t")["record_id"].to_pylist() == ["r1", "r2"]
 
 
 def test_a_file_uri_is_a_local_directory(tmp_path: Path) -> None:
-    FeedbackStore(tmp_path.as_uri(), TASKS).append([_record("r1")])
-    assert FeedbackStore(str(tmp_path), TASKS).read("t").num_rows == 1
+    FeedbackStore(tmp_path.as_uri()).append([_record("r1")])
+    assert FeedbackStore(str(tmp_path)).read("t").num_rows == 1
 
 
 @pytest.mark.parametrize(
@@ -150,43 +151,41 @@ def test_a_file_uri_is_a_local_directory(tmp_path: Path) -> None:
         ({"record_id": "x" * 129}, "records[1].record_id"),
         ({"record_id": "has space"}, "records[1].record_id"),
         ({"task": "weather"}, "records[1].task: unknown task 'weather'; the cloud has ['t', 'u']"),
-        ({"task": "../t"}, "records[1].task: invalid task name '../t'"),
-        ({"kind": cloud_pb2.FEEDBACK_KIND_UNSPECIFIED}, "records[1].kind: must be one of ESCALATION, CORRECTION, FALLBACK, AUDIT"),
+        ({"task": "../t"}, "records[1].task: invalid name '../t'"),
+        ({"request_id": "has space\n"}, "records[1].request_id: at most 128 printable ASCII characters"),
+        ({"kind": fleet_pb2.FEEDBACK_KIND_UNSPECIFIED}, "records[1].kind: must be one of ESCALATION, CORRECTION, FALLBACK, AUDIT"),
         ({"kind": 9}, "records[1].kind"),
         ({"text": "  "}, "records[1].text: must not be empty or blank"),
+        ({"device_id": "d" * 129}, "records[1].device_id: 129 characters exceed the limit of 128"),
         ({"text": "é" * 1025}, "records[1].text: 2050 bytes exceeds the limit of 2048 bytes"),
         ({"label": ""}, "records[1].label: required for CORRECTION records"),
         ({"label": "weather"}, "records[1].label: 'weather' is not a label of task t"),
         ({"created_unix_ms": 0}, "records[1].created_unix_ms: must be set"),
     ],
 )
-def test_invalid_records_are_refused_naming_the_field_and_nothing_is_stored(
-    tmp_path: Path, fields: dict[str, object], message: str
-) -> None:
-    store = FeedbackStore(str(tmp_path), TASKS)
-    values = {"record_id": "bad", "task": "t", "kind": cloud_pb2.CORRECTION, **fields}
+def test_invalid_records_are_refused_naming_the_field(fields: dict[str, object], message: str) -> None:
+    values = {"record_id": "bad", "task": "t", "kind": fleet_pb2.CORRECTION, **fields}
     record = _record(values.pop("record_id"), values.pop("task"), values.pop("kind"), **values)
     with pytest.raises(InvalidFeedback) as info:
-        store.append([_record("good"), record])
-    assert message in str(info.value)
-    assert _files(tmp_path) == []
+        check([_record("good"), record], TASKS)
+    assert message in str(info.value) and info.value.field == message.split(":")[0]
 
 
-def test_without_a_task_list_any_safe_task_name_is_stored(tmp_path: Path) -> None:
+def test_without_a_task_list_any_safe_task_name_and_label_pass(tmp_path: Path) -> None:
+    record = _record("r1", task="anything", label="whatever")
+    check([record], None)
     store = FeedbackStore(str(tmp_path))
-    assert store.append([_record("r1", task="anything", label="whatever")]) == (1, 0)
+    assert store.append([record]) == (1, 0)
     assert store.read("anything")["label"].to_pylist() == ["whatever"]
 
 
 def test_escalation_record_ids_are_stable_per_device_and_request() -> None:
-    from cloud.feedback.records import check, escalation_record
-
-    answer = cloud_pb2.EscalateResponse(label="card_arrival")
+    answer = expert_pb2.EscalateResponse(label="card_arrival")
 
     def record_id(device: str, request: str) -> str:
-        request_pb = cloud_pb2.EscalateRequest(request_id=request, task="banking77", text="where is my card", device_id=device)
+        request_pb = expert_pb2.EscalateRequest(request_id=request, task="banking77", text="where is my card", device_id=device)
         record = escalation_record(request_pb, answer, 1_700_000_000_000)
-        check([record], None, 2048)  # any request id, even with spaces or 128 characters, gives a valid id
+        check([record], None)  # any request id, even with spaces or 128 characters, gives a valid id
         return record.record_id
 
     assert record_id("kiosk-1", "1") == record_id("kiosk-1", "1")  # recorded twice: stored once

@@ -10,19 +10,19 @@ from prometheus_client import CollectorRegistry
 
 from edge.config import FeedbackConfig
 from edge.delivery import Delivery
-from edge.errors import CloudError
+from edge.errors import CloudCallError
 from edge.feedback import FeedbackRecorder
 from edge.metrics import EdgeMetrics
 from edge.outbox import Outbox
 from edge.redact import DEFAULT_PATTERNS, Redactor
-from tandem.v1 import cloud_pb2
+from tandem.v1 import fleet_pb2
 
 
-def _record(i: int) -> cloud_pb2.FeedbackRecord:
-    return cloud_pb2.FeedbackRecord(record_id=f"r{i:03d}", task="t", kind=cloud_pb2.FALLBACK, text=f"text {i}")
+def _record(i: int) -> fleet_pb2.FeedbackRecord:
+    return fleet_pb2.FeedbackRecord(record_id=f"r{i:03d}", task="t", kind=fleet_pb2.FALLBACK, text=f"text {i}")
 
 
-def _ids(records: list[cloud_pb2.FeedbackRecord]) -> list[str]:
+def _ids(records: list[fleet_pb2.FeedbackRecord]) -> list[str]:
     return [r.record_id for r in records]
 
 
@@ -97,20 +97,20 @@ def _recorder(outbox: Outbox, registry: CollectorRegistry, audit_draw: float = 0
 
 async def test_recorder_redacts_before_storing_and_stamps_the_record(outbox: Outbox) -> None:
     recorder = _recorder(outbox, CollectorRegistry())
-    record_id = await recorder.record(cloud_pb2.CORRECTION, "t", "I am a@b.com, card 4111 1111 1111 1111", "req-1",
+    record_id = await recorder.record(fleet_pb2.CORRECTION, "t", "I am a@b.com, card 4111 1111 1111 1111", "req-1",
                                       label="card_arrival")
     (stored,) = outbox.oldest(1)
     assert stored.record_id == record_id and len(record_id) == 32
     assert stored.text == "I am [EMAIL], card [CARD]"
     assert (stored.kind, stored.label, stored.request_id, stored.device_id) == (
-        cloud_pb2.CORRECTION, "card_arrival", "req-1", "dev-1")
+        fleet_pb2.CORRECTION, "card_arrival", "req-1", "dev-1")
     assert stored.created_unix_ms > 1_700_000_000_000
 
 
 async def test_recorder_counts_refusals_when_full(outbox: Outbox) -> None:
     registry = CollectorRegistry()
     recorder = _recorder(outbox, registry)
-    ids = [await recorder.record(cloud_pb2.FALLBACK, "t", "hi", f"r{i}") for i in range(8)]
+    ids = [await recorder.record(fleet_pb2.FALLBACK, "t", "hi", f"r{i}") for i in range(8)]
     assert all(ids[:5]) and ids[5:] == [None] * 3
     refused = registry.get_sample_value(
         "tandem_edge_feedback_refused_total", {"task": "t", "kind": "FALLBACK", "reason": "full"})
@@ -137,21 +137,24 @@ class ScriptedSink:
         self.invalid = invalid
         self.sent: list[list[str]] = []
 
-    async def report_feedback(self, records: list[cloud_pb2.FeedbackRecord], timeout_s: float) -> cloud_pb2.ReportFeedbackResponse:
+    async def report_feedback(self, records: list[fleet_pb2.FeedbackRecord], timeout_s: float) -> fleet_pb2.ReportFeedbackResponse:
         self.sent.append(_ids(records))
         if self.failures:
-            raise CloudError(self.failures.pop(0), "scripted")
+            raise CloudCallError(self.failures.pop(0), "scripted")
         if self.invalid in _ids(records):
-            raise CloudError(grpc.StatusCode.INVALID_ARGUMENT, f"records[{_ids(records).index(self.invalid)}].text: blank")
-        return cloud_pb2.ReportFeedbackResponse(stored=len(records))
+            raise CloudCallError(grpc.StatusCode.INVALID_ARGUMENT, f"records[{_ids(records).index(self.invalid)}].text: blank")
+        return fleet_pb2.ReportFeedbackResponse(stored=len(records))
 
 
 async def _deliver_until_empty(outbox: Outbox, sink: ScriptedSink, registry: CollectorRegistry, batch_size: int) -> None:
     cfg = FeedbackConfig(outbox=None, batch_size=batch_size, min_backoff_s=0.01, max_backoff_s=0.02)
+    waiting = outbox.depth
     running = asyncio.ensure_future(Delivery(outbox, sink, cfg, EdgeMetrics(registry)).run())
     for _ in range(200):
         await asyncio.sleep(0.01)
-        if outbox.depth == 0:
+        # Counted after leaving the outbox: wait for the counts too, or cancelling may beat them.
+        counted = sum(registry.get_sample_value(f"tandem_edge_feedback_{n}_total") or 0 for n in ("delivered", "dead"))
+        if outbox.depth == 0 and counted == waiting:
             break
     running.cancel()
     await asyncio.gather(running, return_exceptions=True)

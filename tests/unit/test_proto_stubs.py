@@ -20,7 +20,22 @@ def test_checked_in_stubs_match_the_proto_sources(tmp_path: Path) -> None:
 
 
 def test_stubs_import_without_the_proto_sources_on_the_path() -> None:
-    from tandem.v1 import cloud_pb2, edge_pb2
+    from tandem.v1 import common_pb2, edge_pb2, expert_pb2, fleet_pb2
 
     assert "proto" not in sys.modules or not hasattr(sys.modules["proto"], "tandem")
-    assert edge_pb2.DESCRIPTOR.package == cloud_pb2.DESCRIPTOR.package == "tandem.v1"
+    packages = {m.DESCRIPTOR.package for m in (common_pb2, edge_pb2, expert_pb2, fleet_pb2)}
+    assert packages == {"tandem.v1"}
+
+
+def test_each_service_carries_only_the_methods_its_role_serves() -> None:
+    from tandem.v1 import edge_pb2, expert_pb2, fleet_pb2
+
+    services = {
+        name: sorted(service.methods_by_name)
+        for module in (edge_pb2, expert_pb2, fleet_pb2)
+        for name, service in module.DESCRIPTOR.services_by_name.items()
+    }
+    assert services.pop("Expert") == ["Escalate"]
+    assert services.pop("Fleet") == ["FetchModel", "GetManifest", "GetRoutes", "ReportFeedback"]
+    assert "Cloud" not in services
+    assert fleet_pb2.DESCRIPTOR.services_by_name["Fleet"].methods_by_name["FetchModel"].server_streaming

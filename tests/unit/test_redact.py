@@ -2,6 +2,7 @@ import pytest
 
 from edge.config import EdgeConfig
 from edge.redact import DEFAULT_PATTERNS, Redactor
+from tandem.contract import TEXT_MAX_BYTES
 from tandem.settings import ConfigError, load_config
 
 redact = Redactor(DEFAULT_PATTERNS)
@@ -75,8 +76,9 @@ def test_an_invalid_pattern_is_refused_at_start_naming_it(tmp_path) -> None:
 
 
 def test_a_redacted_text_never_outgrows_the_limit() -> None:
-    limited = Redactor(DEFAULT_PATTERNS, max_bytes=20)
-    text = "é mail a@b.co now!!"  # 20 bytes; "[EMAIL]" is one byte longer than "a@b.co"
-    assert len(text.encode()) == 20
-    assert limited(text) == "é mail [EMAIL] now!"
-    assert limited("é" * 11) == "é" * 10  # 22 bytes: clipped at a character boundary, not inside one
+    pad = "x" * (TEXT_MAX_BYTES - 20)
+    text = pad + "é mail a@b.co now!!"  # at the limit; "[EMAIL]" is one byte longer than "a@b.co"
+    assert len(text.encode()) == TEXT_MAX_BYTES
+    assert redact(text) == pad + "é mail [EMAIL] now!"
+    long = "é" * (TEXT_MAX_BYTES // 2 + 1)  # 2 bytes over: clipped at a character boundary, not inside one
+    assert redact(long) == "é" * (TEXT_MAX_BYTES // 2)

@@ -1,5 +1,6 @@
 """Every config file the project ships must load through its config class."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,7 @@ import yaml
 
 from cloud.config import CloudConfig
 from edge.config import EdgeConfig
+from tandem.contract import FLEET_APPLICATION
 from tandem.settings import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,20 +47,43 @@ def test_edge_configs_load(tmp_path: Path) -> None:
     assert load_config(EdgeConfig, tmp_path / "edge.yaml").policy.budget_per_s == 20
 
 
-def test_serve_config_has_the_registry_then_one_application_per_expert() -> None:
+def test_shipped_serve_configs_are_what_the_cloud_configs_generate(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cloud.topology import generate_serve_config
+
+    monkeypatch.chdir(ROOT)  # the paths the header's command shows
+    for name in [n for n in os.environ if n.startswith("TANDEM_CLOUD_")]:
+        monkeypatch.delenv(name)
+    serve_config = Path("cloud/serve_config.yaml")
+    assert serve_config.read_text() == generate_serve_config(Path("cloud/cloud.yaml"), "cloud/cloud.yaml", out=serve_config)
+    rayservice = Path("k8s/rayservice.yaml")
+    shipped = rayservice.read_text()
+    generate_serve_config(Path("cloud/cloud.prod.yaml"), "/app/cloud/cloud.prod.yaml", rayservice=rayservice)
+    assert rayservice.read_text() == shipped, "k8s/rayservice.yaml's serveConfigV2 is not what cloud/cloud.prod.yaml generates"
+
+
+def test_serve_config_has_the_fleet_then_one_application_per_expert() -> None:
     serve_cfg = yaml.safe_load((ROOT / "cloud/serve_config.yaml").read_text())
-    assert serve_cfg["grpc_options"]["grpc_servicer_functions"] == ["tandem.v1.cloud_pb2_grpc.add_CloudServicer_to_server"]
+    assert serve_cfg["grpc_options"]["grpc_servicer_functions"] == [
+        "tandem.v1.expert_pb2_grpc.add_ExpertServicer_to_server", "tandem.v1.fleet_pb2_grpc.add_FleetServicer_to_server"]
     cloud = load_config(CloudConfig, ROOT / "cloud/cloud.yaml")
-    registry, *experts = serve_cfg["applications"]
-    # First: the experts record escalations through a handle to the registry.
-    assert registry["name"] == cloud.registry_app and registry["import_path"] == "cloud.app:registry_builder"
+    fleet, *experts = serve_cfg["applications"]
+    # First: the experts record escalations through a handle to the fleet application.
+    assert fleet["name"] == FLEET_APPLICATION and fleet["import_path"] == "cloud.app:fleet_app"
     assert [a["name"] for a in experts] == [e.name for e in cloud.experts] == [a["args"]["expert"] for a in experts]
-    assert all(a["import_path"] == "cloud.app:app_builder" for a in experts)
+    assert all(a["import_path"] == "cloud.app:expert_app" for a in experts)
     assert all((ROOT / a["args"]["config"]).exists() for a in serve_cfg["applications"])
+    rayservice = next(yaml.safe_load_all((ROOT / "k8s/rayservice.yaml").read_text()))
+    assert yaml.safe_load(rayservice["spec"]["serveConfigV2"])["applications"][0]["name"] == FLEET_APPLICATION
 
 
-def test_edge_sends_each_task_to_an_expert_of_the_cloud() -> None:
-    edge = load_config(EdgeConfig, ROOT / "edge/edge.yaml")
-    cloud = load_config(CloudConfig, ROOT / "cloud/cloud.yaml")
-    assert {t: cloud.tasks[t].expert for t in edge.tasks} == edge.cloud.applications
-    assert edge.cloud.registry_application == cloud.registry_app
+def test_the_generated_config_is_written_into_a_rayservice_manifest(tmp_path: Path) -> None:
+    from cloud.topology import generate_serve_config
+
+    manifest = tmp_path / "rayservice.yaml"
+    manifest.write_text("kind: RayService\nspec:\n  serveConfigV2: |\n    old: 1\n  rayClusterConfig:\n    rayVersion: x\n")
+    text = generate_serve_config(ROOT / "cloud/cloud.yaml", "/app/cloud.yaml", rayservice=manifest)
+    spec = yaml.safe_load(manifest.read_text())["spec"]
+    assert spec["rayClusterConfig"] == {"rayVersion": "x"}
+    assert yaml.safe_load(spec["serveConfigV2"]) == yaml.safe_load(text)
+    generate_serve_config(ROOT / "cloud/cloud.yaml", "/app/cloud.yaml", rayservice=manifest)  # idempotent
+    assert yaml.safe_load(manifest.read_text())["spec"] == spec and manifest.read_text().count("# Generated") == 1

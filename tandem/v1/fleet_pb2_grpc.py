@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from tandem.v1 import cloud_pb2 as tandem_dot_v1_dot_cloud__pb2
+from tandem.v1 import fleet_pb2 as tandem_dot_v1_dot_fleet__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,16 +18,16 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in tandem/v1/cloud_pb2_grpc.py depends on'
+        + ' but the generated code in tandem/v1/fleet_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class CloudStub:
-    """The cloud service that edges call. Escalate is answered by each expert's Serve
-    application; ReportFeedback, GetManifest and FetchModel by the registry application.
+class FleetStub:
+    """What the fleet of edges shares with the cloud besides escalations: feedback in, models
+    out, and where each task's expert answers. Served by the `fleet` Serve application.
     """
 
     def __init__(self, channel):
@@ -36,39 +36,32 @@ class CloudStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Escalate = channel.unary_unary(
-                '/tandem.v1.Cloud/Escalate',
-                request_serializer=tandem_dot_v1_dot_cloud__pb2.EscalateRequest.SerializeToString,
-                response_deserializer=tandem_dot_v1_dot_cloud__pb2.EscalateResponse.FromString,
-                _registered_method=True)
         self.ReportFeedback = channel.unary_unary(
-                '/tandem.v1.Cloud/ReportFeedback',
-                request_serializer=tandem_dot_v1_dot_cloud__pb2.ReportFeedbackRequest.SerializeToString,
-                response_deserializer=tandem_dot_v1_dot_cloud__pb2.ReportFeedbackResponse.FromString,
+                '/tandem.v1.Fleet/ReportFeedback',
+                request_serializer=tandem_dot_v1_dot_fleet__pb2.ReportFeedbackRequest.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_fleet__pb2.ReportFeedbackResponse.FromString,
                 _registered_method=True)
         self.GetManifest = channel.unary_unary(
-                '/tandem.v1.Cloud/GetManifest',
-                request_serializer=tandem_dot_v1_dot_cloud__pb2.GetManifestRequest.SerializeToString,
-                response_deserializer=tandem_dot_v1_dot_cloud__pb2.ModelManifest.FromString,
+                '/tandem.v1.Fleet/GetManifest',
+                request_serializer=tandem_dot_v1_dot_fleet__pb2.GetManifestRequest.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_fleet__pb2.ModelManifest.FromString,
                 _registered_method=True)
         self.FetchModel = channel.unary_stream(
-                '/tandem.v1.Cloud/FetchModel',
-                request_serializer=tandem_dot_v1_dot_cloud__pb2.FetchModelRequest.SerializeToString,
-                response_deserializer=tandem_dot_v1_dot_cloud__pb2.ModelChunk.FromString,
+                '/tandem.v1.Fleet/FetchModel',
+                request_serializer=tandem_dot_v1_dot_fleet__pb2.FetchModelRequest.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_fleet__pb2.ModelChunk.FromString,
+                _registered_method=True)
+        self.GetRoutes = channel.unary_unary(
+                '/tandem.v1.Fleet/GetRoutes',
+                request_serializer=tandem_dot_v1_dot_fleet__pb2.GetRoutesRequest.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_fleet__pb2.Routes.FromString,
                 _registered_method=True)
 
 
-class CloudServicer:
-    """The cloud service that edges call. Escalate is answered by each expert's Serve
-    application; ReportFeedback, GetManifest and FetchModel by the registry application.
+class FleetServicer:
+    """What the fleet of edges shares with the cloud besides escalations: feedback in, models
+    out, and where each task's expert answers. Served by the `fleet` Serve application.
     """
-
-    def Escalate(self, request, context):
-        """Answers a request the edge was unsure about.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
 
     def ReportFeedback(self, request, context):
         """Stores a batch of feedback records durably; idempotent by record_id.
@@ -91,68 +84,48 @@ class CloudServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRoutes(self, request, context):
+        """The Serve application of each task's expert: edges send it as `application` metadata.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
-def add_CloudServicer_to_server(servicer, server):
+
+def add_FleetServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Escalate': grpc.unary_unary_rpc_method_handler(
-                    servicer.Escalate,
-                    request_deserializer=tandem_dot_v1_dot_cloud__pb2.EscalateRequest.FromString,
-                    response_serializer=tandem_dot_v1_dot_cloud__pb2.EscalateResponse.SerializeToString,
-            ),
             'ReportFeedback': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportFeedback,
-                    request_deserializer=tandem_dot_v1_dot_cloud__pb2.ReportFeedbackRequest.FromString,
-                    response_serializer=tandem_dot_v1_dot_cloud__pb2.ReportFeedbackResponse.SerializeToString,
+                    request_deserializer=tandem_dot_v1_dot_fleet__pb2.ReportFeedbackRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_fleet__pb2.ReportFeedbackResponse.SerializeToString,
             ),
             'GetManifest': grpc.unary_unary_rpc_method_handler(
                     servicer.GetManifest,
-                    request_deserializer=tandem_dot_v1_dot_cloud__pb2.GetManifestRequest.FromString,
-                    response_serializer=tandem_dot_v1_dot_cloud__pb2.ModelManifest.SerializeToString,
+                    request_deserializer=tandem_dot_v1_dot_fleet__pb2.GetManifestRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_fleet__pb2.ModelManifest.SerializeToString,
             ),
             'FetchModel': grpc.unary_stream_rpc_method_handler(
                     servicer.FetchModel,
-                    request_deserializer=tandem_dot_v1_dot_cloud__pb2.FetchModelRequest.FromString,
-                    response_serializer=tandem_dot_v1_dot_cloud__pb2.ModelChunk.SerializeToString,
+                    request_deserializer=tandem_dot_v1_dot_fleet__pb2.FetchModelRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_fleet__pb2.ModelChunk.SerializeToString,
+            ),
+            'GetRoutes': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRoutes,
+                    request_deserializer=tandem_dot_v1_dot_fleet__pb2.GetRoutesRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_fleet__pb2.Routes.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'tandem.v1.Cloud', rpc_method_handlers)
+            'tandem.v1.Fleet', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('tandem.v1.Cloud', rpc_method_handlers)
+    server.add_registered_method_handlers('tandem.v1.Fleet', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class Cloud:
-    """The cloud service that edges call. Escalate is answered by each expert's Serve
-    application; ReportFeedback, GetManifest and FetchModel by the registry application.
+class Fleet:
+    """What the fleet of edges shares with the cloud besides escalations: feedback in, models
+    out, and where each task's expert answers. Served by the `fleet` Serve application.
     """
-
-    @staticmethod
-    def Escalate(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/tandem.v1.Cloud/Escalate',
-            tandem_dot_v1_dot_cloud__pb2.EscalateRequest.SerializeToString,
-            tandem_dot_v1_dot_cloud__pb2.EscalateResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
 
     @staticmethod
     def ReportFeedback(request,
@@ -168,9 +141,9 @@ class Cloud:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/tandem.v1.Cloud/ReportFeedback',
-            tandem_dot_v1_dot_cloud__pb2.ReportFeedbackRequest.SerializeToString,
-            tandem_dot_v1_dot_cloud__pb2.ReportFeedbackResponse.FromString,
+            '/tandem.v1.Fleet/ReportFeedback',
+            tandem_dot_v1_dot_fleet__pb2.ReportFeedbackRequest.SerializeToString,
+            tandem_dot_v1_dot_fleet__pb2.ReportFeedbackResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -195,9 +168,9 @@ class Cloud:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/tandem.v1.Cloud/GetManifest',
-            tandem_dot_v1_dot_cloud__pb2.GetManifestRequest.SerializeToString,
-            tandem_dot_v1_dot_cloud__pb2.ModelManifest.FromString,
+            '/tandem.v1.Fleet/GetManifest',
+            tandem_dot_v1_dot_fleet__pb2.GetManifestRequest.SerializeToString,
+            tandem_dot_v1_dot_fleet__pb2.ModelManifest.FromString,
             options,
             channel_credentials,
             insecure,
@@ -222,9 +195,36 @@ class Cloud:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/tandem.v1.Cloud/FetchModel',
-            tandem_dot_v1_dot_cloud__pb2.FetchModelRequest.SerializeToString,
-            tandem_dot_v1_dot_cloud__pb2.ModelChunk.FromString,
+            '/tandem.v1.Fleet/FetchModel',
+            tandem_dot_v1_dot_fleet__pb2.FetchModelRequest.SerializeToString,
+            tandem_dot_v1_dot_fleet__pb2.ModelChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRoutes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.Fleet/GetRoutes',
+            tandem_dot_v1_dot_fleet__pb2.GetRoutesRequest.SerializeToString,
+            tandem_dot_v1_dot_fleet__pb2.Routes.FromString,
             options,
             channel_credentials,
             insecure,

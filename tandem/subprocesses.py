@@ -1,10 +1,12 @@
-"""Starting servers as subprocesses that announce their port, and stopping them cleanly."""
+"""Servers started as subprocesses that announce their port, and free loopback ports for
+them: what the tests and the benchmarks start the system's parts with."""
 
 import contextlib
 import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +20,12 @@ PORT_LINE = re.compile(r"listening on port (\d+)")
 class Server:
     process: subprocess.Popen[str]
     port: int
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -47,11 +55,13 @@ def announced_server(args: list[str], env: dict[str, str] | None = None, timeout
 def _wait_for_port(process: subprocess.Popen[str], timeout_s: float) -> int:
     """Reads the child's stdout in a thread for its whole life (a full pipe would block the
     child) and returns the first announced port."""
+    stdout = process.stdout
+    if stdout is None:
+        raise ValueError(f"{process.args}: started without stdout=PIPE, so its port cannot be read")
     ports: queue.Queue[int | None] = queue.Queue()
 
     def drain() -> None:
-        assert process.stdout is not None
-        for line in process.stdout:
+        for line in stdout:
             if match := PORT_LINE.search(line):
                 ports.put(int(match.group(1)))
         ports.put(None)  # EOF: the child exited

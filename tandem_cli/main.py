@@ -3,11 +3,16 @@ install runs `tandem edge ...` without the training or cloud extras."""
 
 import argparse
 import json
+import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from tandem.settings import ConfigError
+
+# Tandem's own loggers report progress at INFO; other libraries only warnings and errors.
+TANDEM_PACKAGES = ("tandem", "tandem_cli", "edge", "cloud", "benchmarks")
 
 
 class MissingExtra(RuntimeError):
@@ -22,13 +27,23 @@ def _imports(extra: str) -> Callable[[Callable[[argparse.Namespace], int]], Call
             try:
                 return fn(args)
             except ModuleNotFoundError as exc:
-                if exc.name and exc.name.split(".")[0] in {"tandem", "edge", "cloud", "benchmarks"}:
+                if exc.name and exc.name.split(".")[0] in TANDEM_PACKAGES:
                     raise
                 raise MissingExtra(f"{exc.name} is missing: pip install 'tandem[{extra}]'") from exc
 
         return run
 
     return wrap
+
+
+def _training_process() -> None:
+    """Sets up a process that trains or loads models with torch; call it before torch is imported."""
+    # torch reads this once, when OpenMP starts: its threads otherwise spin while waiting for
+    # work, taking the cores from everything else on a small shared machine.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from cloud.training.quiet import quiet_third_party
+
+    quiet_third_party()
 
 
 @_imports("edge")
@@ -43,6 +58,7 @@ def _edge_serve(args: argparse.Namespace) -> int:
 
 @_imports("train")
 def _train(args: argparse.Namespace) -> int:
+    _training_process()
     from cloud.training.config import TrainConfig
     from tandem.settings import load_config
 
@@ -59,6 +75,7 @@ def _train(args: argparse.Namespace) -> int:
 
 @_imports("cloud")
 def _cloud_prepare(args: argparse.Namespace) -> int:
+    _training_process()
     from cloud.prepare import prepare_all
     from cloud.training.config import TrainConfig
     from tandem.settings import load_config
@@ -69,11 +86,19 @@ def _cloud_prepare(args: argparse.Namespace) -> int:
 
 @_imports("cloud")
 def _cloud_serve(args: argparse.Namespace) -> int:
-    from cloud.config import CloudConfig
     from cloud.server import serve_forever
-    from tandem.settings import load_config
 
-    serve_forever(load_config(CloudConfig, args.config))
+    serve_forever(args.config)
+    return 0
+
+
+@_imports("cloud")
+def _cloud_serve_config(args: argparse.Namespace) -> int:
+    from cloud.topology import generate_serve_config
+
+    text = generate_serve_config(args.config, args.config_ref or str(args.config), args.out, args.rayservice)
+    if args.out is None and args.rayservice is None:
+        sys.stdout.write(text)
     return 0
 
 
@@ -97,6 +122,7 @@ def _bench_cloud(args: argparse.Namespace) -> int:
 
 @_imports("dev")
 def _bench_suite(args: argparse.Namespace) -> int:
+    _training_process()  # trains the models if they are missing
     from benchmarks.suite import SuiteConfig, run_suite
     from tandem.settings import load_config
 
@@ -107,6 +133,7 @@ def _bench_suite(args: argparse.Namespace) -> int:
 
 @_imports("dev")
 def _bench_flywheel(args: argparse.Namespace) -> int:
+    _training_process()
     from benchmarks.flywheel import FlywheelConfig, run_flywheel
     from tandem.settings import load_config
 
@@ -116,6 +143,7 @@ def _bench_flywheel(args: argparse.Namespace) -> int:
 
 @_imports("train")
 def _train_distill(args: argparse.Namespace) -> int:
+    _training_process()
     from cloud.training.config import DistillConfig
     from cloud.training.distill import run_schedule
     from tandem.settings import load_config
@@ -127,6 +155,7 @@ def _train_distill(args: argparse.Namespace) -> int:
 
 @_imports("dev")
 def _demo(args: argparse.Namespace) -> int:
+    _training_process()
     from benchmarks.demo import run_demo
 
     return run_demo(args.config, args.out)
@@ -136,9 +165,11 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tandem", description=__doc__)
     groups = parser.add_subparsers(dest="group", required=True)
 
-    def command(group: argparse._SubParsersAction, name: str, run: Callable, help: str) -> argparse.ArgumentParser:
+    def command(group: argparse._SubParsersAction, name: str, run: Callable, help: str,
+                config_required: bool = False) -> argparse.ArgumentParser:
         p = group.add_parser(name, help=help)
-        p.add_argument("--config", type=Path, help="YAML config; environment variables override it")
+        p.add_argument("--config", type=Path, required=config_required,
+                       help="YAML config; environment variables override it")
         p.set_defaults(run=run)
         return p
 
@@ -147,7 +178,13 @@ def _parser() -> argparse.ArgumentParser:
 
     cloud = groups.add_parser("cloud", help="the Ray Serve application").add_subparsers(required=True)
     command(cloud, "prepare", _cloud_prepare, "build the expert models into the cache (train config)")
-    command(cloud, "serve", _cloud_serve, "run Ray Serve with the gRPC Cloud service (cloud config)")
+    command(cloud, "serve", _cloud_serve, "run Ray Serve with the gRPC Expert and Fleet services (cloud config)",
+            config_required=True)
+    p = command(cloud, "serve-config", _cloud_serve_config,
+                "generate the Serve config (and the RayService's serveConfigV2) from a cloud config", config_required=True)
+    p.add_argument("--config-ref", help="how the generated config names the cloud config (default: --config as given)")
+    p.add_argument("--out", type=Path, help="write the Serve config YAML here")
+    p.add_argument("--rayservice", type=Path, help="replace the serveConfigV2 block of this RayService manifest")
 
     train = groups.add_parser("train", help="train and export models").add_subparsers(required=True)
     for kind, what in (("teacher", "fine-tune the MiniLM-L6 teacher"), ("student", "train, export and calibrate the edge student")):
@@ -173,14 +210,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def configure_logging() -> None:
+    """Log records to stderr: Tandem's from INFO up, other libraries' from WARNING up."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in TANDEM_PACKAGES:
+        logging.getLogger(name).setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    configure_logging()
     try:
         return args.run(args)
     except (ConfigError, MissingExtra) as exc:
         print(f"tandem: {exc}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

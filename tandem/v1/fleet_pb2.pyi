@@ -21,46 +21,6 @@ CORRECTION: FeedbackKind
 FALLBACK: FeedbackKind
 AUDIT: FeedbackKind
 
-class EdgePrediction(_message.Message):
-    __slots__ = ("label", "confidence", "model_version")
-    LABEL_FIELD_NUMBER: _ClassVar[int]
-    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
-    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
-    label: str
-    confidence: float
-    model_version: str
-    def __init__(self, label: _Optional[str] = ..., confidence: _Optional[float] = ..., model_version: _Optional[str] = ...) -> None: ...
-
-class EscalateRequest(_message.Message):
-    __slots__ = ("request_id", "task", "text", "edge", "device_id")
-    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
-    TASK_FIELD_NUMBER: _ClassVar[int]
-    TEXT_FIELD_NUMBER: _ClassVar[int]
-    EDGE_FIELD_NUMBER: _ClassVar[int]
-    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
-    request_id: str
-    task: str
-    text: str
-    edge: EdgePrediction
-    device_id: str
-    def __init__(self, request_id: _Optional[str] = ..., task: _Optional[str] = ..., text: _Optional[str] = ..., edge: _Optional[_Union[EdgePrediction, _Mapping]] = ..., device_id: _Optional[str] = ...) -> None: ...
-
-class EscalateResponse(_message.Message):
-    __slots__ = ("request_id", "label", "confidence", "distribution", "expert", "expert_ms")
-    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
-    LABEL_FIELD_NUMBER: _ClassVar[int]
-    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
-    DISTRIBUTION_FIELD_NUMBER: _ClassVar[int]
-    EXPERT_FIELD_NUMBER: _ClassVar[int]
-    EXPERT_MS_FIELD_NUMBER: _ClassVar[int]
-    request_id: str
-    label: str
-    confidence: float
-    distribution: _containers.RepeatedCompositeFieldContainer[_common_pb2.LabelScore]
-    expert: str
-    expert_ms: float
-    def __init__(self, request_id: _Optional[str] = ..., label: _Optional[str] = ..., confidence: _Optional[float] = ..., distribution: _Optional[_Iterable[_Union[_common_pb2.LabelScore, _Mapping]]] = ..., expert: _Optional[str] = ..., expert_ms: _Optional[float] = ...) -> None: ...
-
 class FeedbackRecord(_message.Message):
     __slots__ = ("record_id", "request_id", "task", "kind", "text", "edge", "label", "distribution", "expert", "device_id", "created_unix_ms")
     RECORD_ID_FIELD_NUMBER: _ClassVar[int]
@@ -79,13 +39,13 @@ class FeedbackRecord(_message.Message):
     task: str
     kind: FeedbackKind
     text: str
-    edge: EdgePrediction
+    edge: _common_pb2.EdgePrediction
     label: str
     distribution: _containers.RepeatedCompositeFieldContainer[_common_pb2.LabelScore]
     expert: str
     device_id: str
     created_unix_ms: int
-    def __init__(self, record_id: _Optional[str] = ..., request_id: _Optional[str] = ..., task: _Optional[str] = ..., kind: _Optional[_Union[FeedbackKind, str]] = ..., text: _Optional[str] = ..., edge: _Optional[_Union[EdgePrediction, _Mapping]] = ..., label: _Optional[str] = ..., distribution: _Optional[_Iterable[_Union[_common_pb2.LabelScore, _Mapping]]] = ..., expert: _Optional[str] = ..., device_id: _Optional[str] = ..., created_unix_ms: _Optional[int] = ...) -> None: ...
+    def __init__(self, record_id: _Optional[str] = ..., request_id: _Optional[str] = ..., task: _Optional[str] = ..., kind: _Optional[_Union[FeedbackKind, str]] = ..., text: _Optional[str] = ..., edge: _Optional[_Union[_common_pb2.EdgePrediction, _Mapping]] = ..., label: _Optional[str] = ..., distribution: _Optional[_Iterable[_Union[_common_pb2.LabelScore, _Mapping]]] = ..., expert: _Optional[str] = ..., device_id: _Optional[str] = ..., created_unix_ms: _Optional[int] = ...) -> None: ...
 
 class ReportFeedbackRequest(_message.Message):
     __slots__ = ("records",)
@@ -148,3 +108,20 @@ class ModelChunk(_message.Message):
     offset: int
     data: bytes
     def __init__(self, file: _Optional[str] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class GetRoutesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Routes(_message.Message):
+    __slots__ = ("applications",)
+    class ApplicationsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    APPLICATIONS_FIELD_NUMBER: _ClassVar[int]
+    applications: _containers.ScalarMap[str, str]
+    def __init__(self, applications: _Optional[_Mapping[str, str]] = ...) -> None: ...

@@ -1,0 +1,136 @@
+"""What edge and cloud agree on beyond the proto: field limits, name patterns, the feedback
+kinds that carry labels, the fleet's Serve application, and the student artifact's layout.
+
+Each side validates a field once, at its own boundary, with the checks below; a failed
+check raises `FieldError`, which names the field and the limit.
+"""
+
+import re
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+from tandem.v1 import fleet_pb2
+
+# Limits. Redaction on the device keeps a text within TEXT_MAX_BYTES, so the cloud takes
+# whatever an edge accepted.
+TEXT_MAX_BYTES = 2048
+REQUEST_ID_MAX_CHARS = 128
+DEVICE_ID_MAX_CHARS = 128
+
+# Task, version and expert names become path components, partition directories, Serve
+# application names and metric label values.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# Printable ASCII without spaces: record ids end up in logs and in joins across systems.
+RECORD_ID = re.compile(r"[\x21-\x7e]{1,128}")
+
+# Feedback kinds whose `label` is the answer the record exists for (ground truth for training).
+LABELLED_KINDS = frozenset({fleet_pb2.ESCALATION, fleet_pb2.CORRECTION})
+
+# The Serve application answering tandem.v1.Fleet; edges send it as `application` metadata.
+FLEET_APPLICATION = "fleet"
+
+# The student artifact: these files, listed with their sha256 in the signed manifest.
+MODEL_FILE = "model.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+LABELS_FILE = "labels.json"
+MANIFEST_FILE = "manifest.json"
+SIGNATURE_FILE = "manifest.sig"
+STUDENT_FILES = (MODEL_FILE, TOKENIZER_FILE, LABELS_FILE, MANIFEST_FILE)
+# The student's ONNX graph: token ids and attention mask in, one logit per label out.
+ONNX_INPUTS = ("input_ids", "attention_mask")
+ONNX_OUTPUT = "logits"
+
+
+class FieldError(ValueError):
+    """A field breaks its documented limit; the message names the field and the limit."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+
+
+def check_text(field: str, text: str) -> str:
+    """`text` if it is not blank and within TEXT_MAX_BYTES of UTF-8."""
+    size = len(text.encode())
+    if size > TEXT_MAX_BYTES:
+        raise FieldError(field, f"{size} bytes exceeds the limit of {TEXT_MAX_BYTES} bytes")
+    if not text.strip():
+        raise FieldError(field, "must not be empty or blank")
+    return text
+
+
+def decode_text(field: str, data: bytes) -> str:
+    """UTF-8 `data` as checked text; the size is checked before decoding."""
+    if len(data) > TEXT_MAX_BYTES:
+        raise FieldError(field, f"{len(data)} bytes exceeds the limit of {TEXT_MAX_BYTES} bytes")
+    try:
+        return check_text(field, data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise FieldError(field, f"invalid UTF-8 at byte {exc.start}") from exc
+
+
+def check_request_id(field: str, request_id: str) -> str:
+    """`request_id` if it has at most REQUEST_ID_MAX_CHARS printable ASCII characters (may be empty)."""
+    if len(request_id) > REQUEST_ID_MAX_CHARS or not (request_id.isascii() and request_id.isprintable()):
+        raise FieldError(field, f"at most {REQUEST_ID_MAX_CHARS} printable ASCII characters")
+    return request_id
+
+
+def check_device_id(field: str, device_id: str) -> str:
+    """`device_id` if it has at most DEVICE_ID_MAX_CHARS characters (may be empty)."""
+    if len(device_id) > DEVICE_ID_MAX_CHARS:
+        raise FieldError(field, f"{len(device_id)} characters exceed the limit of {DEVICE_ID_MAX_CHARS}")
+    return device_id
+
+
+def check_name(field: str, name: str) -> str:
+    """`name` if it matches NAME."""
+    if not NAME.fullmatch(name):
+        raise FieldError(field, f"invalid name {name!r}: 1 to 128 letters, digits, '.', '_', '-', "
+                                "starting with a letter or digit")
+    return name
+
+
+SafeName = Annotated[str, StringConstraints(pattern=NAME.pattern)]
+Sha256 = Annotated[str, StringConstraints(pattern=r"[0-9a-f]{64}")]
+
+
+class ArtifactFile(BaseModel):
+    sha256: Sha256
+    size: int = Field(ge=0)
+
+
+class Manifest(BaseModel):
+    """manifest.json of a model artifact: what the trainer writes, signs and the edge reads.
+    Training adds its lineage (fit config, metrics, gate, feedback counts) as extra fields."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    kind: Literal["student", "teacher"]
+    task: SafeName
+    version: SafeName
+    created_at: datetime
+    payload: str = Field(description="The model file whose sha256 is `sha256`.")
+    sha256: Sha256
+    temperature: float | None = Field(None, gt=0, description="Students: divides the logits (calibration).")
+    max_length: int | None = Field(None, ge=1, description="Students: tokens kept per text.")
+    files: dict[SafeName, ArtifactFile] = Field(
+        default_factory=dict, description="Every file of a signed artifact but the manifest and its signature."
+    )
+
+    @field_validator("files")
+    @classmethod
+    def _not_the_manifest(cls, files: dict[str, ArtifactFile]) -> dict[str, ArtifactFile]:
+        if {MANIFEST_FILE, SIGNATURE_FILE} & files.keys():
+            raise ValueError(f"files must not list {MANIFEST_FILE} or {SIGNATURE_FILE}")
+        return files
+
+    @classmethod
+    def read(cls, directory: Path) -> "Manifest":
+        return cls.model_validate_json((directory / MANIFEST_FILE).read_bytes())
+
+    def to_json(self) -> bytes:
+        return (self.model_dump_json(indent=2) + "\n").encode()
