@@ -19,7 +19,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from ray.serve.grpc_util import RayServegRPCContext
 from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Histogram
 
-from cloud.config import CloudConfig, ExpertConfig
+from cloud.config import CloudConfig, ExpertConfig, FleetOptions
 from cloud.errors import (EscalationError, ExpertTimeout, ExpertUnavailable, FleetError, InvalidAnswer,
                           InvalidEscalation)
 from cloud.experts.protocol import Runner
@@ -37,7 +37,8 @@ from cloud.feedback.recorder import EscalationRecorder, escalation_record
 from cloud.feedback.store import FeedbackStore
 from cloud.registry.models import ModelRegistry
 from cloud.registry.service import FleetMetrics, FleetServicer
-from tandem.contract import FLEET_APPLICATION, FieldError, check_device_id, check_request_id, check_text
+from tandem.contract import (CALLER_TIMEOUT_METADATA, FLEET_APPLICATION, FieldError, check_device_id, check_request_id,
+                             check_text)
 from tandem.settings import load_config
 from tandem.v1 import common_pb2, expert_pb2, fleet_pb2
 
@@ -101,10 +102,15 @@ class Expert:
         return ClassifyRunner(engine, model_labels)
 
     async def Escalate(self, request: expert_pb2.EscalateRequest, grpc_context: RayServegRPCContext) -> expert_pb2.EscalateResponse:
+        received = time.monotonic()
         tags = {"task": request.task if request.task in self._tasks else UNKNOWN_TASK, "expert": self._cfg.name}
         try:
             labels = self._validate(request)
-            response = await self._escalate(request, labels)
+            budget_s = caller_budget_s(grpc_context.invocation_metadata(), self._timeout_s)
+            response = await self._escalate(request, labels, budget_s)
+            if time.monotonic() - received > budget_s:
+                # The caller has answered without this: recording it would store the request twice.
+                raise ExpertTimeout(f"expert {self._cfg.name} answered after the caller's deadline; not recorded")
         except EscalationError as exc:
             # Tracebacks for server-side failures; a bad request is not worth one.
             log.warning("escalation %r task=%r failed: %s %s", request.request_id, request.task, exc.code.name, exc,
@@ -134,14 +140,18 @@ class Expert:
             request.request_id = uuid.uuid4().hex
         return labels
 
-    async def _escalate(self, request: expert_pb2.EscalateRequest, labels: list[str]) -> expert_pb2.EscalateResponse:
+    async def _escalate(self, request: expert_pb2.EscalateRequest, labels: list[str],
+                        budget_s: float) -> expert_pb2.EscalateResponse:
+        if budget_s <= 0:
+            raise ExpertTimeout("the caller's deadline passed before the expert started")
         self._in_flight += 1
         self._batch.observe(self._in_flight, tags=self._tags)
         started = time.perf_counter()
         try:
-            answer = await asyncio.wait_for(self._runner.answer(request.text, labels, request.request_id), self._timeout_s)
+            answer = await asyncio.wait_for(self._runner.answer(request.text, labels, request.request_id), budget_s)
         except asyncio.TimeoutError as exc:
-            raise ExpertTimeout(f"expert {self._cfg.name} did not answer within {self._timeout_s:.1f} s") from exc
+            raise ExpertTimeout(f"expert {self._cfg.name} did not answer within {budget_s:.3f} s "
+                                "(the caller's deadline, at most expert_timeout_s)") from exc
         except EscalationError:
             raise  # the runner's own verdict (e.g. an answer cut off): not worth a retry
         except Exception as exc:  # a dead or broken engine: the health check gets the replica replaced
@@ -193,10 +203,12 @@ class Fleet(FleetServicer):
     (`store_feedback`, through a DeploymentHandle)."""
 
     def __init__(self, feedback_uri: str, registry_dir: str, tasks: dict[str, list[str]], routes: dict[str, str],
-                 max_batch: int) -> None:
+                 max_batch: int, request_timeout_s: float) -> None:
         log_to_serve()
-        super().__init__(FeedbackStore(feedback_uri), ModelRegistry(Path(registry_dir)), tasks, routes,
-                         ServeFleetMetrics(), max_batch)
+        metrics = ServeFleetMetrics()
+        store = FeedbackStore(feedback_uri, on_quarantine=metrics.quarantined)
+        super().__init__(store, ModelRegistry(Path(registry_dir)), tasks, routes, metrics, max_batch,
+                         request_timeout_s=request_timeout_s)
 
     async def FetchModel(self, request: fleet_pb2.FetchModelRequest,
                          grpc_context: RayServegRPCContext) -> AsyncIterator[fleet_pb2.ModelChunk]:
@@ -220,6 +232,9 @@ class ServeFleetMetrics(FleetMetrics):
                                  tag_keys=("method", "code"))
         self._records = Counter("tandem_feedback_records", "Feedback records by task, kind and outcome (stored, duplicate).",
                                 tag_keys=("task", "kind", "outcome"))
+        self._quarantined = Counter("tandem_feedback_quarantined_files",
+                                    "Feedback store files set aside under _quarantine/ as unreadable, by task.",
+                                    tag_keys=("task",))
 
     def request(self, method: str, code: grpc.StatusCode) -> None:
         self._requests.inc(tags={"method": method, "code": code.name})
@@ -227,12 +242,23 @@ class ServeFleetMetrics(FleetMetrics):
     def feedback(self, task: str, kind: str, outcome: str, count: int) -> None:
         self._records.inc(count, tags={"task": task, "kind": kind, "outcome": outcome})
 
+    def quarantined(self, task: str, path: str) -> None:
+        self._quarantined.inc(tags={"task": task})  # the path is in the store's log line
+
 
 def fleet_app(args: dict[str, str]) -> serve.Application:
     """Builder of the fleet application (`serve run` / `serve deploy`, `tandem cloud serve`):
     args.config is the cloud YAML."""
     cfg = load_config(CloudConfig, Path(args["config"]))
-    return Fleet.bind(cfg.feedback_uri, str(cfg.registry_dir), _labels(cfg), cfg.routes(), cfg.feedback_max_batch)
+    return Fleet.options(**fleet_options(cfg.fleet)).bind(cfg.feedback_uri, str(cfg.registry_dir), _labels(cfg), cfg.routes(),
+                                                          cfg.feedback_max_batch, cfg.fleet.request_timeout_s)
+
+
+def fleet_options(fleet: FleetOptions) -> dict[str, Any]:
+    """The Serve options of the fleet deployment: bounded, like the experts', so that a
+    burst of slow calls is refused (RESOURCE_EXHAUSTED, retried by edges) instead of queueing
+    without end behind a few slots."""
+    return {"max_ongoing_requests": fleet.max_ongoing_requests, "max_queued_requests": fleet.max_queued_requests}
 
 
 def expert_app(args: dict[str, str]) -> serve.Application:
@@ -255,6 +281,21 @@ def expert_args(cfg: CloudConfig, expert: ExpertConfig) -> tuple[dict[str, Any],
         cfg.expert_timeout_s,
         recorder,
     )
+
+
+def caller_budget_s(metadata: Sequence[tuple[str, str]], limit_s: float) -> float:
+    """Seconds the caller gives an escalation: its remaining deadline as it sent the call
+    (CALLER_TIMEOUT_METADATA), at most `limit_s`; `limit_s` when it sent none. Time spent in
+    Serve's proxy and queues is not counted: the expert may overrun the caller by that much."""
+    value = dict(metadata).get(CALLER_TIMEOUT_METADATA)
+    if value is None:
+        return limit_s
+    try:
+        caller_ms = int(value)
+    except ValueError:
+        raise InvalidEscalation(f"metadata {CALLER_TIMEOUT_METADATA}",
+                                f"{value!r} is not a whole number of milliseconds") from None
+    return min(caller_ms / 1000, limit_s)
 
 
 def _labels(cfg: CloudConfig) -> dict[str, list[str]]:

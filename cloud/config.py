@@ -44,6 +44,25 @@ class DeploymentOptions(BaseModel):
         return self
 
 
+class FleetOptions(BaseModel):
+    """Ray Serve options and bounds of the fleet application's one deployment (one replica:
+    the feedback store's one writer). Every edge's feedback, model downloads and routes, and
+    every expert's escalation records, share its slots."""
+
+    max_ongoing_requests: int = Field(
+        64, ge=1, description="Concurrent Fleet RPCs and expert record batches in the replica. Serve's default is "
+        "small enough that a few slow FetchModel readers would hold every slot and starve ReportFeedback.",
+    )
+    max_queued_requests: int = Field(
+        256, ge=-1, description="Requests waiting beyond that; more are refused with RESOURCE_EXHAUSTED, which edges "
+        "retry later. -1: unbounded.",
+    )
+    request_timeout_s: float = Field(
+        30.0, gt=0, description="Longest one step of a Fleet RPC's work may take (storing a feedback batch, reading "
+        "a manifest or a model chunk); past it the RPC fails with DEADLINE_EXCEEDED and frees its slot.",
+    )
+
+
 class ExpertConfig(BaseModel):
     """A vLLM model that answers escalations for some tasks."""
 
@@ -107,8 +126,11 @@ class CloudConfig(TandemSettings):
     )
     access_log: bool = Field(True, description="Serve's access log: one line per request, per replica.")
     expert_timeout_s: float = Field(
-        30.0, gt=0, description="Longest an expert may take before DEADLINE_EXCEEDED (edges set shorter deadlines)."
+        30.0, gt=0, description="Longest an expert may take before DEADLINE_EXCEEDED. A caller that sends its "
+        "remaining deadline (the `tandem-timeout-ms` metadata) bounds the work further, and an answer after it is "
+        "neither returned nor recorded.",
     )
+    fleet: FleetOptions = Field(default_factory=FleetOptions, description="The fleet application's deployment.")
 
     registry_dir: Path = Field(
         default_factory=lambda: envs.TANDEM_CACHE_DIR / "registry",
@@ -123,9 +145,12 @@ class CloudConfig(TandemSettings):
         1000, ge=1, description="Most records one ReportFeedback may carry; more are refused with INVALID_ARGUMENT."
     )
     feedback_flush_records: int = Field(
-        64, ge=1, description="An expert sends its answered escalations to the fleet application once this many are pending..."
+        256, ge=1, description="An expert sends its answered escalations to the fleet application once this many are pending..."
     )
-    feedback_flush_s: float = Field(1.0, gt=0, description="...or this long after its last send, whichever comes first.")
+    feedback_flush_s: float = Field(
+        5.0, gt=0, description="...or this long after its last send, whichever comes first. Each send is a store file "
+        "per task: longer waits mean fewer, larger files, and more records held in a replica's memory meanwhile.",
+    )
     feedback_retries: int = Field(
         3, ge=1, description="Attempts to send a batch of escalation records before it is dropped (with an error log)."
     )

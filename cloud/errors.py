@@ -4,12 +4,13 @@
     ├── InvalidInput             (base of the two INVALID_ARGUMENT errors below; a contract.FieldError)
     ├── EscalationError
     │   ├── InvalidEscalation    bad request          → INVALID_ARGUMENT
-    │   ├── ExpertTimeout        expert too slow      → DEADLINE_EXCEEDED
+    │   ├── ExpertTimeout        expert too slow, or the caller's deadline passed → DEADLINE_EXCEEDED
     │   ├── ExpertUnavailable    engine or replica down → UNAVAILABLE (edges retry: another replica may answer)
     │   └── InvalidAnswer        no whole label in the answer → INTERNAL (not retried: it would recur)
     └── FleetError
         ├── InvalidFeedback      bad feedback record or batch → INVALID_ARGUMENT
         ├── NotFound             unknown task, no promoted or no such version → NOT_FOUND
+        ├── FleetTimeout         a step of the RPC's work outlasted fleet.request_timeout_s → DEADLINE_EXCEEDED (edges retry later)
         └── StoreUnavailable     the feedback store or the model registry failed to read or write → UNAVAILABLE (edges retry later)
 
 `cloud.app.Expert.Escalate` and `cloud.registry.service.FleetServicer` are the places
@@ -69,6 +70,10 @@ class InvalidFeedback(InvalidInput, FleetError):
 
 class NotFound(FleetError):
     code = grpc.StatusCode.NOT_FOUND
+
+
+class FleetTimeout(FleetError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 class StoreUnavailable(FleetError):

@@ -5,6 +5,10 @@ forms when requests queue anyway. The model runs in a worker thread (ONNX Runtim
 releases the GIL, so the event loop keeps accepting requests meanwhile); a batch pays
 the thread hand-offs once instead of per request (`tandem bench edge` reports the daemon's
 maximum throughput with and without batching).
+
+Bounded: beyond `max_queue` waiting requests, `submit` refuses at once (Overloaded), so an
+overload costs callers a fast error instead of the daemon its memory and every caller its
+latency. A request whose caller gave up (its future cancelled) is never run.
 """
 
 import asyncio
@@ -14,6 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+
+from edge.errors import Overloaded
 
 
 @dataclass(frozen=True)
@@ -25,9 +31,10 @@ class Result:
 
 
 class MicroBatcher:
-    def __init__(self, predict: Callable[[list[str]], np.ndarray], max_batch: int) -> None:
+    def __init__(self, predict: Callable[[list[str]], np.ndarray], max_batch: int, max_queue: int) -> None:
         self._predict = predict
         self._max_batch = max_batch
+        self._max_queue = max_queue
         self._queue: asyncio.Queue[tuple[str, float, asyncio.Future[Result]]] = asyncio.Queue()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx")
         self._worker: asyncio.Task[None] | None = None
@@ -50,6 +57,10 @@ class MicroBatcher:
         await asyncio.to_thread(self._executor.shutdown)  # waits for the worker thread, off the event loop
 
     async def submit(self, text: str) -> Result:
+        """The text's result; raises Overloaded when `max_queue` requests already wait. A caller
+        cancelled while waiting (its RPC cancelled) cancels the future: its text is skipped."""
+        if self._queue.qsize() >= self._max_queue:
+            raise Overloaded(self._queue.qsize(), self._max_queue)
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((text, time.perf_counter(), future))
         return await future
@@ -57,9 +68,7 @@ class MicroBatcher:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = [await self._queue.get()]
-            while len(batch) < self._max_batch and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
+            batch = await self._next_batch()
             started = time.perf_counter()
             try:
                 probs = await loop.run_in_executor(self._executor, self._predict, [t for t, _, _ in batch])
@@ -79,3 +88,17 @@ class MicroBatcher:
                     future.set_exception(result)
                 else:
                     future.set_result(result)
+
+    async def _next_batch(self) -> list[tuple[str, float, asyncio.Future[Result]]]:
+        """Up to `max_batch` queued requests whose callers still wait; waits for the first."""
+        batch: list[tuple[str, float, asyncio.Future[Result]]] = []
+        while not batch:
+            taken = [await self._queue.get()]
+            while len(taken) < self._max_batch and not self._queue.empty():
+                taken.append(self._queue.get_nowait())
+            for entry in taken:
+                if entry[2].done():  # cancelled: nobody waits for its answer, so the model skips it
+                    self._queue.task_done()
+                else:
+                    batch.append(entry)
+        return batch

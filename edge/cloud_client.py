@@ -20,7 +20,7 @@ import grpc
 
 from edge.config import CloudLinkConfig
 from edge.errors import CloudCallError, NoRoute
-from tandem.contract import FLEET_APPLICATION
+from tandem.contract import CALLER_TIMEOUT_METADATA, FLEET_APPLICATION
 from tandem.v1 import expert_pb2, expert_pb2_grpc, fleet_pb2, fleet_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -94,9 +94,15 @@ class CloudClient:
         if self._channel.get_state(try_to_connect=True) == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
             raise CloudCallError(grpc.StatusCode.UNAVAILABLE, "not connected; reconnecting in the background")
         application = await self._application(request.task, deadline)
-        metadata = (("application", application), ("x-request-id", request.request_id))
+        timeout_s = _remaining_s(deadline)
+        metadata = (
+            ("application", application),
+            ("x-request-id", request.request_id),
+            # Serve's proxy drops the gRPC deadline: the expert stops work the edge gave up on.
+            (CALLER_TIMEOUT_METADATA, str(int(timeout_s * 1000))),
+        )
         with _cloud_errors():
-            return await self._expert.Escalate(request, timeout=_remaining_s(deadline), metadata=metadata)
+            return await self._expert.Escalate(request, timeout=timeout_s, metadata=metadata)
 
     async def report_feedback(
         self, records: list[fleet_pb2.FeedbackRecord], timeout_s: float

@@ -43,6 +43,19 @@ class PolicyConfig(BaseModel):
         return self
 
 
+class BreakerConfig(BaseModel):
+    """Failing fast while the cloud is not answering (DEADLINE_EXCEEDED, UNAVAILABLE,
+    RESOURCE_EXHAUSTED): escalations fall back locally at once, as `cloud_circuit_open`."""
+
+    failure_threshold: int = Field(
+        5, ge=1, description="Consecutive escalations the cloud did not answer before the breaker opens."
+    )
+    open_s: float = Field(
+        2.0, gt=0, description="How long an open breaker answers locally before one probe escalation is let "
+        "through; the probe's success closes it, its failure opens it again.",
+    )
+
+
 class CloudLinkConfig(BaseModel):
     """Where and how to reach the cloud. Which expert application answers a task comes from
     the cloud itself (Fleet.GetRoutes), not from here."""
@@ -65,6 +78,7 @@ class CloudLinkConfig(BaseModel):
         5.0, gt=0, description="Shortest time between two GetRoutes calls made because a task had no "
         "route (or the last call failed): while the cloud is down, escalations do not each ask again.",
     )
+    breaker: BreakerConfig = BreakerConfig()
 
 
 class FeedbackConfig(BaseModel):
@@ -78,6 +92,18 @@ class FeedbackConfig(BaseModel):
     max_records: int = Field(
         100_000, ge=1, description="Outbox bound: when full, new records are refused (and counted); "
         "accepted ones are never evicted.",
+    )
+    max_bytes: int = Field(
+        256 * 2**20, ge=1, description="Outbox bound on the serialized size of the records held (their "
+        "texts, mostly): beyond it new records are refused and counted like `max_records`.",
+    )
+    journal_size_limit_bytes: int = Field(
+        16 * 2**20, ge=0, description="SQLite journal_size_limit: the write-ahead log is truncated back to "
+        "this size after a checkpoint, so a burst does not keep its disk space for ever.",
+    )
+    max_dead: int = Field(
+        10_000, ge=1, description="Records the cloud refused for good kept in the `dead` table for "
+        "inspection and `redrive`; beyond it the oldest are dropped (counted and logged).",
     )
     batch_size: int = Field(
         200, ge=1, le=1000, description="Records per ReportFeedback call, oldest first; at most the cloud's "
@@ -125,6 +151,11 @@ class UpdaterConfig(BaseModel):
     )
     deadline_ms: float = Field(10_000.0, gt=0, description="Deadline of one GetManifest call.")
     fetch_timeout_s: float = Field(600.0, gt=0, description="Deadline of one whole FetchModel download.")
+    swap_drain_timeout_s: float = Field(
+        30.0, gt=0, description="How long a swap waits for the replaced version to answer what was queued "
+        "on it. Past it the swap completes (the new version already serves; the wait is counted and "
+        "logged) and the old one finishes on its own: a hung model run cannot stop updates.",
+    )
 
     @field_validator("models_dir", "public_key")
     @classmethod
@@ -138,6 +169,20 @@ class UpdaterConfig(BaseModel):
         return self
 
 
+class LoopHealthConfig(BaseModel):
+    """When a background loop (feedback delivery, the updater) reports NOT_SERVING as its own
+    grpc.health sub-service (`tandem.edge.delivery`, `tandem.edge.updater`). The daemon's own
+    health ("" and tandem.v1.Edge) never follows them: a cloud outage must not restart edges."""
+
+    failure_threshold: int = Field(
+        5, ge=1, description="Consecutive failures after which the loop reports NOT_SERVING."
+    )
+    failing_for_s: float = Field(
+        300.0, gt=0, description="A loop failing without a success for this long reports NOT_SERVING, "
+        "however few its attempts (its backoff grows). One success reports SERVING again.",
+    )
+
+
 class EdgeConfig(TandemSettings):
     """What `tandem edge serve` reads."""
 
@@ -145,6 +190,14 @@ class EdgeConfig(TandemSettings):
 
     listen: str = Field("127.0.0.1:50051", description="gRPC address; loopback by default.")
     metrics_port: int | None = Field(9464, ge=0, le=65535, description="Prometheus port; None: off.")
+    metrics_host: str = Field(
+        "127.0.0.1", description="Address the Prometheus port binds; 0.0.0.0 lets a scraper reach it by "
+        "pod IP (Kubernetes).",
+    )
+    max_concurrent_rpcs: int | None = Field(
+        2048, ge=1, description="RPCs the gRPC server runs at once (escalations waiting on the cloud "
+        "included); beyond it gRPC answers RESOURCE_EXHAUSTED. None: unbounded.",
+    )
     tasks: dict[str, Path] = Field(
         default_factory=dict, description="Task name → student artifact directory."
     )
@@ -154,6 +207,10 @@ class EdgeConfig(TandemSettings):
     )
     max_batch: int = Field(
         32, ge=1, description="Most concurrent requests run as one batch; 1 disables batching."
+    )
+    max_queue: int = Field(
+        1024, ge=1, description="Requests waiting for the model, per task; beyond it Infer answers "
+        "RESOURCE_EXHAUSTED at once (counted in tandem_edge_shed_total) instead of queueing without bound.",
     )
     device_id: str = Field(
         default_factory=socket.gethostname, description="Names this device in escalations and feedback."
@@ -168,6 +225,7 @@ class EdgeConfig(TandemSettings):
     # Factories, not instances: their default paths read TANDEM_CACHE_DIR when a config is built.
     feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
     updater: UpdaterConfig = Field(default_factory=UpdaterConfig)
+    loop_health: LoopHealthConfig = LoopHealthConfig()
 
     @field_validator("tasks")
     @classmethod

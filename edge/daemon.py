@@ -5,19 +5,23 @@ import asyncio
 import functools
 import logging
 import signal
+import sqlite3
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
 from edge.cloud_client import CloudClient
-from edge.config import EdgeConfig
+from edge.config import EdgeConfig, FeedbackConfig
 from edge.delivery import Delivery
 from edge.errors import ArtifactError
+from edge.faults import set_aside
 from edge.feedback import FeedbackRecorder
+from edge.health import DELIVERY, UPDATER, LoopHealth
 from edge.metrics import EdgeMetrics
 from edge.model_store import ModelStore
 from edge.outbox import Outbox
@@ -31,6 +35,8 @@ from tandem.v1 import edge_pb2, edge_pb2_grpc
 
 log = logging.getLogger(__name__)
 
+# SQLite's verdicts on a damaged file (not one that is locked, missing or unreadable).
+CORRUPT = frozenset({"SQLITE_NOTADB", "SQLITE_CORRUPT"})
 SERVICE_NAME = edge_pb2.DESCRIPTOR.services_by_name["Edge"].full_name
 
 
@@ -51,6 +57,11 @@ class EdgeDaemon:
         self.updater: Updater | None = None
         self.port = 0
 
+    @property
+    def tasks(self) -> dict[str, TaskRuntime]:
+        """What serves each task, once started."""
+        return self._tasks
+
     async def start(self) -> int:
         """Loads the students (raising ArtifactError on a bad one), then serves. Returns the port.
         On failure, whatever was already started is stopped before the error propagates."""
@@ -63,7 +74,7 @@ class EdgeDaemon:
     async def _start(self) -> int:
         cfg = self.cfg
         load = functools.partial(Student, options=SessionOptions(cfg.intra_op_threads, cfg.allow_spinning))
-        store = _model_store(cfg)
+        store = self._model_store()
         students: dict[str, Student] = {}
         for task, configured in cfg.tasks.items():
             pulled = await asyncio.to_thread(store.pulled_dirs, task) if store else []
@@ -71,17 +82,19 @@ class EdgeDaemon:
         if cfg.cloud.target is not None:
             self._cloud = CloudClient(cfg.cloud)
         if self._cloud is not None and cfg.feedback.outbox is not None:
-            self._start_feedback(cfg.feedback.outbox, self._cloud)
+            await self._start_feedback(cfg.feedback.outbox, self._cloud)
         # Batchers start last: what `stop` must release is in `self._tasks` from here on.
-        servings = {task: Serving.start(student, cfg.max_batch) for task, student in students.items()}
+        servings = {task: Serving.start(student, cfg.max_batch, cfg.max_queue) for task, student in students.items()}
         service = build_service(cfg, servings, self.metrics, self._cloud, self._feedback)
         self._tasks = service.tasks
         for task, student in students.items():
             self.metrics.model.labels(task, student.version).set(1)
         if self._cloud is not None and store is not None:  # the config requires a cloud for the updater
-            self.updater = Updater(cfg.updater, store, self._cloud, self._tasks, load, self.metrics)
+            health = self._loop_health(UPDATER)
+            await health.start()
+            self.updater = Updater(cfg.updater, store, self._cloud, self._tasks, load, self.metrics, health)
             self._run_in_background(self.updater.run())
-        self._server = grpc.aio.server()
+        self._server = grpc.aio.server(maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)
         edge_pb2_grpc.add_EdgeServicer_to_server(service, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         self.port = self._server.add_insecure_port(self.cfg.listen)
@@ -91,15 +104,55 @@ class EdgeDaemon:
         log.info("edge daemon serving %s on port %d", sorted(self._tasks), self.port)
         return self.port
 
-    def _start_feedback(self, path: Path, cloud: CloudClient) -> None:
-        outbox = self._outbox = Outbox(path, self.cfg.feedback.max_records)
+    async def _start_feedback(self, path: Path, cloud: CloudClient) -> None:
+        """The outbox and its delivery. A corrupt or unreadable outbox must not take inference
+        down: it is set aside, counted, and delivery reports NOT_SERVING until a delivery works;
+        if no outbox opens at all, the daemon serves without feedback."""
+        health = self._loop_health(DELIVERY)
+        try:
+            outbox, faulty = await asyncio.to_thread(self._open_outbox, path)
+        except (sqlite3.Error, OSError) as exc:
+            log.error("cannot open the feedback outbox %s; serving without feedback: %s", path, exc)
+            self.metrics.storage_faults.labels("outbox").inc()
+            await health.start(serving=False)
+            return
+        if faulty:
+            self.metrics.storage_faults.labels("outbox").inc()
+        await health.start(serving=not faulty)
+        self._outbox = outbox
         self.metrics.outbox_depth.set_function(lambda: outbox.depth)
-        delivery = Delivery(outbox, cloud, self.cfg.feedback, self.metrics)
+        self.metrics.dead_records.set_function(lambda: outbox.dead_count)
+        delivery = Delivery(outbox, cloud, self.cfg.feedback, self.metrics, health)
         redact = Redactor(self.cfg.redaction)
         self._feedback = FeedbackRecorder(
             outbox, redact, self.cfg.device_id, self.cfg.feedback.audit_rate, self.metrics, delivery.wake
         )
         self._run_in_background(delivery.run())
+
+    def _open_outbox(self, path: Path) -> tuple[Outbox, bool]:
+        """The outbox, and whether the file there was corrupt (then set aside with its WAL,
+        never deleted, and a fresh outbox opened in its place)."""
+        try:
+            return _outbox(path, self.cfg.feedback), False
+        except sqlite3.DatabaseError as exc:
+            # Only a damaged file is set aside: a locked or unopenable one is fine, and raises.
+            if exc.sqlite_errorname not in CORRUPT:
+                raise
+            log.error("the feedback outbox %s is corrupt; its records stay in the file set aside: %s", path, exc)
+        for suffix in ("", "-wal", "-shm"):
+            set_aside(path.with_name(path.name + suffix))
+        return _outbox(path, self.cfg.feedback), True
+
+    def _loop_health(self, service: str) -> LoopHealth:
+        return LoopHealth(service, self._health, self.cfg.loop_health, self.metrics)
+
+    def _model_store(self) -> ModelStore | None:
+        """Where pulled versions live, when the updater is on (the config then names a key)."""
+        cfg = self.cfg.updater
+        if not cfg.enabled or cfg.public_key is None:
+            return None
+        corrupt = self.metrics.storage_faults.labels("model_state").inc
+        return ModelStore(cfg.models_dir, load_public_key(cfg.public_key), corrupt)
 
     def _run_in_background(self, loop: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(loop)
@@ -125,6 +178,10 @@ class EdgeDaemon:
             await self._cloud.close()
 
 
+def _outbox(path: Path, cfg: FeedbackConfig) -> Outbox:
+    return Outbox(path, cfg.max_records, cfg.max_bytes, cfg.max_dead, cfg.journal_size_limit_bytes)
+
+
 def _load_first(load: Callable[[Path], Student], directories: list[Path]) -> Student:
     """The first directory that loads; the last one's error if none does."""
     for directory in directories[:-1]:
@@ -135,17 +192,31 @@ def _load_first(load: Callable[[Path], Student], directories: list[Path]) -> Stu
     return load(directories[-1])
 
 
-def _model_store(cfg: EdgeConfig) -> ModelStore | None:
-    """Where pulled versions live, when the updater is on (the config then names a key)."""
-    if not cfg.updater.enabled or cfg.updater.public_key is None:
-        return None
-    return ModelStore(cfg.updater.models_dir, load_public_key(cfg.updater.public_key))
-
-
 def _report_crash(task: asyncio.Task[None]) -> None:
     """A background loop that ends other than by cancellation is a bug: say so loudly."""
     if not task.cancelled():
         log.error("background task %s stopped", task.get_coro(), exc_info=task.exception())
+
+
+def serve_metrics(port: int, host: str, registry: CollectorRegistry) -> WSGIServer:
+    """Prometheus on `host:port`, in a daemon thread; the server, to shut down."""
+    server, _ = start_http_server(port, addr=host, registry=registry)
+    return server
+
+
+def redrive(cfg: EdgeConfig) -> tuple[int, int]:
+    """`tandem edge redrive`: moves the outbox's dead records back into it, oldest first and
+    within its bounds, once the cloud's cause is fixed. Returns (moved, still dead). A running
+    daemon sends them at its next delivery (it wakes for the next record it keeps), a stopped
+    one after it starts."""
+    path = cfg.feedback.outbox
+    if path is None or not path.is_file():
+        return 0, 0
+    outbox = _outbox(path, cfg.feedback)
+    try:
+        return outbox.redrive()
+    finally:
+        outbox.close()
 
 
 def run_daemon(cfg: EdgeConfig) -> None:
@@ -159,7 +230,7 @@ async def _serve(cfg: EdgeConfig) -> None:
     port = await daemon.start()
     if cfg.metrics_port is not None:
         try:
-            start_http_server(cfg.metrics_port, addr="127.0.0.1", registry=daemon.registry)
+            serve_metrics(cfg.metrics_port, cfg.metrics_host, daemon.registry)
         except OSError:
             await daemon.stop(grace_s=0)
             raise

@@ -2,17 +2,22 @@
 
 A batch is deleted only after the cloud's OK, so a crash at any point re-sends it at worst;
 the store keeps one copy per record_id, so at-least-once delivery stores each record once.
-A record the cloud refuses as INVALID_ARGUMENT is moved to the outbox's `dead` table.
+A lone record the cloud refuses as INVALID_ARGUMENT is either a configuration the cloud
+lacks (its task or label: the cloud checks those against its own config, which may be back
+in ten minutes), kept and retried later behind the others, or a broken record, moved to the
+outbox's `dead` table for good.
 """
 
 import asyncio
 import logging
+import re
 from typing import Protocol
 
 import grpc
 
 from edge.config import FeedbackConfig
 from edge.errors import CloudCallError
+from edge.health import LoopHealth
 from edge.metrics import EdgeMetrics
 from edge.outbox import Outbox
 from tandem.backoff import Backoff
@@ -30,14 +35,22 @@ class FeedbackSink(Protocol):
 
 # Statuses a batch can earn by its content or size: smaller batches may get through.
 SPLITTABLE = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
+# Record fields the cloud checks against its configuration, not against the contract: the
+# edge cannot check them itself, and the cloud may know them later (a task being deployed).
+CONFIGURATION_FIELDS = frozenset({"task", "label"})
+# The cloud names the refused field as `records[i].<field>` (contract.FieldError).
+REFUSED_FIELD = re.compile(r"records\[\d+\]\.(\w+):")
 
 
 class Delivery:
-    def __init__(self, outbox: Outbox, sink: FeedbackSink, cfg: FeedbackConfig, metrics: EdgeMetrics) -> None:
+    def __init__(
+        self, outbox: Outbox, sink: FeedbackSink, cfg: FeedbackConfig, metrics: EdgeMetrics, health: LoopHealth
+    ) -> None:
         self._outbox = outbox
         self._sink = sink
         self._cfg = cfg
         self._metrics = metrics
+        self._health = health
         self._added = asyncio.Event()
 
     def wake(self) -> None:
@@ -56,17 +69,20 @@ class Delivery:
                 if not batch:
                     await self._added.wait()
                     continue
-                delivered = await self._deliver(batch)
-            except Exception:  # an unreadable outbox, a bug: delivery must outlive it, as the records do
+                failure = await self._deliver(batch)
+            except Exception as exc:  # an unreadable outbox, a bug: delivery must outlive it, as the records do
                 log.exception("feedback delivery failed; retrying after a backoff")
-                delivered = False
-            if delivered:
+                failure = f"{type(exc).__name__}: {exc}"
+            if failure is None:
                 backoff.reset()
+                await self._health.succeeded()
             else:
+                await self._health.failed(failure)
                 await asyncio.sleep(backoff.next_wait_s())
 
-    async def _deliver(self, batch: list[fleet_pb2.FeedbackRecord]) -> bool:
-        """Sends one batch; True when all of it left the outbox (acknowledged or moved aside)."""
+    async def _deliver(self, batch: list[fleet_pb2.FeedbackRecord]) -> str | None:
+        """Sends one batch; None when all of it left the outbox (acknowledged or moved aside),
+        else why not."""
         try:
             answer = await self._sink.report_feedback(batch, self._cfg.deadline_ms / 1000)
         except CloudCallError as exc:
@@ -74,23 +90,38 @@ class Delivery:
                 # Every other failure says nothing against the records: keep them and retry.
                 log.warning("feedback delivery of %d records failed, will retry: %s", len(batch), exc)
                 self._metrics.delivery_failures.labels(exc.code.name).inc()
-                return False
+                return str(exc)
             if len(batch) > 1:
                 # One invalid record (or one batch too large for the cloud) refuses it all:
                 # halve until the bad record is alone, so the valid ones still go through.
                 half = len(batch) // 2
-                return await self._deliver(batch[:half]) and await self._deliver(batch[half:])
+                return await self._deliver(batch[:half]) or await self._deliver(batch[half:])
             if exc.code != grpc.StatusCode.INVALID_ARGUMENT:  # a lone record "too large": the cloud is busy
                 self._metrics.delivery_failures.labels(exc.code.name).inc()
-                return False
-            # Retrying would fail the same way forever and hold up every record behind it.
-            log.error("cloud refused feedback record %s as invalid; moved to the outbox's dead table: %s",
-                      batch[0].record_id, exc)
-            await asyncio.to_thread(self._outbox.bury, batch, str(exc))
-            self._metrics.feedback_dead.inc()
-            return True
+                return str(exc)
+            return await self._refused(batch[0], exc)
         await asyncio.to_thread(self._outbox.remove, [r.record_id for r in batch])
         self._metrics.feedback_delivered.inc(len(batch))
         log.debug("delivered %d feedback records (%d stored, %d already stored)", len(batch),
                   answer.stored, answer.duplicates)
-        return True
+        return None
+
+    async def _refused(self, record: fleet_pb2.FeedbackRecord, exc: CloudCallError) -> str | None:
+        """A lone record refused as invalid: deferred if the cloud lacks its task or label,
+        else buried (retrying would fail the same way forever and hold up every record behind it)."""
+        match = REFUSED_FIELD.match(exc.details)
+        field = match.group(1) if match else ""
+        if field in CONFIGURATION_FIELDS:
+            log.warning("the cloud does not know the %s of feedback record %s (its configuration?); kept, and "
+                        "retried after the others: %s", field, record.record_id, exc)
+            await asyncio.to_thread(self._outbox.defer, record.record_id)
+            self._metrics.feedback_deferred.labels(field).inc()
+            return str(exc)
+        log.error("cloud refused feedback record %s as invalid; moved to the outbox's dead table: %s",
+                  record.record_id, exc)
+        dropped = await asyncio.to_thread(self._outbox.bury, [record], str(exc))
+        self._metrics.feedback_dead.inc()
+        if dropped:
+            log.warning("dead table over max_dead (%d): dropped its %d oldest records", self._cfg.max_dead, dropped)
+            self._metrics.dead_dropped.inc(dropped)
+        return None

@@ -5,6 +5,7 @@
     │   └── UnknownTask
     ├── FeedbackOff         a correction sent to a daemon that records nothing → FAILED_PRECONDITION
     ├── FeedbackRefused     the outbox did not take a correction (full, failing) → RESOURCE_EXHAUSTED
+    ├── Overloaded          the task's queue for the model is full (max_queue)   → RESOURCE_EXHAUSTED
     ├── ArtifactError       a student artifact that must not be served
     └── CloudCallError      a call to the cloud failed → local fallback, delivery retry, or no update;
         └── NoRoute             the cloud names no expert for the task   never the caller's error
@@ -39,6 +40,14 @@ class FeedbackRefused(EdgeError):
     """The outbox did not accept a record: it is full, or its storage failed (see the log)."""
 
 
+class Overloaded(EdgeError):
+    """The model's queue is full: shed at once rather than queue without bound."""
+
+    def __init__(self, queued: int, limit: int) -> None:
+        super().__init__(f"edge overloaded: {queued} requests already wait for the model (max_queue is {limit}); "
+                         "retry later")
+
+
 class ArtifactError(EdgeError):
     """A student artifact is missing files, fails its checksum, or does not load."""
 
@@ -49,6 +58,7 @@ class CloudCallError(EdgeError):
     def __init__(self, code: grpc.StatusCode, details: str, reason: str | None = None) -> None:
         super().__init__(f"cloud answered {code.name}: {details}")
         self.code = code
+        self.details = details
         self.reason = reason or f"cloud_{code.name.lower()}"
 
 

@@ -64,3 +64,40 @@ class EdgeMetrics:
             "tandem_edge_model_updates", "Registry polls by outcome (updated, unchanged, rejected, failed, "
             "known_bad, or the cloud error).", ["task", "outcome"], registry=registry,
         )
+        self.breaker_state = Gauge(
+            "tandem_edge_cloud_breaker_state", "The cloud circuit breaker: 0 closed, 1 half-open (a probe is "
+            "out), 2 open (escalations answered locally at once).", registry=registry,
+        )
+        self.breaker_transitions = Counter(
+            "tandem_edge_cloud_breaker_transitions", "Circuit breaker state changes, by the state entered.",
+            ["to"], registry=registry,
+        )
+        self.shed = Counter(
+            "tandem_edge_shed", "Infer requests refused with RESOURCE_EXHAUSTED because the task's queue "
+            "was full.", ["task"], registry=registry,
+        )
+        self.swap_drain_timeouts = Counter(
+            "tandem_edge_swap_drain_timeouts", "Model swaps that stopped waiting for the replaced version "
+            "to answer its queue (swap_drain_timeout_s).", ["task"], registry=registry,
+        )
+        self.loop_serving = Gauge(
+            "tandem_edge_loop_serving", "1 while a background loop (delivery, updater) works, 0 while it "
+            "keeps failing; its grpc.health sub-service says the same.", ["loop"], registry=registry,
+        )
+        self.storage_faults = Counter(
+            "tandem_edge_storage_faults", "Unreadable or corrupt files found at start and set aside "
+            "(outbox, model_state).", ["store"], registry=registry,
+        )
+        self.dead_records = Gauge(
+            "tandem_edge_feedback_dead_records", "Records in the outbox's dead table (refused for good).",
+            registry=registry,
+        )
+        self.dead_dropped = Counter(
+            "tandem_edge_feedback_dead_dropped", "Dead records dropped, oldest first, to keep the dead table "
+            "within max_dead.", registry=registry,
+        )
+        self.feedback_deferred = Counter(
+            "tandem_edge_feedback_deferred", "Records the cloud refused for a configuration it lacks (an "
+            "unknown task or label), kept in the outbox and retried later, by field.", ["field"],
+            registry=registry,
+        )

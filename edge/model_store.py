@@ -11,12 +11,15 @@ directory is checked again before it is served after a restart.
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from pydantic import TypeAdapter
 
+from edge.faults import set_aside
 from tandem.contract import MANIFEST_FILE, NAME, SIGNATURE_FILE
 from tandem.fsio import atomic_write
 from tandem.signing import VerificationError, verify_artifact, verify_manifest
@@ -33,14 +36,29 @@ class TaskState:
     failed: dict[str, str] = field(default_factory=dict)
 
 
+_TASK_STATE = TypeAdapter(TaskState)
+
+
 class ModelStore:
-    def __init__(self, root: Path, key: Ed25519PublicKey) -> None:
+    def __init__(self, root: Path, key: Ed25519PublicKey, on_corrupt: Callable[[], None]) -> None:
+        """`on_corrupt` is called for each corrupt state file, once it is set aside."""
         self.root = root
         self._key = key
+        self._on_corrupt = on_corrupt
 
     def state(self, task: str) -> TaskState:
+        """The task's state; an empty one if there is none, or if it is corrupt (then set
+        aside, logged and reported: the configured artifact serves, and updates go on)."""
         path = self.root / task / STATE
-        return TaskState(**json.loads(path.read_text())) if path.is_file() else TaskState()
+        if not path.is_file():
+            return TaskState()
+        try:
+            return _TASK_STATE.validate_json(path.read_bytes())
+        except ValueError as exc:  # not JSON, not UTF-8, or not a state: pydantic says which
+            log.error("%s is corrupt, starting %s's state afresh: %s", path, task, exc)
+            set_aside(path)
+            self._on_corrupt()
+            return TaskState()
 
     def pulled_dirs(self, task: str) -> list[Path]:
         """Pulled directories to try at start, best first: the current version, then the

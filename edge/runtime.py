@@ -1,10 +1,14 @@
 """What serves one task: a student with its batcher, swapped atomically, and the policy."""
 
+import asyncio
+import logging
 from dataclasses import dataclass
 
 from edge.batcher import MicroBatcher
 from edge.policy import Policy
 from edge.student import Student
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -16,8 +20,8 @@ class Serving:
     batcher: MicroBatcher
 
     @classmethod
-    def start(cls, student: Student, max_batch: int) -> "Serving":
-        batcher = MicroBatcher(student.predict, max_batch)
+    def start(cls, student: Student, max_batch: int, max_queue: int) -> "Serving":
+        batcher = MicroBatcher(student.predict, max_batch, max_queue)
         batcher.start()
         return cls(student, batcher)
 
@@ -25,21 +29,37 @@ class Serving:
 class TaskRuntime:
     """A task's `Serving` and its policy. Fleet mode gives many runtimes one `Serving`."""
 
-    def __init__(self, serving: Serving, policy: Policy, max_batch: int) -> None:
+    def __init__(self, serving: Serving, policy: Policy, max_batch: int, max_queue: int) -> None:
         self.serving = serving
         self.policy = policy
         self._max_batch = max_batch
+        self._max_queue = max_queue
+        self._draining: set[asyncio.Task[None]] = set()
 
-    async def swap(self, student: Student) -> None:
-        """Serves `student` from now on; returns once the replaced one has answered its queue.
+    async def swap(self, student: Student, drain_timeout_s: float) -> bool:
+        """Serves `student` from now on; True once the replaced one has answered its queue,
+        False if that took longer than `drain_timeout_s` (it then finishes on its own).
 
         One assignment on the event loop, so atomic: a request that read the old `serving`
         has already queued on the old batcher (`submit` enqueues before its first await),
         and the old batcher answers all it holds before it stops.
         """
         old = self.serving
-        self.serving = Serving.start(student, self._max_batch)
-        await old.batcher.close(drain=True)
+        self.serving = Serving.start(student, self._max_batch, self._max_queue)
+        drain = asyncio.get_running_loop().create_task(old.batcher.close(drain=True))
+        try:
+            # Shielded: a hung model run must not hold the caller (the updater), but the old
+            # batcher must still answer its queue if the run ever returns.
+            await asyncio.wait_for(asyncio.shield(drain), drain_timeout_s)
+        except TimeoutError:
+            self._draining.add(drain)
+            drain.add_done_callback(self._draining.discard)
+            return False
+        return True
 
     async def close(self) -> None:
+        """Stops the serving batcher, and replaced ones still draining (their callers get errors)."""
+        for drain in list(self._draining):
+            drain.cancel()
+        await asyncio.gather(*self._draining, return_exceptions=True)
         await self.serving.batcher.close()

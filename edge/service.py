@@ -13,9 +13,10 @@ from typing import TypeVar
 
 import grpc
 
+from edge.breaker import OPEN_REASON, CircuitBreaker
 from edge.cloud_client import Escalator
 from edge.config import EdgeConfig
-from edge.errors import CloudCallError, FeedbackOff, FeedbackRefused, InvalidRequest, UnknownTask
+from edge.errors import CloudCallError, FeedbackOff, FeedbackRefused, InvalidRequest, Overloaded, UnknownTask
 from edge.feedback import FeedbackRecorder
 from edge.metrics import EdgeMetrics
 from edge.policy import Policy
@@ -77,6 +78,9 @@ class EdgeService(edge_pb2_grpc.EdgeServicer):
         except FeedbackOff as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except FeedbackRefused as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except Overloaded as exc:
+            self._metrics.shed.labels(request.task).inc()
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except Exception:
             log.exception("%s failed (request_id=%s)", type(request).__name__, request.request_id)
@@ -155,7 +159,9 @@ class EdgeService(edge_pb2_grpc.EdgeServicer):
         try:
             reply = await escalator.escalate(request)
         except CloudCallError as exc:
-            log.warning("escalation failed, answering locally (request_id=%s): %s", request.request_id, exc)
+            # While the breaker is open every escalation falls back: it logged the cause once.
+            level = logging.DEBUG if exc.reason == OPEN_REASON else logging.WARNING
+            log.log(level, "escalation failed, answering locally (request_id=%s): %s", request.request_id, exc)
             answer = Answer(edge_pb2.EDGE_FALLBACK, exc.reason, request.edge.label, request.edge.confidence)
         else:
             answer = Answer(edge_pb2.CLOUD, reason, reply.label, reply.confidence, reply.expert)
@@ -196,7 +202,11 @@ def build_service(
     device_id: str | None = None,
 ) -> EdgeService:
     """The service `cfg` describes, over students already serving: a policy per task, the
-    configured redaction, and `device_id` (default: the configured one) in escalations."""
-    tasks = {task: TaskRuntime(serving, Policy(cfg.policy), cfg.max_batch) for task, serving in servings.items()}
-    return EdgeService(tasks, escalator, metrics, Redactor(cfg.redaction), device_id or cfg.device_id, feedback)
+    configured redaction, escalations through a circuit breaker, and `device_id` (default: the
+    configured one) in escalations."""
+    tasks = {
+        task: TaskRuntime(serving, Policy(cfg.policy), cfg.max_batch, cfg.max_queue) for task, serving in servings.items()
+    }
+    guarded = CircuitBreaker(escalator, cfg.cloud.breaker, metrics) if escalator is not None else None
+    return EdgeService(tasks, guarded, metrics, Redactor(cfg.redaction), device_id or cfg.device_id, feedback)
 

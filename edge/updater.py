@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 from edge.config import UpdaterConfig
 from edge.errors import ArtifactError, CloudCallError
+from edge.health import LoopHealth
 from edge.metrics import EdgeMetrics
 from edge.model_store import ModelStore
 from edge.runtime import TaskRuntime
@@ -38,6 +39,8 @@ REJECTED = "rejected"  # unsigned, wrongly signed, corrupt, truncated: tried aga
 FAILED = "failed"  # verified, but did not load or answer the probe: never fetched again
 KNOWN_BAD = "known_bad"
 ERROR = "error"  # anything else (a full disk, a bug): logged with its traceback
+# Outcomes of a poll that worked: the loop is healthy (FAILED: it refused a bad version, as it should).
+WORKING = frozenset({UPDATED, UNCHANGED, FAILED, KNOWN_BAD})
 
 
 class ModelSource(Protocol):
@@ -55,6 +58,7 @@ class Updater:
         tasks: dict[str, TaskRuntime],
         load: Callable[[Path], Student],
         metrics: EdgeMetrics,
+        health: LoopHealth,
         chance: Callable[[], float] = random.random,
     ) -> None:
         self._cfg = cfg
@@ -63,6 +67,7 @@ class Updater:
         self._tasks = tasks
         self._load = load
         self._metrics = metrics
+        self._health = health
         self._chance = chance
         self._due = asyncio.Event()
         self._lock = asyncio.Lock()
@@ -92,6 +97,11 @@ class Updater:
             outcomes = {task: await self._update_logged(task) for task in self._tasks}
         for task, outcome in outcomes.items():
             self._metrics.updates.labels(task, outcome).inc()
+        failing = {task: outcome for task, outcome in outcomes.items() if outcome not in WORKING}
+        if failing:
+            await self._health.failed(f"outcomes {failing}")
+        else:
+            await self._health.succeeded()
         return outcomes
 
     async def _update_logged(self, task: str) -> str:
@@ -126,7 +136,11 @@ class Updater:
             student = await asyncio.to_thread(self._load_probed, directory)
         except ArtifactError as exc:
             return await self._refuse(task, offer.version, exc)
-        await runtime.swap(student)
+        if not await runtime.swap(student, self._cfg.swap_drain_timeout_s):
+            # The new version serves already; only the old one's queue is stuck (a hung model run).
+            log.error("%s version %s did not answer its queue within %.0f s of the swap to %s; it finishes on "
+                      "its own", task, serving, self._cfg.swap_drain_timeout_s, student.version)
+            self._metrics.swap_drain_timeouts.labels(task).inc()
         self._metrics.model.remove(task, serving)
         self._metrics.model.labels(task, student.version).set(1)
         await asyncio.to_thread(self._store.promote, task, offer.version)

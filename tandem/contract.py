@@ -31,6 +31,9 @@ LABELLED_KINDS = frozenset({fleet_pb2.ESCALATION, fleet_pb2.CORRECTION})
 
 # The Serve application answering tandem.v1.Fleet; edges send it as `application` metadata.
 FLEET_APPLICATION = "fleet"
+# Metadata carrying the caller's remaining deadline in whole milliseconds: Serve's gRPC proxy
+# passes metadata through to the replica but not the gRPC deadline itself.
+CALLER_TIMEOUT_METADATA = "tandem-timeout-ms"
 
 # The student artifact: these files, listed with their sha256 in the signed manifest.
 MODEL_FILE = "model.onnx"

@@ -56,6 +56,17 @@ def _edge_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+@_imports("edge")
+def _edge_redrive(args: argparse.Namespace) -> int:
+    from edge.config import EdgeConfig
+    from edge.daemon import redrive
+    from tandem.settings import load_config
+
+    moved, dead = redrive(load_config(EdgeConfig, args.config))
+    print(f"moved {moved} dead feedback records back to the outbox; {dead} still dead")
+    return 0
+
+
 @_imports("train")
 def _train(args: argparse.Namespace) -> int:
     _training_process()
@@ -175,6 +186,8 @@ def _parser() -> argparse.ArgumentParser:
 
     edge = groups.add_parser("edge", help="the device daemon").add_subparsers(required=True)
     command(edge, "serve", _edge_serve, "run the edge daemon (gRPC Edge service)")
+    command(edge, "redrive", _edge_redrive, "move the outbox's dead feedback records back for delivery (edge config)",
+            config_required=True)
 
     cloud = groups.add_parser("cloud", help="the Ray Serve application").add_subparsers(required=True)
     command(cloud, "prepare", _cloud_prepare, "build the expert models into the cache (train config)")

@@ -6,6 +6,7 @@ import hashlib
 import logging
 from collections.abc import Awaitable, Callable
 
+from tandem.backoff import Backoff
 from tandem.v1 import expert_pb2, fleet_pb2
 
 log = logging.getLogger(__name__)
@@ -15,10 +16,11 @@ Send = Callable[[list[fleet_pb2.FeedbackRecord]], Awaitable[object]]
 
 class EscalationRecorder:
     """`add` only queues: a background task sends `batch_size` records at once, or whatever is
-    pending every `interval_s`. A failed send is logged and retried with capped exponential
-    backoff for as long as the replica runs (a fleet application restart loses nothing); at shutdown a
-    batch gets `retries` attempts, then is dropped (logged). Records beyond `max_pending` are
-    dropped (logged) too, so an unreachable store costs bounded memory and never an answer."""
+    pending every `interval_s`. A failed send is logged and retried with capped, jittered
+    exponential backoff (`tandem.backoff.Backoff`) for as long as the replica runs (a fleet
+    application restart loses nothing); at shutdown a batch gets `retries` attempts, then is
+    dropped (logged). Records beyond `max_pending` are dropped (logged) too, so an unreachable
+    store costs bounded memory and never an answer."""
 
     def __init__(self, send: Send, batch_size: int = 64, interval_s: float = 1.0, retries: int = 3,
                  backoff_s: float = 0.5, max_pending: int = 10_000, max_backoff_s: float = 30.0,
@@ -27,9 +29,8 @@ class EscalationRecorder:
         self._batch_size = batch_size
         self._interval_s = interval_s
         self._retries = retries
-        self._backoff_s = backoff_s
+        self._backoff = Backoff(backoff_s, max_backoff_s)
         self._max_pending = max_pending
-        self._max_backoff_s = max_backoff_s
         self._send_timeout_s = send_timeout_s
         self._pending: list[fleet_pb2.FeedbackRecord] = []
         self._dropped = 0
@@ -83,7 +84,8 @@ class EscalationRecorder:
                     log.error("feedback: dropped %d records (%s, ...) at shutdown after %d failed attempts",
                               len(batch), batch[0].record_id, attempt)
                     break
-                await asyncio.sleep(min(self._backoff_s * 2 ** (attempt - 1), self._max_backoff_s))
+                await asyncio.sleep(self._backoff.next_wait_s())
+        self._backoff.reset()  # each batch starts with short waits, sent or dropped
         del self._pending[: len(batch)]
         if self._dropped:
             log.error("feedback: dropped %d records while %d were pending", self._dropped, self._max_pending)

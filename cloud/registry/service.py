@@ -11,15 +11,15 @@ import contextlib
 import json
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Collection, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
-from cloud.errors import FleetError, InvalidFeedback, NotFound, StoreUnavailable
+from cloud.errors import FleetError, FleetTimeout, InvalidFeedback, NotFound, StoreUnavailable
 from cloud.feedback.records import KINDS, check
-from cloud.feedback.store import FeedbackStore
+from cloud.feedback.store import READ_ERRORS, FeedbackStore
 from cloud.registry.models import ModelNotFound, ModelRegistry
 from tandem.contract import MANIFEST_FILE, SIGNATURE_FILE
 from tandem.v1 import fleet_pb2, fleet_pb2_grpc
@@ -27,6 +27,9 @@ from tandem.v1 import fleet_pb2, fleet_pb2_grpc
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 256 << 10
+REQUEST_TIMEOUT_S = 30.0
+
+T = TypeVar("T")
 
 
 class FleetMetrics:
@@ -38,6 +41,9 @@ class FleetMetrics:
     def feedback(self, task: str, kind: str, outcome: str, count: int) -> None:
         """`count` (> 0) records of a task and kind were `stored` or a `duplicate`."""
 
+    def quarantined(self, task: str, path: str) -> None:
+        """The feedback store set aside an unreadable file of `task` (FeedbackStore's `on_quarantine`)."""
+
 
 class FleetServicer(fleet_pb2_grpc.FleetServicer):
     """ReportFeedback into a FeedbackStore; GetManifest and FetchModel from a ModelRegistry;
@@ -45,9 +51,11 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
 
     def __init__(self, feedback: FeedbackStore, models: ModelRegistry, tasks: Mapping[str, Collection[str]] | None = None,
                  routes: Mapping[str, str] | None = None, metrics: FleetMetrics | None = None, max_batch: int = 1000,
-                 chunk_bytes: int = CHUNK_BYTES) -> None:
+                 chunk_bytes: int = CHUNK_BYTES, request_timeout_s: float = REQUEST_TIMEOUT_S) -> None:
         """`tasks` (task -> labels), where given, refuses feedback of other tasks or labels.
-        `routes`: task -> the Serve application of its expert."""
+        `routes`: task -> the Serve application of its expert. `request_timeout_s`: the longest
+        one step of an RPC's server-side work may take (storing a batch, reading a manifest or
+        a chunk) before DEADLINE_EXCEEDED."""
         self._feedback = feedback
         self._models = models
         self._tasks = tasks
@@ -55,6 +63,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         self._metrics = metrics or FleetMetrics()
         self._max_batch = max_batch
         self._chunk_bytes = chunk_bytes
+        self._timeout_s = request_timeout_s
 
     async def ReportFeedback(self, request: fleet_pb2.ReportFeedbackRequest, grpc_context: Any) -> fleet_pb2.ReportFeedbackResponse:
         try:
@@ -74,7 +83,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
 
     async def GetManifest(self, request: fleet_pb2.GetManifestRequest, grpc_context: Any) -> fleet_pb2.ModelManifest:
         try:
-            manifest = await asyncio.to_thread(self._manifest, request.task)
+            manifest = await self._bounded("reading the manifest", self._manifest, request.task)
         except FleetError as exc:
             self._refuse("GetManifest", exc, grpc_context)
             return fleet_pb2.ModelManifest()
@@ -85,9 +94,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         """The manifest and its signature first, then every file the manifest lists. An empty
         version means the promoted one."""
         try:
-            _, directory = self._resolve(request.task, request.version)
-            with _registry_io():
-                names = [MANIFEST_FILE, SIGNATURE_FILE, *json.loads((directory / MANIFEST_FILE).read_bytes())["files"]]
+            directory, names = await self._bounded("reading the manifest", self._files, request.task, request.version)
             for name in names:
                 async for chunk in self._chunks(directory / name):
                     yield chunk
@@ -95,6 +102,12 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
             self._refuse("FetchModel", exc, grpc_context)
             return
         self._metrics.request("FetchModel", grpc.StatusCode.OK)
+
+    def _files(self, task: str, version: str) -> tuple[Path, list[str]]:
+        """The directory of a version and the names FetchModel sends, in order."""
+        _, directory = self._resolve(task, version)
+        with _registry_io():
+            return directory, [MANIFEST_FILE, SIGNATURE_FILE, *json.loads((directory / MANIFEST_FILE).read_bytes())["files"]]
 
     def _manifest(self, task: str) -> fleet_pb2.ModelManifest:
         version, directory = self._resolve(task, "")
@@ -112,9 +125,9 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
     async def store(self, records: Sequence[fleet_pb2.FeedbackRecord]) -> tuple[int, int]:
         """(stored, duplicates) of valid records, or StoreUnavailable."""
         try:
-            new = await asyncio.to_thread(self._feedback.add, records)
-        except OSError as exc:  # pyarrow's I/O errors too
-            raise StoreUnavailable(f"feedback store failed: {exc}") from exc
+            new = await self._bounded("storing feedback", self._feedback.add, records)
+        except READ_ERRORS as exc:  # the store quarantines files it cannot parse: these are I/O failures
+            raise StoreUnavailable(f"feedback store failed: {type(exc).__name__}: {exc}") from exc
         self._count(records, new)
         return len(new), len(records) - len(new)
 
@@ -131,18 +144,30 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         offset = 0
         with _registry_io(), path.open("rb") as f:
             while True:
-                data = await asyncio.to_thread(f.read, self._chunk_bytes)
+                data = await self._bounded(f"reading {path.name}", f.read, self._chunk_bytes)
                 if data or not offset:  # an empty file still arrives, as one empty chunk
                     yield fleet_pb2.ModelChunk(file=path.name, offset=offset, data=data)
                 offset += len(data)
                 if len(data) < self._chunk_bytes:
                     return
 
+    async def _bounded(self, what: str, call: Callable[..., T], *args: Any) -> T:
+        """`call(*args)` in a thread, or FleetTimeout once it has taken `request_timeout_s`: a
+        hung disk or store must not hold the RPC, and the deployment's slot, indefinitely. The
+        thread runs on (Python cannot stop one); a FeedbackStore write it finishes later is
+        deduplicated when the edge retries."""
+        work = asyncio.ensure_future(asyncio.to_thread(call, *args))
+        done, _ = await asyncio.wait({work}, timeout=self._timeout_s)
+        if not done:
+            work.cancel()
+            raise FleetTimeout(f"{what} took longer than the request timeout of {self._timeout_s:g} s")
+        return work.result()
+
     def _refuse(self, method: str, exc: FleetError, grpc_context: Any) -> None:
         """The one place fleet errors become statuses."""
-        # Tracebacks for server-side failures; a bad request is not worth one.
-        client_error = isinstance(exc, (InvalidFeedback, NotFound))
-        log.warning("%s failed: %s %s", method, exc.code.name, exc, exc_info=not client_error)
+        # Tracebacks for server-side failures; a bad request, or a timeout's wait, is not worth one.
+        quiet = isinstance(exc, (InvalidFeedback, NotFound, FleetTimeout))
+        log.warning("%s failed: %s %s", method, exc.code.name, exc, exc_info=not quiet)
         self._metrics.request(method, exc.code)
         grpc_context.set_code(exc.code)
         grpc_context.set_details(str(exc))

@@ -40,8 +40,11 @@ class DistillSet:
 
 
 def read_feedback(uri: str, task: str) -> list[FeedbackExample]:
-    """The task's feedback records in the store (deduplicated by record id)."""
-    rows = FeedbackStore(uri).read(task).select(["kind", "text", "label"]).to_pylist()
+    """The task's feedback records in the store (deduplicated by record id), once the store
+    has compacted the task's partitions: each retraining round leaves one file per day."""
+    store = FeedbackStore(uri)
+    store.compact(task)
+    rows = store.read(task).select(["kind", "text", "label"]).to_pylist()
     return [FeedbackExample(r["kind"], r["text"], r["label"] or "") for r in rows]
 
 

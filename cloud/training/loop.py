@@ -1,6 +1,7 @@
 """The training loop: length-bucketed batches, AdamW, linear warm-up and decay."""
 
 import math
+import sys
 from collections.abc import Callable
 
 import numpy as np
@@ -11,6 +12,12 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, get_linear_schedule_with_warmup
 
 from cloud.training.config import FitConfig
+
+
+def _refresh_s() -> float:
+    """Seconds between progress updates: a terminal redraws one line in place; anywhere else
+    (a Ray task's forwarded output, a log file) every update is a new line."""
+    return 2.0 if sys.stderr.isatty() else 30.0
 
 
 def encode(tokenizer: Tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
@@ -78,7 +85,7 @@ def fit_loss(model: PreTrainedModel, ids: list[list[int]], loss_fn: Loss, cfg: F
     schedule = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup * total), total)
     model.train()
     step = 0
-    with tqdm(total=total, desc=desc, unit="step", mininterval=2.0) as bar:
+    with tqdm(total=total, desc=desc, unit="step", mininterval=_refresh_s()) as bar:
         while step < total:
             for batch in bucketed_batches(lengths, cfg.batch_size, rng)[: total - step]:
                 input_ids, mask = collate([ids[i] for i in batch])
@@ -102,7 +109,8 @@ def predict_logits(
     model.eval()
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     out = np.zeros((len(ids), model.config.num_labels), dtype=np.float32)
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", mininterval=2.0, disable=desc is None):
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", mininterval=_refresh_s(),
+                      disable=desc is None):
         rows = order[start : start + batch_size]
         input_ids, mask = collate([ids[i] for i in rows])
         out[rows] = model(input_ids=input_ids, attention_mask=mask).logits.numpy()

@@ -3,15 +3,21 @@ import contextlib
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
+import numpy as np
 import pytest
 import pytest_asyncio
 
 from tandem.tasks import read_examples
 from tandem.v1 import common_pb2, edge_pb2_grpc, expert_pb2, expert_pb2_grpc, fleet_pb2, fleet_pb2_grpc
+
+if TYPE_CHECKING:
+    from edge.student import Student
 
 pytestmark = pytest.mark.integration
 
@@ -119,6 +125,25 @@ async def running_daemon(student_dir: Path, **fields: object) -> AsyncIterator[t
         finally:
             await channel.close()
             await daemon.stop(grace_s=1)
+
+
+class GatedStudent:
+    """A real student whose model runs wait for `release`; remembers every text it ran."""
+
+    def __init__(self, student: "Student") -> None:
+        self.student = student
+        self.version = student.version
+        self.labels = student.labels
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        self.ran: list[str] = []
+
+    def predict(self, texts: list[str]) -> np.ndarray:
+        """Waits for `release` (at most 30 s, so a failing test cannot hang the suite)."""
+        self.entered.set()
+        self.release.wait(timeout=30)
+        self.ran.extend(texts)
+        return self.student.predict(texts)
 
 
 @pytest.fixture(scope="session")

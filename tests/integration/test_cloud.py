@@ -252,6 +252,24 @@ def test_client_deadline_is_respected(stub: expert_pb2_grpc.ExpertStub) -> None:
     assert time.perf_counter() - started < 5
 
 
+def test_the_callers_deadline_reaches_the_expert_and_a_late_answer_is_not_recorded(
+        stub: expert_pb2_grpc.ExpertStub, cloud_dir: Path) -> None:
+    """Serve's proxy passes no gRPC deadline to the replica: the edge sends what is left of
+    its own as metadata, and the expert gives up there instead of at expert_timeout_s."""
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Escalate(expert_pb2.EscalateRequest(request_id="late-1", task="banking77-llm", text="how do I top up by card"),
+                      metadata=[*_metadata("banking77-llm"), ("tandem-timeout-ms", "1")], timeout=60)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "caller's deadline" in info.value.details()
+    # The same replica's next answer is recorded after anything recorded before it.
+    _escalate(stub, "banking77-llm", "how do I top up by card", request_id="late-2")
+    store = FeedbackStore(str(cloud_dir / "feedback"))
+    deadline = time.monotonic() + 30
+    while "late-2" not in (stored := store.read("banking77-llm")["request_id"].to_pylist()):
+        assert time.monotonic() < deadline, "the escalation never reached the feedback store"
+        time.sleep(0.5)
+    assert "late-1" not in stored
+
+
 def test_dead_engine_fails_fast_and_serve_replaces_the_replica(stub: expert_pb2_grpc.ExpertStub) -> None:
     """Kills the classifier's vLLM engine process: requests fail with a status instead of
     hanging, the health check marks the replica unhealthy, Serve starts a new one."""

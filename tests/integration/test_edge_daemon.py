@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from edge.config import CloudLinkConfig, FeedbackConfig, PolicyConfig
 from edge.errors import ArtifactError
 from edge.outbox import Outbox
-from tandem.contract import FLEET_APPLICATION, TEXT_MAX_BYTES
+from tandem.contract import CALLER_TIMEOUT_METADATA, FLEET_APPLICATION, TEXT_MAX_BYTES
 from tandem.v1 import edge_pb2, expert_pb2, fleet_pb2
 
 from .conftest import ROUTES, ScriptedCloud, running_daemon, serve_cloud
@@ -54,6 +54,8 @@ async def test_escalates_to_the_cloud_and_carries_the_request_id(student_dir: Pa
     assert sent.request_id == "req-42" and sent.task == "banking77"
     assert sent.text == "my card has not arrived yet" and sent.edge.model_version == r.model_version
     assert metadata["x-request-id"] == "req-42" and metadata["application"] == ROUTES["banking77"]
+    # What is left of the 2 s deadline, for the expert (Serve's proxy drops the gRPC deadline).
+    assert 1000 < int(metadata[CALLER_TIMEOUT_METADATA]) <= 2000
     (asked,) = servicer.routes_asked  # once, then cached
     assert asked["application"] == FLEET_APPLICATION
 

@@ -1,8 +1,10 @@
 """FleetServicer on a plain grpc.aio server: a FeedbackStore and a ModelRegistry on temporary
 directories, as an edge's tests run it (no Ray)."""
 
+import contextlib
 import os
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -11,7 +13,7 @@ import pytest_asyncio
 
 from cloud.feedback import FeedbackStore
 from cloud.registry import ModelRegistry
-from cloud.registry.service import CHUNK_BYTES, FleetServicer
+from cloud.registry.service import CHUNK_BYTES, FleetMetrics, FleetServicer
 from cloud.training.artifact import write_manifest
 from tandem.contract import MANIFEST_FILE, SIGNATURE_FILE
 from tandem.signing import generate_key, load_private_key, load_public_key, public_path, sign_artifact, verify_artifact
@@ -31,18 +33,24 @@ def key_path(tmp_path: Path) -> Path:
     return path
 
 
-@pytest_asyncio.fixture()
-async def fleet(tmp_path: Path) -> AsyncIterator[Served]:
-    store, models = FeedbackStore(str(tmp_path / "feedback")), ModelRegistry(tmp_path / "registry")
+@contextlib.asynccontextmanager
+async def serving(servicer: FleetServicer) -> AsyncIterator[fleet_pb2_grpc.FleetStub]:
     server = grpc.aio.server()
-    fleet_pb2_grpc.add_FleetServicer_to_server(FleetServicer(store, models, TASKS, ROUTES, max_batch=10), server)
+    fleet_pb2_grpc.add_FleetServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            yield fleet_pb2_grpc.FleetStub(channel), store, models
+            yield fleet_pb2_grpc.FleetStub(channel)
     finally:
         await server.stop(0)
+
+
+@pytest_asyncio.fixture()
+async def fleet(tmp_path: Path) -> AsyncIterator[Served]:
+    store, models = FeedbackStore(str(tmp_path / "feedback")), ModelRegistry(tmp_path / "registry")
+    async with serving(FleetServicer(store, models, TASKS, ROUTES, max_batch=10)) as stub:
+        yield stub, store, models
 
 
 def _record(record_id: str, **fields: object) -> fleet_pb2.FeedbackRecord:
@@ -173,3 +181,79 @@ async def test_an_unreadable_registry_is_unavailable_not_unknown(fleet: Served, 
 async def _drain(stream: AsyncIterator[fleet_pb2.ModelChunk]) -> None:
     async for _ in stream:
         pass
+
+
+class Counted(FleetMetrics):
+    def __init__(self) -> None:
+        self.quarantines: list[tuple[str, str]] = []
+        self.requests: list[tuple[str, grpc.StatusCode]] = []
+
+    def request(self, method: str, code: grpc.StatusCode) -> None:
+        self.requests.append((method, code))
+
+    def quarantined(self, task: str, path: str) -> None:
+        self.quarantines.append((task, path))
+
+
+async def test_a_corrupt_store_file_is_quarantined_and_feedback_is_still_stored(tmp_path: Path) -> None:
+    """Before: ArrowInvalid escaped the servicer, every ReportFeedback of the task failed and
+    edges retried forever."""
+    FeedbackStore(str(tmp_path / "feedback")).append([_record("c1")])
+    bad = next((tmp_path / "feedback").glob("task=t/date=*")) / "part-garbage.parquet"
+    bad.write_bytes(b"not parquet" * 100)
+    metrics = Counted()
+    store = FeedbackStore(str(tmp_path / "feedback"), on_quarantine=metrics.quarantined)
+    async with serving(FleetServicer(store, ModelRegistry(tmp_path / "registry"), TASKS, metrics=metrics)) as stub:
+        answer = await stub.ReportFeedback(fleet_pb2.ReportFeedbackRequest(records=[_record("c1"), _record("c2")]), timeout=10)
+    assert (answer.stored, answer.duplicates) == (1, 1)
+    assert metrics.quarantines == [("t", str(bad))] and metrics.requests == [("ReportFeedback", grpc.StatusCode.OK)]
+    assert (tmp_path / "feedback" / "_quarantine" / bad.relative_to(tmp_path / "feedback")).exists()
+    assert store.read("t")["record_id"].to_pylist() == ["c1", "c2"]
+
+
+class HungStore(FeedbackStore):
+    """A store whose writes wait until released: a hung disk or object store."""
+
+    def __init__(self, uri: str) -> None:
+        super().__init__(uri)
+        self.release = threading.Event()
+
+    def add(self, records: Sequence[fleet_pb2.FeedbackRecord]) -> list[fleet_pb2.FeedbackRecord]:
+        self.release.wait()
+        return super().add(records)
+
+
+class HungRegistry(ModelRegistry):
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.release = threading.Event()
+
+    def promoted(self, task: str) -> str | None:
+        self.release.wait()
+        return super().promoted(task)
+
+
+async def test_a_hung_store_or_registry_is_deadline_exceeded_within_the_request_timeout(tmp_path: Path) -> None:
+    store, models = HungStore(str(tmp_path / "feedback")), HungRegistry(tmp_path / "registry")
+    metrics = Counted()
+    servicer = FleetServicer(store, models, TASKS, metrics=metrics, request_timeout_s=0.2)
+    records = fleet_pb2.ReportFeedbackRequest(records=[_record("c1"), _record("c2")])
+    try:
+        async with serving(servicer) as stub:
+            # The client would wait far longer: the servicer gives up first and frees its slot.
+            calls = [stub.ReportFeedback(records, timeout=60), stub.GetManifest(fleet_pb2.GetManifestRequest(task="t"), timeout=60),
+                     _drain(stub.FetchModel(fleet_pb2.FetchModelRequest(task="t"), timeout=60))]
+            for call in calls:
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await call
+                assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                assert "longer than the request timeout of 0.2 s" in info.value.details()
+            assert [code for _, code in metrics.requests] == [grpc.StatusCode.DEADLINE_EXCEEDED] * 3
+            store.release.set()
+            models.release.set()
+            retry = await stub.ReportFeedback(records, timeout=10)  # the edge's retry
+            assert retry.stored + retry.duplicates == 2
+    finally:
+        store.release.set()
+        models.release.set()
+    assert store.read("t")["record_id"].to_pylist() == ["c1", "c2"]

@@ -22,7 +22,7 @@ from tandem.contract import SIGNATURE_FILE
 from tandem.signing import generate_key, load_private_key, public_path, sign_artifact
 from tandem.v1 import edge_pb2
 
-from .conftest import running_daemon, serving
+from .conftest import GatedStudent, running_daemon, serving
 
 pytestmark = pytest.mark.integration
 
@@ -119,6 +119,30 @@ async def test_hot_swap_under_concurrent_load_fails_no_request(
         assert versions == sorted(versions, key=lambda v: v == new)
     assert info == {old: None, new: 1.0}
     assert sorted(p.name for p in (tmp_path / "edge-models" / TASK).iterdir()) == [new, "state.json"]
+
+
+async def test_a_swap_away_from_a_hung_version_completes_and_updates_go_on(
+    student_dir: Path, cloud: Cloud, tmp_path: Path
+) -> None:
+    fields = _updating(cloud, tmp_path / "edge-models")
+    fields["updater"] = fields["updater"].model_copy(update={"swap_drain_timeout_s": 0.2})
+    async with running_daemon(student_dir, **fields) as (daemon, stub):
+        runtime = daemon.tasks[TASK]
+        hung = GatedStudent(runtime.serving.student)
+        await runtime.swap(hung, drain_timeout_s=5)  # serving now: its model runs hang until released
+        stuck = asyncio.ensure_future(stub.Infer(edge_pb2.InferRequest(task=TASK, text=b"queued"), timeout=60))
+        await asyncio.to_thread(hung.entered.wait, 10)
+        new = cloud.publish(student_dir, "v2")
+        outcome = await daemon.updater.poll()  # returns, though the old version never answers its queue
+        answer = await _infer(stub)
+        newer = cloud.publish(student_dir, "v3")
+        again = await daemon.updater.poll()  # the updater's lock was released
+        hung.release.set()
+        late = await stuck  # the old version still answers what it held
+        timeouts = daemon.registry.get_sample_value("tandem_edge_swap_drain_timeouts_total", {"task": TASK})
+    assert outcome == {TASK: "updated"} and answer.model_version == new
+    assert again == {TASK: "updated"} and late.model_version == _version(student_dir)
+    assert newer != new and timeouts == 1
 
 
 def _flip_a_byte(path: Path) -> None:

@@ -1,14 +1,21 @@
+import logging
 import os
+import shutil
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
+import fsspec
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import pytest
 
 from cloud.errors import InvalidFeedback
 from cloud.feedback import FeedbackStore
 from cloud.feedback.recorder import escalation_record
-from cloud.feedback.records import SCHEMA, check
+from cloud.feedback.records import SCHEMA, check, to_table
 from tandem.v1 import common_pb2, expert_pb2, fleet_pb2
 
 TASKS = {"t": ["card_arrival", "lost_card"], "u": ["card_arrival"]}
@@ -191,3 +198,151 @@ def test_escalation_record_ids_are_stable_per_device_and_request() -> None:
     assert record_id("kiosk-1", "1") == record_id("kiosk-1", "1")  # recorded twice: stored once
     assert record_id("kiosk-1", "1") != record_id("kiosk-2", "1")  # two devices' request 1 both kept
     assert record_id("kiosk-1", "a b " * 32).startswith("esc-")
+
+
+def _valid_parquet() -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(to_table([_record("x")], NOW_MS), sink)
+    return sink.getvalue().to_pybytes()
+
+
+# What a damaged disk or upload leaves: garbage, or a file cut short.
+DAMAGED = {
+    "garbage": lambda: b"\x00\xffnot parquet at all" * 64,
+    "truncated": lambda: _valid_parquet()[:-40],
+}
+
+
+def _damage(root: Path, kind: str) -> tuple[Path, bytes]:
+    """A damaged file placed in task t's partition beside the good ones."""
+    partition = next(root.glob("task=t/date=*"))
+    bad, data = partition / "part-damaged.parquet", DAMAGED[kind]()
+    bad.write_bytes(data)
+    return bad, data
+
+
+@pytest.mark.parametrize("kind", sorted(DAMAGED))
+def test_a_damaged_file_is_quarantined_and_intake_goes_on(tmp_path: Path, kind: str,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    FeedbackStore(str(tmp_path)).append([_record("r1")])
+    bad, data = _damage(tmp_path, kind)
+    quarantined: list[tuple[str, str]] = []
+    store = FeedbackStore(str(tmp_path), on_quarantine=lambda task, path: quarantined.append((task, path)))
+    assert store.append([_record("r1"), _record("r2")]) == (1, 1), "the id index loads past the damaged file"
+    moved = tmp_path / "_quarantine" / bad.relative_to(tmp_path)
+    assert not bad.exists() and moved.read_bytes() == data, "moved aside whole, never deleted"
+    assert quarantined == [("t", str(bad))]
+    assert any(r.levelno == logging.ERROR and str(bad) in r.getMessage() for r in caplog.records)
+    assert store.read("t")["record_id"].to_pylist() == ["r1", "r2"]
+
+
+def test_the_retrainers_read_quarantines_a_damaged_file_too(tmp_path: Path) -> None:
+    FeedbackStore(str(tmp_path)).append([_record("r1"), _record("r2")])
+    bad, _ = _damage(tmp_path, "garbage")
+    assert FeedbackStore(str(tmp_path)).read("t")["record_id"].to_pylist() == ["r1", "r2"]
+    assert (tmp_path / "_quarantine" / bad.relative_to(tmp_path)).exists()
+    assert FeedbackStore(str(tmp_path)).read("t").num_rows == 2
+
+
+def _part_files(root: Path, task: str = "t") -> list[Path]:
+    return sorted(root.glob(f"task={task}/date=*/part-*.parquet"))
+
+
+def _raw_ids(root: Path, task: str = "t") -> list[str]:
+    return [i for path in _part_files(root, task) for i in pq.read_table(path)["record_id"].to_pylist()]
+
+
+def test_compaction_rewrites_a_partition_of_small_files_as_one_and_keeps_every_record(tmp_path: Path) -> None:
+    store, second = FeedbackStore(str(tmp_path)), FeedbackStore(str(tmp_path))
+    second.append([_record("s0")])  # loads the second writer's id index before the first writes
+    for i in range(100):  # two records a file, as experts flushing every second left them
+        store.append([_record(f"r{i}a"), _record(f"r{i}b")])
+    second.append([_record("r0a")])  # a second writer's copy: a duplicate in the raw files
+    store.append([_record("u1", task="u")])
+    records, files = len(_raw_ids(tmp_path)), len(_part_files(tmp_path))
+    assert len(set(_raw_ids(tmp_path))) == records - 1
+    before = store.read("t")
+
+    assert store.compact("t") == files - 1
+    after = len(_part_files(tmp_path))
+    print(f"files per 1,000 records: {files / records * 1000:.0f} before compaction, {after / records * 1000:.0f} after")
+    assert (records, files, after) == (202, 102, 1)
+    assert sorted(_raw_ids(tmp_path)) == sorted(before["record_id"].to_pylist()), "each record once, none lost"
+    assert store.read("t").equals(before)
+    assert len(_part_files(tmp_path, "u")) == 1 and store.compact("u") == 0
+    assert store.append([_record("r5a"), _record("r200")]) == (1, 1)
+
+
+def test_a_compaction_cut_short_before_its_deletes_loses_nothing(tmp_path: Path) -> None:
+    store = FeedbackStore(str(tmp_path))
+    for i in range(3):
+        store.append([_record(f"r{i}")])
+    before = store.read("t")
+    partition = _part_files(tmp_path)[0].parent
+    saved = tmp_path / "saved"
+    shutil.copytree(partition, saved)
+    store.compact("t")
+    for old in saved.iterdir():  # the state a crash after the rename, before the deletes, leaves
+        shutil.copy(old, partition / old.name)
+    assert len(_part_files(tmp_path)) == 4 and store.read("t").equals(before)
+    store.compact("t")
+    assert len(_part_files(tmp_path)) == 1 and store.read("t").equals(before)
+
+
+def test_compaction_sets_a_damaged_file_aside_and_keeps_the_rest(tmp_path: Path) -> None:
+    store = FeedbackStore(str(tmp_path))
+    store.append([_record("r1")])
+    store.append([_record("r2")])
+    bad, _ = _damage(tmp_path, "truncated")
+    assert FeedbackStore(str(tmp_path)).compact("t") == 2
+    assert (tmp_path / "_quarantine" / bad.relative_to(tmp_path)).exists()
+    assert len(_part_files(tmp_path)) == 1 and store.read("t")["record_id"].to_pylist() == ["r1", "r2"]
+
+
+def test_compaction_works_on_an_object_store() -> None:
+    store = FeedbackStore("mock:///bucket/feedback")
+    for i in range(3):
+        store.append([_record(f"r{i}")])
+    assert store.compact("t") == 2 and store.compact("t") == 0
+    assert store.read("t")["record_id"].to_pylist() == ["r0", "r1", "r2"]
+    assert store.compact("absent") == 0
+
+
+def test_the_retrainer_compacts_the_task_before_reading_it(tmp_path: Path) -> None:
+    from cloud.training.distill_data import read_feedback
+
+    store = FeedbackStore(str(tmp_path))
+    for i in range(3):
+        store.append([_record(f"r{i}")])
+    assert [f.text for f in read_feedback(str(tmp_path), "t")] == ["text of r0", "text of r1", "text of r2"]
+    assert len(_part_files(tmp_path)) == 1
+
+
+class FlakyDisk(pafs.FSSpecHandler):
+    """The local disk through pyarrow's Python filesystem, failing every file read while `down`."""
+
+    def __init__(self) -> None:
+        super().__init__(fsspec.filesystem("file"))
+        self.down = False
+
+    def open_input_file(self, path: str) -> Any:
+        if self.down:
+            raise OSError(f"{path}: connection reset")
+        return super().open_input_file(path)
+
+    open_input_stream = open_input_file
+
+
+def test_a_failing_filesystem_is_an_error_and_quarantines_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import cloud.feedback.store as store_module
+
+    FeedbackStore(str(tmp_path)).append([_record("r1")])
+    disk = FlakyDisk()
+    monkeypatch.setattr(store_module, "_filesystem", lambda uri: (pafs.PyFileSystem(disk), str(tmp_path)))
+    store = FeedbackStore(str(tmp_path))
+    disk.down = True
+    with pytest.raises(OSError, match="connection reset"):
+        store.read("t")
+    assert len(_part_files(tmp_path)) == 1 and not (tmp_path / "_quarantine").exists()
+    disk.down = False
+    assert store.read("t")["record_id"].to_pylist() == ["r1"]

@@ -1,17 +1,19 @@
 import asyncio
 import random
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health, health_pb2
 from prometheus_client import CollectorRegistry
 
-from edge.config import FeedbackConfig
+from edge.config import FeedbackConfig, LoopHealthConfig
 from edge.delivery import Delivery
 from edge.errors import CloudCallError
 from edge.feedback import FeedbackRecorder
+from edge.health import DELIVERY, LoopHealth
 from edge.metrics import EdgeMetrics
 from edge.outbox import Outbox
 from edge.redact import DEFAULT_PATTERNS, Redactor
@@ -132,9 +134,10 @@ class ScriptedSink:
     """Fails with the scripted codes in turn, then stores, refusing any batch holding an
     `invalid` id as the cloud does; records every batch it was sent."""
 
-    def __init__(self, failures: list[grpc.StatusCode], invalid: str = "") -> None:
+    def __init__(self, failures: list[grpc.StatusCode], invalid: str = "", refusal: str = "text: blank") -> None:
         self.failures = failures
         self.invalid = invalid
+        self.refusal = refusal
         self.sent: list[list[str]] = []
 
     async def report_feedback(self, records: list[fleet_pb2.FeedbackRecord], timeout_s: float) -> fleet_pb2.ReportFeedbackResponse:
@@ -142,14 +145,22 @@ class ScriptedSink:
         if self.failures:
             raise CloudCallError(self.failures.pop(0), "scripted")
         if self.invalid in _ids(records):
-            raise CloudCallError(grpc.StatusCode.INVALID_ARGUMENT, f"records[{_ids(records).index(self.invalid)}].text: blank")
+            raise CloudCallError(grpc.StatusCode.INVALID_ARGUMENT, f"records[{_ids(records).index(self.invalid)}].{self.refusal}")
         return fleet_pb2.ReportFeedbackResponse(stored=len(records))
 
 
+def _delivery(outbox: Outbox, sink: ScriptedSink, registry: CollectorRegistry, batch_size: int,
+              servicer: health.aio.HealthServicer | None = None, **cfg: float) -> Delivery:
+    metrics = EdgeMetrics(registry)
+    loop_health = LoopHealth(DELIVERY, servicer or health.aio.HealthServicer(), LoopHealthConfig(failure_threshold=2),
+                             metrics)
+    feedback = FeedbackConfig(outbox=None, batch_size=batch_size, min_backoff_s=0.01, max_backoff_s=0.02, **cfg)
+    return Delivery(outbox, sink, feedback, metrics, loop_health)
+
+
 async def _deliver_until_empty(outbox: Outbox, sink: ScriptedSink, registry: CollectorRegistry, batch_size: int) -> None:
-    cfg = FeedbackConfig(outbox=None, batch_size=batch_size, min_backoff_s=0.01, max_backoff_s=0.02)
     waiting = outbox.depth
-    running = asyncio.ensure_future(Delivery(outbox, sink, cfg, EdgeMetrics(registry)).run())
+    running = asyncio.ensure_future(_delivery(outbox, sink, registry, batch_size).run())
     for _ in range(200):
         await asyncio.sleep(0.01)
         # Counted after leaving the outbox: wait for the counts too, or cancelling may beat them.
@@ -182,3 +193,157 @@ async def test_delivery_moves_only_the_record_the_cloud_calls_invalid_aside(outb
     assert sink.sent[:4] == [["r000", "r001", "r002", "r003"], ["r000", "r001"], ["r000"], ["r001"]]
     assert registry.get_sample_value("tandem_edge_feedback_dead_total") == 1
     assert registry.get_sample_value("tandem_edge_feedback_delivered_total") == 4
+
+
+def test_refuses_beyond_the_byte_bound_like_the_record_bound(tmp_path: Path) -> None:
+    size = len(_record(0).SerializeToString())
+    box = Outbox(tmp_path / "o.sqlite3", max_records=100, max_bytes=3 * size)
+    assert [box.add(_record(i)) for i in range(5)] == [True] * 3 + [False] * 2
+    assert (box.depth, box.size_bytes) == (3, 3 * size)
+    box.remove(["r000"])
+    assert box.size_bytes == 2 * size and box.add(_record(7))
+    box.close()
+    again = Outbox(tmp_path / "o.sqlite3", max_records=100, max_bytes=3 * size)
+    assert (again.depth, again.size_bytes) == (3, 3 * size), "the bounds are recounted at open"
+    again.close()
+
+
+def test_the_journal_size_limit_is_set(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.sqlite3", max_records=10, journal_size_limit_bytes=1 << 20)
+    assert box._db.execute("PRAGMA journal_size_limit").fetchone()[0] == 1 << 20
+    box.close()
+
+
+def test_a_file_that_is_not_a_database_raises_a_database_error(tmp_path: Path) -> None:
+    path = tmp_path / "o.sqlite3"
+    path.write_bytes(b"this is not SQLite, just garbage " * 100)
+    with pytest.raises(sqlite3.DatabaseError):
+        Outbox(path, max_records=10)
+
+
+def test_the_dead_table_keeps_the_newest_max_dead_and_says_how_many_it_dropped(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.sqlite3", max_records=10, max_dead=2)
+    for i in range(4):
+        box.add(_record(i))
+    dropped = [box.bury([record], f"bad {record.record_id}") for record in box.oldest(4)]
+    assert dropped == [0, 0, 1, 1] and box.dead_count == 2
+    assert [r.record_id for r, _ in box.dead()] == ["r002", "r003"]
+    box.close()
+
+
+def test_redrive_moves_dead_records_back_behind_the_waiting_ones_within_the_bounds(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.sqlite3", max_records=3)
+    for i in range(3):
+        box.add(_record(i))
+    box.bury(box.oldest(2), "INVALID_ARGUMENT: records[0].text: blank")
+    box.add(_record(5))
+    assert box.redrive() == (1, 1), "one free place: the oldest dead record goes back, the other stays"
+    assert _ids(box.oldest(10)) == ["r002", "r005", "r000"] and box.depth == 3
+    box.remove(["r002"])
+    assert box.redrive() == (1, 0) and box.dead() == []
+    assert _ids(box.oldest(10)) == ["r005", "r000", "r001"] and box.oldest(10)[2] == _record(1)
+    box.close()
+
+
+def test_deferring_moves_a_record_behind_the_others(outbox: Outbox) -> None:
+    for i in range(3):
+        outbox.add(_record(i))
+    outbox.defer("r000")
+    assert _ids(outbox.oldest(10)) == ["r001", "r002", "r000"] and outbox.depth == 3
+
+
+async def _deliver_until(delivery: Delivery, done: Callable[[], bool]) -> None:
+    running = asyncio.ensure_future(delivery.run())
+    for _ in range(300):
+        await asyncio.sleep(0.01)
+        if done():
+            break
+    running.cancel()
+    await asyncio.gather(running, return_exceptions=True)
+
+
+@pytest.mark.parametrize("refusal", ["task: unknown task 't'; the cloud has ['u']", "label: 'x' is not a label of task t"])
+async def test_a_record_the_cloud_lacks_the_configuration_for_is_kept_and_retried_behind_the_others(
+    outbox: Outbox, refusal: str
+) -> None:
+    for i in range(5):
+        outbox.add(_record(i))
+    registry = CollectorRegistry()
+    sink = ScriptedSink([], invalid="r001", refusal=refusal)
+    delivery = _delivery(outbox, sink, registry, batch_size=4)
+    await _deliver_until(delivery, lambda: registry.get_sample_value("tandem_edge_feedback_delivered_total") == 4)
+    assert _ids(outbox.oldest(10)) == ["r001"] and outbox.dead() == []
+    field = refusal.split(":")[0]
+    assert registry.get_sample_value("tandem_edge_feedback_deferred_total", {"field": field}) >= 1
+    sink.invalid = ""  # the cloud's configuration is fixed
+    await _deliver_until(delivery, lambda: outbox.depth == 0)
+    assert outbox.depth == 0 and sink.sent[-1] == ["r001"]
+    assert not registry.get_sample_value("tandem_edge_feedback_dead_total")
+
+
+class RefusesAll(ScriptedSink):
+    async def report_feedback(self, records: list[fleet_pb2.FeedbackRecord], timeout_s: float) -> fleet_pb2.ReportFeedbackResponse:
+        self.sent.append(_ids(records))
+        raise CloudCallError(grpc.StatusCode.INVALID_ARGUMENT, "records[0].text: blank")
+
+
+async def test_burying_beyond_max_dead_drops_the_oldest_and_counts_it(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.sqlite3", max_records=10, max_dead=1)
+    for i in range(3):
+        box.add(_record(i))
+    registry = CollectorRegistry()
+    delivery = _delivery(box, RefusesAll([]), registry, batch_size=1)
+    await _deliver_until(delivery, lambda: registry.get_sample_value("tandem_edge_feedback_dead_dropped_total") == 2)
+    assert [r.record_id for r, _ in box.dead()] == ["r002"] and box.dead_count == 1 and box.depth == 0
+    assert registry.get_sample_value("tandem_edge_feedback_dead_total") == 3
+    box.close()
+
+
+class WatchingSink(ScriptedSink):
+    """Notes the delivery sub-service's health as each call arrives."""
+
+    def __init__(self, failures: list[grpc.StatusCode], servicer: health.aio.HealthServicer) -> None:
+        super().__init__(failures)
+        self.servicer = servicer
+        self.health_seen: list[str] = []
+
+    async def report_feedback(self, records: list[fleet_pb2.FeedbackRecord], timeout_s: float) -> fleet_pb2.ReportFeedbackResponse:
+        self.health_seen.append(await _status(self.servicer))
+        return await super().report_feedback(records, timeout_s)
+
+
+async def _status(servicer: health.aio.HealthServicer) -> str:
+    answer = await servicer.Check(health_pb2.HealthCheckRequest(service=DELIVERY), None)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+
+
+async def test_delivery_reports_not_serving_while_it_keeps_failing_and_serving_after_a_success(outbox: Outbox) -> None:
+    outbox.add(_record(0))
+    registry = CollectorRegistry()
+    servicer = health.aio.HealthServicer()
+    sink = WatchingSink([grpc.StatusCode.UNAVAILABLE] * 3, servicer)
+    delivery = _delivery(outbox, sink, registry, batch_size=10, servicer=servicer)  # NOT_SERVING after 2 failures
+    await delivery._health.start()
+    await _deliver_until(delivery, lambda: registry.get_sample_value(
+        "tandem_edge_feedback_delivered_total") == 1 and registry.get_sample_value(
+        "tandem_edge_loop_serving", {"loop": "delivery"}) == 1)
+    assert sink.health_seen == ["SERVING", "SERVING", "NOT_SERVING", "NOT_SERVING"]
+    assert await _status(servicer) == "SERVING"
+    assert registry.get_sample_value("tandem_edge_loop_serving", {"loop": "delivery"}) == 1
+
+
+def test_redrive_from_the_config_moves_the_dead_records_of_the_configured_outbox(tmp_path: Path) -> None:
+    from edge.config import EdgeConfig
+    from edge.daemon import redrive
+
+    cfg = EdgeConfig(tasks={"t": tmp_path}, policy={"mode": "edge_only"},
+                     feedback=FeedbackConfig(outbox=tmp_path / "o.sqlite3"))
+    assert redrive(cfg) == (0, 0), "no outbox yet: nothing to move"
+    box = Outbox(tmp_path / "o.sqlite3", max_records=10)
+    box.add(_record(1))
+    box.bury(box.oldest(1), "INVALID_ARGUMENT: records[0].text: blank")
+    box.close()
+    assert redrive(cfg) == (1, 0)
+    again = Outbox(tmp_path / "o.sqlite3", max_records=10)
+    assert _ids(again.oldest(10)) == ["r001"] and again.dead() == []
+    again.close()

@@ -1,0 +1,158 @@
+"""cloud.app without Ray: the fleet builder's deployment options, and the Expert class on a
+plain grpc.aio server with a stand-in runner (no vLLM), as the edge calls it."""
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import yaml
+
+import cloud.app
+import cloud.experts.engine
+from cloud.app import Expert, fleet_app
+from cloud.experts.protocol import Answer
+from tandem.contract import CALLER_TIMEOUT_METADATA
+from tandem.v1 import expert_pb2, expert_pb2_grpc, fleet_pb2
+
+LABELS = ["card_arrival", "lost_card"]
+
+
+def _cloud_yaml(tmp_path: Path, **fields: Any) -> Path:
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps(LABELS))
+    spec = {"name": "t", "train": "unused.csv", "test": "unused.csv", "labels": str(labels)}
+    cfg = {"tasks": {"t": {"spec": spec, "expert": "e"}}, "experts": [{"name": "e", "kind": "generate", "model": "m"}],
+           **fields}
+    path = tmp_path / "cloud.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_the_fleet_deployment_is_bounded_as_configured(tmp_path: Path) -> None:
+    fleet = {"max_ongoing_requests": 7, "max_queued_requests": 11, "request_timeout_s": 2.5}
+    deployment = fleet_app({"config": str(_cloud_yaml(tmp_path, fleet=fleet))})._bound_deployment
+    assert (deployment.max_ongoing_requests, deployment.max_queued_requests) == (7, 11)
+    assert deployment.init_args[-1] == 2.5  # FleetServicer's request_timeout_s
+
+
+def test_the_fleet_deployment_is_bounded_by_default(tmp_path: Path) -> None:
+    """Serve's own defaults (few slots, an unbounded queue) let slow FetchModel readers starve the fleet."""
+    deployment = fleet_app({"config": str(_cloud_yaml(tmp_path))})._bound_deployment
+    assert deployment.max_ongoing_requests > 5 and deployment.max_queued_requests > 0
+
+
+class Runner:
+    """Stands in for a vLLM engine: answers at once, or hangs until cancelled (`hang`), or
+    answers anyway when cancelled (`late`: the engine's answer came as the deadline passed)."""
+
+    def __init__(self, mode: str = "answer") -> None:
+        self.mode = mode
+        self.calls = 0
+
+    async def answer(self, text: str, labels: list[str], request_id: str) -> Answer:
+        self.calls += 1
+        if self.mode != "answer":
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                if self.mode == "hang":
+                    raise
+        return Answer(labels[0], 0.9, [(labels[0], 0.9), (labels[1], 0.1)])
+
+
+class Engine:
+    def shutdown(self) -> None:
+        pass
+
+
+Served = tuple[expert_pb2_grpc.ExpertStub, Runner, list[fleet_pb2.FeedbackRecord]]
+
+
+@contextlib.asynccontextmanager
+async def serving(monkeypatch: pytest.MonkeyPatch, runner: Runner, timeout_s: float = 30.0) -> AsyncIterator[Served]:
+    """An Expert on a grpc.aio server; the records it sent, once it has stopped."""
+    recorded: list[fleet_pb2.FeedbackRecord] = []
+    base = Expert.func_or_class
+
+    class Standalone(base):  # type: ignore[misc, valid-type]
+        def _build_runner(self, engine: Any) -> Runner:
+            return runner
+
+        async def _send_feedback(self, records: Sequence[fleet_pb2.FeedbackRecord]) -> None:
+            recorded.extend(records)
+
+        def __del__(self) -> None:
+            """Garbage collection would call the base's async one without awaiting it."""
+
+    monkeypatch.setattr(cloud.app, "log_to_serve", lambda: None)  # Serve's handlers exist only in a replica
+    monkeypatch.setattr(cloud.experts.engine, "build_engine", lambda cfg: Engine())
+    expert = Standalone({"name": "e", "kind": "generate", "model": "m"}, {"t": LABELS}, timeout_s,
+                        {"batch_size": 1000, "interval_s": 3600, "retries": 1})
+    server = grpc.aio.server()
+    expert_pb2_grpc.add_ExpertServicer_to_server(expert, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield expert_pb2_grpc.ExpertStub(channel), runner, recorded
+    finally:
+        await server.stop(0)
+        await base.__del__(expert)  # as Serve does at a replica's stop: sends what the recorder holds
+
+
+def _request(request_id: str = "r1") -> expert_pb2.EscalateRequest:
+    return expert_pb2.EscalateRequest(request_id=request_id, task="t", text="where is my card", device_id="kiosk-1")
+
+
+async def _status(stub: expert_pb2_grpc.ExpertStub, caller_ms: str | None) -> tuple[grpc.StatusCode, str]:
+    metadata = () if caller_ms is None else ((CALLER_TIMEOUT_METADATA, caller_ms),)
+    try:
+        await stub.Escalate(_request(), metadata=metadata, timeout=60)
+    except grpc.aio.AioRpcError as exc:
+        return exc.code(), exc.details() or ""
+    return grpc.StatusCode.OK, ""
+
+
+async def test_an_escalation_within_the_callers_deadline_is_answered_and_recorded(monkeypatch: pytest.MonkeyPatch) -> None:
+    async with serving(monkeypatch, Runner()) as (stub, _, recorded):
+        answer = await stub.Escalate(_request(), metadata=((CALLER_TIMEOUT_METADATA, "10000"),), timeout=60)
+        assert answer.label == LABELS[0]
+    assert [r.request_id for r in recorded] == ["r1"]
+
+
+@pytest.mark.parametrize(("mode", "details"), [
+    ("hang", "did not answer within 0.050 s"),  # the engine is cancelled at the caller's deadline
+    ("late", "answered after the caller's deadline; not recorded"),  # its answer came as the deadline passed
+])
+async def test_the_expert_gives_up_at_the_callers_deadline_and_records_nothing(
+        monkeypatch: pytest.MonkeyPatch, mode: str, details: str) -> None:
+    """The caller has answered with its fallback by then: recording the escalation as well
+    stored one request twice, as FALLBACK and as ESCALATION."""
+    async with serving(monkeypatch, Runner(mode)) as (stub, _, recorded):
+        code, message = await _status(stub, "50")  # the client itself would wait far longer
+        assert code == grpc.StatusCode.DEADLINE_EXCEEDED and details in message
+    assert recorded == []
+
+
+async def test_without_a_caller_deadline_expert_timeout_s_bounds_the_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    async with serving(monkeypatch, Runner("hang"), timeout_s=0.05) as (stub, _, recorded):
+        code, message = await _status(stub, None)
+        assert code == grpc.StatusCode.DEADLINE_EXCEEDED and "did not answer within 0.050 s" in message
+        # A caller's deadline never extends expert_timeout_s.
+        assert await _status(stub, "60000") == (code, message)
+    assert recorded == []
+
+
+async def test_a_passed_or_malformed_caller_deadline_starts_no_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    async with serving(monkeypatch, Runner()) as (stub, runner, recorded):
+        code, message = await _status(stub, "0")
+        assert code == grpc.StatusCode.DEADLINE_EXCEEDED and "passed before the expert started" in message
+        code, message = await _status(stub, "soon")
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and f"metadata {CALLER_TIMEOUT_METADATA}: 'soon'" in message
+        assert runner.calls == 0
+    assert recorded == []
