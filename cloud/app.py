@@ -228,7 +228,7 @@ class ServeFleetMetrics(FleetMetrics):
     """Exported on Ray's metrics port, prefixed "ray_"."""
 
     def __init__(self) -> None:
-        self._requests = Counter("tandem_registry_requests", "Fleet RPCs by method and gRPC status.",
+        self._requests = Counter("tandem_fleet_requests", "Fleet RPCs by method and gRPC status.",
                                  tag_keys=("method", "code"))
         self._records = Counter("tandem_feedback_records", "Feedback records by task, kind and outcome (stored, duplicate).",
                                 tag_keys=("task", "kind", "outcome"))

@@ -8,16 +8,16 @@ TANDEM_CLOUD_GRPC_PORT=9100 or TANDEM_CLOUD_EXPERT_TIMEOUT_S=10 (list items such
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from tandem import envs
 from tandem.contract import FLEET_APPLICATION, NAME, check_name
-from tandem.settings import TandemSettings
+from tandem.settings import Section, TandemSettings
 from tandem.tasks import TaskSpec, banking77
 
 
-class DeploymentOptions(BaseModel):
+class DeploymentOptions(Section):
     """Ray Serve options of one expert's deployment."""
 
     num_replicas: int | None = Field(None, ge=1, description="Fixed replicas; 1 unless autoscaling_config is set.")
@@ -44,7 +44,7 @@ class DeploymentOptions(BaseModel):
         return self
 
 
-class FleetOptions(BaseModel):
+class FleetOptions(Section):
     """Ray Serve options and bounds of the fleet application's one deployment (one replica:
     the feedback store's one writer). Every edge's feedback, model downloads and routes, and
     every expert's escalation records, share its slots."""
@@ -63,7 +63,7 @@ class FleetOptions(BaseModel):
     )
 
 
-class ExpertConfig(BaseModel):
+class ExpertConfig(Section):
     """A vLLM model that answers escalations for some tasks."""
 
     name: str = Field(
@@ -91,7 +91,14 @@ class ExpertConfig(BaseModel):
     env: dict[str, str] = Field(
         # PASSIVE: OpenMP threads that finished their work sleep instead of spinning, so an
         # idle engine leaves the CPUs to the other replicas.
-        default_factory=lambda: {"VLLM_CPU_KVCACHE_SPACE": "1", "OMP_WAIT_POLICY": "PASSIVE"},
+        # TORCH_CPP_LOG_LEVEL and PYTHONWARNINGS: the engine's start-up notices from torch's C++
+        # core and vLLM's triton shim (no triton on CPU), which are not the operator's business.
+        default_factory=lambda: {
+            "VLLM_CPU_KVCACHE_SPACE": "1",
+            "OMP_WAIT_POLICY": "PASSIVE",
+            "TORCH_CPP_LOG_LEVEL": "ERROR",
+            "PYTHONWARNINGS": "ignore::FutureWarning:vllm.triton_utils.dispatcher",
+        },
         description="Environment of the replica and its engine (vLLM reads its settings from there).",
     )
     deployment: DeploymentOptions = DeploymentOptions()
@@ -104,7 +111,7 @@ class ExpertConfig(BaseModel):
         return str(local) if local.exists() else self.model
 
 
-class CloudTask(BaseModel):
+class CloudTask(Section):
     """A task the cloud answers, and which expert answers it."""
 
     spec: TaskSpec
@@ -145,11 +152,12 @@ class CloudConfig(TandemSettings):
         1000, ge=1, description="Most records one ReportFeedback may carry; more are refused with INVALID_ARGUMENT."
     )
     feedback_flush_records: int = Field(
-        256, ge=1, description="An expert sends its answered escalations to the fleet application once this many are pending..."
+        64, ge=1, description="An expert sends its answered escalations to the fleet application once this many are pending..."
     )
     feedback_flush_s: float = Field(
-        5.0, gt=0, description="...or this long after its last send, whichever comes first. Each send is a store file "
-        "per task: longer waits mean fewer, larger files, and more records held in a replica's memory meanwhile.",
+        1.0, gt=0, description="...or this long after its last send, whichever comes first. Each send is a store file "
+        "per task, which compaction merges; a longer wait holds more records in a replica's memory, where a dying "
+        "replica loses them.",
     )
     feedback_retries: int = Field(
         3, ge=1, description="Attempts to send a batch of escalation records before it is dropped (with an error log)."

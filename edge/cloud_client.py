@@ -3,8 +3,8 @@
 Serve's gRPC proxy routes each call by its `application` metadata: escalations go to the
 application of the task's expert, feedback and models to the fleet application. The task →
 application map is the cloud's own (Fleet.GetRoutes), fetched at the first escalation and
-again when a task has no route. `Escalator` is what the service depends on; `CloudClient`
-is the transport.
+again when a task has no route, or its application is gone (NOT_FOUND from Serve's proxy).
+`Escalator` is what the service depends on; `CloudClient` is the transport.
 """
 
 import asyncio
@@ -101,8 +101,15 @@ class CloudClient:
             # Serve's proxy drops the gRPC deadline: the expert stops work the edge gave up on.
             (CALLER_TIMEOUT_METADATA, str(int(timeout_s * 1000))),
         )
-        with _cloud_errors():
-            return await self._expert.Escalate(request, timeout=timeout_s, metadata=metadata)
+        try:
+            with _cloud_errors():
+                return await self._expert.Escalate(request, timeout=timeout_s, metadata=metadata)
+        except CloudCallError as exc:
+            if exc.code == grpc.StatusCode.NOT_FOUND:
+                # Serve's proxy knows no such application: the cloud's topology changed, so the
+                # task's route is asked for again (within routes_refresh_s).
+                self._routes.pop(request.task, None)
+            raise
 
     async def report_feedback(
         self, records: list[fleet_pb2.FeedbackRecord], timeout_s: float

@@ -9,15 +9,16 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from edge.redact import DEFAULT_PATTERNS
 from tandem import envs
-from tandem.settings import TandemSettings
+from tandem.contract import check_device_id, check_name
+from tandem.settings import Section, TandemSettings
 
 
-class PolicyConfig(BaseModel):
+class PolicyConfig(Section):
     """When to escalate, from the student's calibrated confidence."""
 
     mode: Literal["threshold", "target_rate", "edge_only", "cloud_only"] = Field(
@@ -43,7 +44,7 @@ class PolicyConfig(BaseModel):
         return self
 
 
-class BreakerConfig(BaseModel):
+class BreakerConfig(Section):
     """Failing fast while the cloud is not answering (DEADLINE_EXCEEDED, UNAVAILABLE,
     RESOURCE_EXHAUSTED): escalations fall back locally at once, as `cloud_circuit_open`."""
 
@@ -56,7 +57,7 @@ class BreakerConfig(BaseModel):
     )
 
 
-class CloudLinkConfig(BaseModel):
+class CloudLinkConfig(Section):
     """Where and how to reach the cloud. Which expert application answers a task comes from
     the cloud itself (Fleet.GetRoutes), not from here."""
 
@@ -81,7 +82,7 @@ class CloudLinkConfig(BaseModel):
     breaker: BreakerConfig = BreakerConfig()
 
 
-class FeedbackConfig(BaseModel):
+class FeedbackConfig(Section):
     """What the device records for retraining, and how it is delivered to the cloud."""
 
     outbox: Path | None = Field(
@@ -128,7 +129,7 @@ class FeedbackConfig(BaseModel):
         return self
 
 
-class UpdaterConfig(BaseModel):
+class UpdaterConfig(Section):
     """Pulling promoted students from the cloud registry and swapping them in while serving."""
 
     enabled: bool = Field(False, description="Poll the registry for new promoted versions.")
@@ -169,7 +170,7 @@ class UpdaterConfig(BaseModel):
         return self
 
 
-class LoopHealthConfig(BaseModel):
+class LoopHealthConfig(Section):
     """When a background loop (feedback delivery, the updater) reports NOT_SERVING as its own
     grpc.health sub-service (`tandem.edge.delivery`, `tandem.edge.updater`). The daemon's own
     health ("" and tandem.v1.Edge) never follows them: a cloud outage must not restart edges."""
@@ -230,7 +231,14 @@ class EdgeConfig(TandemSettings):
     @field_validator("tasks")
     @classmethod
     def _expand_home(cls, tasks: dict[str, Path]) -> dict[str, Path]:
-        return {name: path.expanduser() for name, path in tasks.items()}
+        # The names go on the wire, where the cloud takes only contract names.
+        return {check_name(f"tasks.{name}", name): path.expanduser() for name, path in tasks.items()}
+
+    @field_validator("device_id")
+    @classmethod
+    def _device_id_fits(cls, device_id: str) -> str:
+        # Checked here, or the cloud would refuse every escalation and feedback record.
+        return check_device_id("device_id", device_id)
 
     @field_validator("redaction")
     @classmethod

@@ -33,8 +33,9 @@ class FeedbackSink(Protocol):
         """Stores the records durably or raises CloudCallError."""
 
 
-# Statuses a batch can earn by its content or size: smaller batches may get through.
-SPLITTABLE = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
+# What gRPC says of a message over the receiver's size limit (RESOURCE_EXHAUSTED, like a full
+# queue, which smaller batches would only make worse).
+TOO_LARGE = "larger than max"
 # Record fields the cloud checks against its configuration, not against the contract: the
 # edge cannot check them itself, and the cloud may know them later (a task being deployed).
 CONFIGURATION_FIELDS = frozenset({"task", "label"})
@@ -86,7 +87,7 @@ class Delivery:
         try:
             answer = await self._sink.report_feedback(batch, self._cfg.deadline_ms / 1000)
         except CloudCallError as exc:
-            if exc.code not in SPLITTABLE:
+            if not _splittable(exc):
                 # Every other failure says nothing against the records: keep them and retry.
                 log.warning("feedback delivery of %d records failed, will retry: %s", len(batch), exc)
                 self._metrics.delivery_failures.labels(exc.code.name).inc()
@@ -95,7 +96,9 @@ class Delivery:
                 # One invalid record (or one batch too large for the cloud) refuses it all:
                 # halve until the bad record is alone, so the valid ones still go through.
                 half = len(batch) // 2
-                return await self._deliver(batch[:half]) or await self._deliver(batch[half:])
+                first = await self._deliver(batch[:half])
+                second = await self._deliver(batch[half:])  # whatever the first half earned
+                return first or second
             if exc.code != grpc.StatusCode.INVALID_ARGUMENT:  # a lone record "too large": the cloud is busy
                 self._metrics.delivery_failures.labels(exc.code.name).inc()
                 return str(exc)
@@ -125,3 +128,10 @@ class Delivery:
             log.warning("dead table over max_dead (%d): dropped its %d oldest records", self._cfg.max_dead, dropped)
             self._metrics.dead_dropped.inc(dropped)
         return None
+
+
+def _splittable(exc: CloudCallError) -> bool:
+    """Whether smaller batches may get through: the batch was refused for its content or size."""
+    return exc.code == grpc.StatusCode.INVALID_ARGUMENT or (
+        exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED and TOO_LARGE in exc.details
+    )

@@ -19,6 +19,8 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+import grpc
+
 from edge.config import UpdaterConfig
 from edge.errors import ArtifactError, CloudCallError
 from edge.health import LoopHealth
@@ -117,6 +119,8 @@ class Updater:
         try:
             offer = await self._source.get_manifest(task, self._cfg.deadline_ms / 1000)
         except CloudCallError as exc:
+            if exc.code == grpc.StatusCode.NOT_FOUND:  # nothing promoted for the task yet: nothing to do
+                return UNCHANGED
             log.warning("cannot poll the registry for %s: %s", task, exc)
             return exc.reason
         serving = runtime.serving.student.version

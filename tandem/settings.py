@@ -4,12 +4,18 @@ from pathlib import Path
 from typing import TypeVar
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 
 class ConfigError(ValueError):
     """A configuration file or override is missing, unreadable or invalid."""
+
+
+class Section(BaseModel):
+    """Base of every nested config section: an unknown or misspelt key is an error, not ignored."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 class TandemSettings(BaseSettings):

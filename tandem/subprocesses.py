@@ -39,6 +39,8 @@ def announced_server(args: list[str], env: dict[str, str] | None = None, timeout
         stdout=subprocess.PIPE,
         text=True,
         env={**os.environ, **(env or {})},
+        # Its own process group: if it must be killed, whatever it started goes with it.
+        start_new_session=True,
     )
     try:
         port = _wait_for_port(process, timeout_s)
@@ -48,7 +50,7 @@ def announced_server(args: list[str], env: dict[str, str] | None = None, timeout
         try:
             process.wait(timeout=stop_timeout_s)
         except subprocess.TimeoutExpired:
-            process.kill()
+            os.killpg(process.pid, signal.SIGKILL)
             process.wait()
 
 

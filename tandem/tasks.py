@@ -5,9 +5,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from tandem import envs
+from tandem.settings import Section
 
 
 @dataclass(frozen=True)
@@ -16,7 +17,7 @@ class Example:
     label: str
 
 
-class TaskSpec(BaseModel):
+class TaskSpec(Section):
     """A classification task; relative paths resolve against TANDEM_DATA_DIR."""
 
     name: str = Field(description="Task name used on the wire and in caches.")

@@ -15,6 +15,7 @@ def build_engine(cfg: ExpertConfig) -> Any:
         dtype=cfg.dtype,
         max_model_len=cfg.max_model_len,
         enforce_eager=cfg.enforce_eager,
-        **cfg.engine_args,
+        # A replica's output is a forwarded log, where a progress bar is a line per redraw.
+        **{"use_tqdm_on_load": False, **cfg.engine_args},
     )
     return AsyncLLM.from_engine_args(args)

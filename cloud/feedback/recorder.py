@@ -18,7 +18,7 @@ class EscalationRecorder:
     """`add` only queues: a background task sends `batch_size` records at once, or whatever is
     pending every `interval_s`. A failed send is logged and retried with capped, jittered
     exponential backoff (`tandem.backoff.Backoff`) for as long as the replica runs (a fleet
-    application restart loses nothing); at shutdown a batch gets `retries` attempts, then is
+    application restart loses nothing; a replica that dies loses what it holds); at shutdown a batch gets `retries` attempts, then is
     dropped (logged). Records beyond `max_pending` are dropped (logged) too, so an unreachable
     store costs bounded memory and never an answer."""
 

@@ -67,11 +67,6 @@ class FeedbackStore:
         self._ids: dict[str, dict[date, set[str]]] = {}
         self._lock = threading.Lock()
 
-    def append(self, records: Sequence[fleet_pb2.FeedbackRecord]) -> tuple[int, int]:
-        """(stored, duplicates): see `add`."""
-        new = self.add(records)
-        return len(new), len(records) - len(new)
-
     def add(self, records: Sequence[fleet_pb2.FeedbackRecord]) -> list[fleet_pb2.FeedbackRecord]:
         """Stores the records whose id is neither stored yet nor earlier in the batch, one file
         per task, and returns them. The records are valid: the Fleet boundary checked them

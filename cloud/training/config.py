@@ -2,15 +2,15 @@
 
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from tandem import envs
-from tandem.settings import TandemSettings
+from tandem.settings import Section, TandemSettings
 from tandem.tasks import TaskSpec, banking77
 
 
-class FitConfig(BaseModel):
+class FitConfig(Section):
     """How one model is trained."""
 
     layers: int | None = Field(

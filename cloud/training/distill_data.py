@@ -6,6 +6,7 @@ labels alone: taking the teacher's argmax as a hard label would count the teache
 push its mistakes in with full confidence.
 """
 
+import logging
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from cloud.training.data import Split, Splits, tokenizer
 from cloud.training.loop import encode
 from tandem.contract import LABELLED_KINDS
 from tandem.v1 import fleet_pb2
+
+log = logging.getLogger(__name__)
 
 NO_LABEL = -1
 # contract.LABELLED_KINDS by name: the feedback store holds kinds as their names.
@@ -43,7 +46,10 @@ def read_feedback(uri: str, task: str) -> list[FeedbackExample]:
     """The task's feedback records in the store (deduplicated by record id), once the store
     has compacted the task's partitions: each retraining round leaves one file per day."""
     store = FeedbackStore(uri)
-    store.compact(task)
+    try:
+        store.compact(task)
+    except OSError:  # e.g. no delete rights: the round reads the uncompacted files
+        log.exception("compacting %s's feedback failed; reading it as it is", task)
     rows = store.read(task).select(["kind", "text", "label"]).to_pylist()
     return [FeedbackExample(r["kind"], r["text"], r["label"] or "") for r in rows]
 

@@ -46,8 +46,9 @@ ROUTES = {"banking77": "banking77-expert"}
 
 class ScriptedCloud(expert_pb2_grpc.ExpertServicer, fleet_pb2_grpc.FleetServicer):
     """A real gRPC cloud whose behaviour a test sets. Escalate: `mode` is answer, slow,
-    overloaded or unavailable_once (UNAVAILABLE to the first call, answers after). Fleet:
-    GetRoutes answers `routes`; the other Fleet methods are unimplemented."""
+    overloaded or unavailable_once (UNAVAILABLE to the first call, answers after); a call for
+    an application not in `routes` gets NOT_FOUND. Fleet: GetRoutes answers `routes`; the other
+    Fleet methods are unimplemented."""
 
     def __init__(self) -> None:
         self.mode = "answer"
@@ -56,7 +57,10 @@ class ScriptedCloud(expert_pb2_grpc.ExpertServicer, fleet_pb2_grpc.FleetServicer
         self.routes_asked: list[dict[str, str]] = []
 
     async def Escalate(self, request: expert_pb2.EscalateRequest, context: grpc.aio.ServicerContext) -> expert_pb2.EscalateResponse:
-        self.seen.append((request, dict(context.invocation_metadata())))
+        metadata = dict(context.invocation_metadata())
+        self.seen.append((request, metadata))
+        if metadata.get("application") not in self.routes.values():  # as Serve's proxy answers
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"Application {metadata.get('application')!r} not found.")
         if self.mode == "slow":
             await asyncio.sleep(5)
         if self.mode == "unavailable_once" and len(self.seen) == 1:

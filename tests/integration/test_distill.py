@@ -144,8 +144,8 @@ def test_feedback_is_read_from_the_store_once_per_record(tmp_path: Path) -> None
                         label="card_arrival", created_unix_ms=1)
     fallback = record(record_id="f1", task="banking77", kind=fleet_pb2.FALLBACK, text="hi", created_unix_ms=2)
     other = record(record_id="o1", task="other", kind=fleet_pb2.AUDIT, text="x", created_unix_ms=3)
-    store.append([correction, fallback, other])
-    store.append([correction])
+    store.add([correction, fallback, other])
+    store.add([correction])
     assert read_feedback(str(tmp_path / "feedback"), "banking77") == [
         FeedbackExample("CORRECTION", "card?", "card_arrival"),
         FeedbackExample("FALLBACK", "hi", ""),

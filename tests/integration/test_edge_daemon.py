@@ -81,6 +81,20 @@ async def test_a_task_the_cloud_has_no_route_for_falls_back_until_the_cloud_name
     assert metadata["application"] == ROUTES["banking77"]
 
 
+async def test_a_task_moved_to_another_expert_is_routed_again(student_dir: Path, cloud: tuple[ScriptedCloud, str]) -> None:
+    servicer, target = cloud
+    servicer.routes = {"banking77": "old-expert"}
+    async with running_daemon(student_dir, **_escalating(target, routes_refresh_s=0.5)) as (_, stub):
+        before = await stub.Infer(_request("where is my card"), timeout=5)
+        servicer.routes = {"banking77": "new-expert"}  # the cloud's topology changed
+        gone = await stub.Infer(_request("where is my card"), timeout=5)
+        await asyncio.sleep(0.6)  # past routes_refresh_s
+        after = await stub.Infer(_request("where is my card"), timeout=5)
+    assert before.source == edge_pb2.CLOUD
+    assert (gone.source, gone.reason) == (edge_pb2.EDGE_FALLBACK, "cloud_not_found")
+    assert after.source == edge_pb2.CLOUD and servicer.seen[-1][1]["application"] == "new-expert"
+
+
 async def test_slow_cloud_gets_a_local_fallback_at_the_deadline(student_dir: Path, cloud: tuple[ScriptedCloud, str]) -> None:
     servicer, target = cloud
     servicer.mode = "slow"

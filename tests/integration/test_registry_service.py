@@ -198,7 +198,7 @@ class Counted(FleetMetrics):
 async def test_a_corrupt_store_file_is_quarantined_and_feedback_is_still_stored(tmp_path: Path) -> None:
     """Before: ArrowInvalid escaped the servicer, every ReportFeedback of the task failed and
     edges retried forever."""
-    FeedbackStore(str(tmp_path / "feedback")).append([_record("c1")])
+    FeedbackStore(str(tmp_path / "feedback")).add([_record("c1")])
     bad = next((tmp_path / "feedback").glob("task=t/date=*")) / "part-garbage.parquet"
     bad.write_bytes(b"not parquet" * 100)
     metrics = Counted()
@@ -252,7 +252,8 @@ async def test_a_hung_store_or_registry_is_deadline_exceeded_within_the_request_
             store.release.set()
             models.release.set()
             retry = await stub.ReportFeedback(records, timeout=10)  # the edge's retry
-            assert retry.stored + retry.duplicates == 2
+            # Stored once: by the timed-out call's write, which finished after all, or by the retry.
+            assert (retry.stored, retry.duplicates) in {(2, 0), (0, 2)}
     finally:
         store.release.set()
         models.release.set()

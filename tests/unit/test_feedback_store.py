@@ -22,6 +22,12 @@ TASKS = {"t": ["card_arrival", "lost_card"], "u": ["card_arrival"]}
 NOW_MS = 1_700_000_000_000
 
 
+def _append(store: FeedbackStore, records: list[fleet_pb2.FeedbackRecord]) -> tuple[int, int]:
+    """(stored, duplicates) of one `add`."""
+    new = store.add(records)
+    return len(new), len(records) - len(new)
+
+
 def _record(record_id: str, task: str = "t", kind: int = fleet_pb2.CORRECTION, **fields: object) -> fleet_pb2.FeedbackRecord:
     values = {"text": f"text of {record_id}", "label": "card_arrival", "created_unix_ms": NOW_MS, **fields}
     return fleet_pb2.FeedbackRecord(record_id=record_id, task=task, kind=kind, **values)
@@ -34,21 +40,21 @@ def _files(root: Path) -> list[str]:
 def test_the_same_batch_sent_twice_is_stored_once(tmp_path: Path) -> None:
     store = FeedbackStore(str(tmp_path))
     batch = [_record("r1"), _record("r2", kind=fleet_pb2.FALLBACK, label=""), _record("r3")]
-    assert store.append(batch) == (3, 0)
-    assert store.append(batch) == (0, 3)
+    assert _append(store, batch) == (3, 0)
+    assert _append(store, batch) == (0, 3)
     assert store.read("t")["record_id"].to_pylist() == ["r1", "r2", "r3"]
     assert len(_files(tmp_path)) == 1, "a batch of duplicates must write nothing"
 
 
 def test_duplicates_within_a_batch_are_stored_once(tmp_path: Path) -> None:
     store = FeedbackStore(str(tmp_path))
-    assert store.append([_record("r1"), _record("r1", text="again"), _record("r2")]) == (2, 1)
+    assert _append(store, [_record("r1"), _record("r1", text="again"), _record("r2")]) == (2, 1)
     assert store.read("t")["text"].to_pylist() == ["text of r1", "text of r2"]
 
 
 def test_a_new_store_on_the_same_directory_knows_what_is_stored(tmp_path: Path) -> None:
-    FeedbackStore(str(tmp_path)).append([_record("r1"), _record("r2")])
-    assert FeedbackStore(str(tmp_path)).append([_record("r2"), _record("r3")]) == (1, 1)
+    _append(FeedbackStore(str(tmp_path)), [_record("r1"), _record("r2")])
+    assert _append(FeedbackStore(str(tmp_path)), [_record("r2"), _record("r3")]) == (1, 1)
 
 
 def test_the_id_index_covers_a_window_of_days_and_read_hides_older_copies(
@@ -58,12 +64,12 @@ def test_the_id_index_covers_a_window_of_days_and_read_hides_older_copies(
 
     today = datetime.now(timezone.utc).timestamp()
     monkeypatch.setattr(store_module.time, "time", lambda: today - 40 * 86400)
-    FeedbackStore(str(tmp_path)).append([_record("old")])
+    _append(FeedbackStore(str(tmp_path)), [_record("old")])
     monkeypatch.setattr(store_module.time, "time", lambda: today - 2 * 86400)
-    FeedbackStore(str(tmp_path)).append([_record("recent")])
+    _append(FeedbackStore(str(tmp_path)), [_record("recent")])
     monkeypatch.setattr(store_module.time, "time", lambda: today)
     store = FeedbackStore(str(tmp_path), dedup_days=30)  # reads back only the last 30 days' ids
-    assert store.append([_record("recent"), _record("old")]) == (1, 1)  # "old" is past the window
+    assert _append(store, [_record("recent"), _record("old")]) == (1, 1)  # "old" is past the window
     assert sorted(store.read("t")["record_id"].to_pylist()) == ["old", "recent"]
 
 
@@ -74,7 +80,7 @@ def test_records_are_partitioned_by_task_and_day_with_the_documented_columns(tmp
         edge=common_pb2.EdgePrediction(label="lost_card", confidence=0.5, model_version="v1"),
         distribution=[common_pb2.LabelScore(label="card_arrival", probability=0.75)],
     )
-    store.append([escalation, _record("u-1", task="u")])
+    _append(store, [escalation, _record("u-1", task="u")])
     today = datetime.now(timezone.utc).date()
     assert [f.rsplit("/", 1)[0] for f in _files(tmp_path)] == [f"task=t/date={today}", f"task=u/date={today}"]
     assert all(f.rsplit("/", 1)[1].startswith("part-") for f in _files(tmp_path))
@@ -95,23 +101,23 @@ def test_records_are_partitioned_by_task_and_day_with_the_documented_columns(tmp
 
 def test_a_failed_write_leaves_nothing_visible_and_can_be_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = FeedbackStore(str(tmp_path))
-    store.append([_record("r1")])
+    _append(store, [_record("r1")])
 
     def crash(src: str, dst: str) -> None:  # the temporary file is written; the rename never happens
         raise OSError("disk gone")
 
     monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(OSError, match="disk gone"):
-        store.append([_record("r2")])
+        _append(store, [_record("r2")])
     monkeypatch.undo()
     assert store.read("t")["record_id"].to_pylist() == ["r1"]
     assert len(_files(tmp_path)) == 1
-    assert store.append([_record("r2")]) == (1, 0)
+    assert _append(store, [_record("r2")]) == (1, 0)
 
 
 def test_a_temporary_file_left_by_a_crash_is_never_read(tmp_path: Path) -> None:
     store = FeedbackStore(str(tmp_path))
-    store.append([_record("r1")])
+    _append(store, [_record("r1")])
     partition = next(tmp_path.rglob("part-*")).parent
     (partition / ".part-crashed.parquet.tmp").write_bytes(b"PAR1 half a file")
     assert FeedbackStore(str(tmp_path)).read("t")["record_id"].to_pylist() == ["r1"]
@@ -119,16 +125,16 @@ def test_a_temporary_file_left_by_a_crash_is_never_read(tmp_path: Path) -> None:
 
 def test_read_hides_a_copy_stored_by_a_second_writer(tmp_path: Path) -> None:
     first, second = FeedbackStore(str(tmp_path)), FeedbackStore(str(tmp_path))
-    first.append([_record("r0")])
-    second.append([_record("r00")])  # both have loaded their id index now
-    assert first.append([_record("r1")]) == second.append([_record("r1")]) == (1, 0)
+    _append(first, [_record("r0")])
+    _append(second, [_record("r00")])  # both have loaded their id index now
+    assert _append(first, [_record("r1")]) == _append(second, [_record("r1")]) == (1, 0)
     assert first.read("t")["record_id"].to_pylist() == ["r0", "r00", "r1"]
 
 
 def test_concurrent_appends_store_each_record_once(tmp_path: Path) -> None:
     store = FeedbackStore(str(tmp_path))
     results: list[tuple[int, int]] = []
-    threads = [threading.Thread(target=lambda: results.append(store.append([_record(f"r{i}") for i in range(20)])))
+    threads = [threading.Thread(target=lambda: results.append(_append(store, [_record(f"r{i}") for i in range(20)])))
                for _ in range(4)]
     for thread in threads:
         thread.start()
@@ -141,13 +147,13 @@ def test_concurrent_appends_store_each_record_once(tmp_path: Path) -> None:
 def test_a_filesystem_uri_serves_as_well() -> None:
     """pyarrow's in-memory mock:// filesystem stands in for s3://: no rename, one write per file."""
     store = FeedbackStore("mock:///bucket/feedback")
-    assert store.append([_record("r1"), _record("r1")]) == (1, 1)
-    assert store.append([_record("r1"), _record("r2")]) == (1, 1)
+    assert _append(store, [_record("r1"), _record("r1")]) == (1, 1)
+    assert _append(store, [_record("r1"), _record("r2")]) == (1, 1)
     assert store.read("t")["record_id"].to_pylist() == ["r1", "r2"]
 
 
 def test_a_file_uri_is_a_local_directory(tmp_path: Path) -> None:
-    FeedbackStore(tmp_path.as_uri()).append([_record("r1")])
+    _append(FeedbackStore(tmp_path.as_uri()), [_record("r1")])
     assert FeedbackStore(str(tmp_path)).read("t").num_rows == 1
 
 
@@ -182,7 +188,7 @@ def test_without_a_task_list_any_safe_task_name_and_label_pass(tmp_path: Path) -
     record = _record("r1", task="anything", label="whatever")
     check([record], None)
     store = FeedbackStore(str(tmp_path))
-    assert store.append([record]) == (1, 0)
+    assert _append(store, [record]) == (1, 0)
     assert store.read("anything")["label"].to_pylist() == ["whatever"]
 
 
@@ -224,11 +230,11 @@ def _damage(root: Path, kind: str) -> tuple[Path, bytes]:
 @pytest.mark.parametrize("kind", sorted(DAMAGED))
 def test_a_damaged_file_is_quarantined_and_intake_goes_on(tmp_path: Path, kind: str,
                                                           caplog: pytest.LogCaptureFixture) -> None:
-    FeedbackStore(str(tmp_path)).append([_record("r1")])
+    _append(FeedbackStore(str(tmp_path)), [_record("r1")])
     bad, data = _damage(tmp_path, kind)
     quarantined: list[tuple[str, str]] = []
     store = FeedbackStore(str(tmp_path), on_quarantine=lambda task, path: quarantined.append((task, path)))
-    assert store.append([_record("r1"), _record("r2")]) == (1, 1), "the id index loads past the damaged file"
+    assert _append(store, [_record("r1"), _record("r2")]) == (1, 1), "the id index loads past the damaged file"
     moved = tmp_path / "_quarantine" / bad.relative_to(tmp_path)
     assert not bad.exists() and moved.read_bytes() == data, "moved aside whole, never deleted"
     assert quarantined == [("t", str(bad))]
@@ -237,7 +243,7 @@ def test_a_damaged_file_is_quarantined_and_intake_goes_on(tmp_path: Path, kind: 
 
 
 def test_the_retrainers_read_quarantines_a_damaged_file_too(tmp_path: Path) -> None:
-    FeedbackStore(str(tmp_path)).append([_record("r1"), _record("r2")])
+    _append(FeedbackStore(str(tmp_path)), [_record("r1"), _record("r2")])
     bad, _ = _damage(tmp_path, "garbage")
     assert FeedbackStore(str(tmp_path)).read("t")["record_id"].to_pylist() == ["r1", "r2"]
     assert (tmp_path / "_quarantine" / bad.relative_to(tmp_path)).exists()
@@ -254,11 +260,11 @@ def _raw_ids(root: Path, task: str = "t") -> list[str]:
 
 def test_compaction_rewrites_a_partition_of_small_files_as_one_and_keeps_every_record(tmp_path: Path) -> None:
     store, second = FeedbackStore(str(tmp_path)), FeedbackStore(str(tmp_path))
-    second.append([_record("s0")])  # loads the second writer's id index before the first writes
+    _append(second, [_record("s0")])  # loads the second writer's id index before the first writes
     for i in range(100):  # two records a file, as experts flushing every second left them
-        store.append([_record(f"r{i}a"), _record(f"r{i}b")])
-    second.append([_record("r0a")])  # a second writer's copy: a duplicate in the raw files
-    store.append([_record("u1", task="u")])
+        _append(store, [_record(f"r{i}a"), _record(f"r{i}b")])
+    _append(second, [_record("r0a")])  # a second writer's copy: a duplicate in the raw files
+    _append(store, [_record("u1", task="u")])
     records, files = len(_raw_ids(tmp_path)), len(_part_files(tmp_path))
     assert len(set(_raw_ids(tmp_path))) == records - 1
     before = store.read("t")
@@ -270,13 +276,13 @@ def test_compaction_rewrites_a_partition_of_small_files_as_one_and_keeps_every_r
     assert sorted(_raw_ids(tmp_path)) == sorted(before["record_id"].to_pylist()), "each record once, none lost"
     assert store.read("t").equals(before)
     assert len(_part_files(tmp_path, "u")) == 1 and store.compact("u") == 0
-    assert store.append([_record("r5a"), _record("r200")]) == (1, 1)
+    assert _append(store, [_record("r5a"), _record("r200")]) == (1, 1)
 
 
 def test_a_compaction_cut_short_before_its_deletes_loses_nothing(tmp_path: Path) -> None:
     store = FeedbackStore(str(tmp_path))
     for i in range(3):
-        store.append([_record(f"r{i}")])
+        _append(store, [_record(f"r{i}")])
     before = store.read("t")
     partition = _part_files(tmp_path)[0].parent
     saved = tmp_path / "saved"
@@ -291,8 +297,8 @@ def test_a_compaction_cut_short_before_its_deletes_loses_nothing(tmp_path: Path)
 
 def test_compaction_sets_a_damaged_file_aside_and_keeps_the_rest(tmp_path: Path) -> None:
     store = FeedbackStore(str(tmp_path))
-    store.append([_record("r1")])
-    store.append([_record("r2")])
+    _append(store, [_record("r1")])
+    _append(store, [_record("r2")])
     bad, _ = _damage(tmp_path, "truncated")
     assert FeedbackStore(str(tmp_path)).compact("t") == 2
     assert (tmp_path / "_quarantine" / bad.relative_to(tmp_path)).exists()
@@ -302,7 +308,7 @@ def test_compaction_sets_a_damaged_file_aside_and_keeps_the_rest(tmp_path: Path)
 def test_compaction_works_on_an_object_store() -> None:
     store = FeedbackStore("mock:///bucket/feedback")
     for i in range(3):
-        store.append([_record(f"r{i}")])
+        _append(store, [_record(f"r{i}")])
     assert store.compact("t") == 2 and store.compact("t") == 0
     assert store.read("t")["record_id"].to_pylist() == ["r0", "r1", "r2"]
     assert store.compact("absent") == 0
@@ -313,7 +319,7 @@ def test_the_retrainer_compacts_the_task_before_reading_it(tmp_path: Path) -> No
 
     store = FeedbackStore(str(tmp_path))
     for i in range(3):
-        store.append([_record(f"r{i}")])
+        _append(store, [_record(f"r{i}")])
     assert [f.text for f in read_feedback(str(tmp_path), "t")] == ["text of r0", "text of r1", "text of r2"]
     assert len(_part_files(tmp_path)) == 1
 
@@ -336,7 +342,7 @@ class FlakyDisk(pafs.FSSpecHandler):
 def test_a_failing_filesystem_is_an_error_and_quarantines_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import cloud.feedback.store as store_module
 
-    FeedbackStore(str(tmp_path)).append([_record("r1")])
+    _append(FeedbackStore(str(tmp_path)), [_record("r1")])
     disk = FlakyDisk()
     monkeypatch.setattr(store_module, "_filesystem", lambda uri: (pafs.PyFileSystem(disk), str(tmp_path)))
     store = FeedbackStore(str(tmp_path))

@@ -182,6 +182,27 @@ async def test_delivery_sends_oldest_first_in_batches_retrying_transient_failure
     assert registry.get_sample_value("tandem_edge_feedback_delivery_failures_total", {"code": "UNAVAILABLE"}) == 1
 
 
+class SizeLimitedSink(ScriptedSink):
+    """Refuses the first call as a full queue would, then any batch over two records as too large."""
+
+    async def report_feedback(self, records: list[fleet_pb2.FeedbackRecord], timeout_s: float) -> fleet_pb2.ReportFeedbackResponse:
+        self.sent.append(_ids(records))
+        if len(self.sent) == 1:
+            raise CloudCallError(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full")
+        if len(records) > 2:
+            raise CloudCallError(grpc.StatusCode.RESOURCE_EXHAUSTED, "Received message larger than max (9 vs. 8)")
+        return fleet_pb2.ReportFeedbackResponse(stored=len(records))
+
+
+async def test_delivery_halves_a_batch_too_large_for_the_cloud_but_not_one_a_full_queue_refused(outbox: Outbox) -> None:
+    for i in range(4):
+        outbox.add(_record(i))
+    sink = SizeLimitedSink([])
+    await _deliver_until_empty(outbox, sink, CollectorRegistry(), batch_size=4)
+    # A full queue: the same batch again after a backoff, not smaller ones into the busy cloud.
+    assert sink.sent == [["r000", "r001", "r002", "r003"]] * 2 + [["r000", "r001"], ["r002", "r003"]]
+
+
 async def test_delivery_moves_only_the_record_the_cloud_calls_invalid_aside(outbox: Outbox) -> None:
     for i in range(5):
         outbox.add(_record(i))

@@ -47,18 +47,21 @@ def test_edge_configs_load(tmp_path: Path) -> None:
     assert load_config(EdgeConfig, tmp_path / "edge.yaml").policy.budget_per_s == 20
 
 
-def test_shipped_serve_configs_are_what_the_cloud_configs_generate(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_shipped_serve_configs_are_what_the_cloud_configs_generate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from cloud.topology import generate_serve_config
 
-    monkeypatch.chdir(ROOT)  # the paths the header's command shows
+    # Generated into copies, at the same relative paths (the header's command shows them), so
+    # that a failing run leaves the shipped files as they were.
+    for name in ("cloud/cloud.yaml", "cloud/cloud.prod.yaml", "k8s/rayservice.yaml"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text((ROOT / name).read_text())
+    monkeypatch.chdir(tmp_path)
     for name in [n for n in os.environ if n.startswith("TANDEM_CLOUD_")]:
         monkeypatch.delenv(name)
-    serve_config = Path("cloud/serve_config.yaml")
-    assert serve_config.read_text() == generate_serve_config(Path("cloud/cloud.yaml"), "cloud/cloud.yaml", out=serve_config)
-    rayservice = Path("k8s/rayservice.yaml")
-    shipped = rayservice.read_text()
-    generate_serve_config(Path("cloud/cloud.prod.yaml"), "/app/cloud/cloud.prod.yaml", rayservice=rayservice)
-    assert rayservice.read_text() == shipped, "k8s/rayservice.yaml's serveConfigV2 is not what cloud/cloud.prod.yaml generates"
+    generate_serve_config(Path("cloud/cloud.yaml"), "cloud/cloud.yaml", out=Path("cloud/serve_config.yaml"))
+    generate_serve_config(Path("cloud/cloud.prod.yaml"), "/app/cloud/cloud.prod.yaml", rayservice=Path("k8s/rayservice.yaml"))
+    for name in ("cloud/serve_config.yaml", "k8s/rayservice.yaml"):
+        assert (tmp_path / name).read_text() == (ROOT / name).read_text(), f"{name} is not what `make serve-config` generates"
 
 
 def test_serve_config_has_the_fleet_then_one_application_per_expert() -> None:
