@@ -64,10 +64,11 @@ class LoopHealth:
     async def _report(self, serving: bool, why: str) -> None:
         if serving == self._serving:
             return
-        if serving:
-            log.info("%s is working again: SERVING", self.service)
-        elif self._serving is not None:
-            log.error("%s keeps failing: NOT_SERVING (%s)", self.service, why)
+        if self._serving is not None:  # a change, not the state reported at start
+            if serving:
+                log.info("%s is working again: SERVING", self.service)
+            else:
+                log.error("%s keeps failing: NOT_SERVING (%s)", self.service, why)
         self._serving = serving
         self._gauge.set(int(serving))
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
