@@ -39,8 +39,10 @@ def announced_server(args: list[str], env: dict[str, str] | None = None, timeout
         stdout=subprocess.PIPE,
         text=True,
         env={**os.environ, **(env or {})},
-        # Its own process group: if it must be killed, whatever it started goes with it.
-        start_new_session=True,
+        # Its own process group, so that a kill takes whatever it started with it; in the same
+        # session (not start_new_session), which would put it in a scheduler autogroup of its
+        # own and change how the CPUs are shared between the parts being measured.
+        process_group=0,
     )
     try:
         port = _wait_for_port(process, timeout_s)
