@@ -34,8 +34,7 @@ class MicroBatcher:
     def __init__(self, predict: Callable[[list[str]], np.ndarray], max_batch: int, max_queue: int) -> None:
         self._predict = predict
         self._max_batch = max_batch
-        self._max_queue = max_queue
-        self._queue: asyncio.Queue[tuple[str, float, asyncio.Future[Result]]] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[str, float, asyncio.Future[Result]]] = asyncio.Queue(max_queue)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx")
         self._worker: asyncio.Task[None] | None = None
 
@@ -59,10 +58,11 @@ class MicroBatcher:
     async def submit(self, text: str) -> Result:
         """The text's result; raises Overloaded when `max_queue` requests already wait. A caller
         cancelled while waiting (its RPC cancelled) cancels the future: its text is skipped."""
-        if self._queue.qsize() >= self._max_queue:
-            raise Overloaded(self._queue.qsize(), self._max_queue)
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((text, time.perf_counter(), future))
+        try:
+            self._queue.put_nowait((text, time.perf_counter(), future))
+        except asyncio.QueueFull:
+            raise Overloaded(self._queue.qsize(), self._queue.maxsize) from None
         return await future
 
     async def _run(self) -> None:

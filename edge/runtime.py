@@ -34,7 +34,8 @@ class TaskRuntime:
         self.policy = policy
         self._max_batch = max_batch
         self._max_queue = max_queue
-        self._draining: set[asyncio.Task[None]] = set()
+        # Replaced batchers still answering their queue, by the task that drains each.
+        self._draining: dict[asyncio.Task[None], MicroBatcher] = {}
 
     async def swap(self, student: Student, drain_timeout_s: float) -> bool:
         """Serves `student` from now on; True once the replaced one has answered its queue,
@@ -52,14 +53,17 @@ class TaskRuntime:
             # batcher must still answer its queue if the run ever returns.
             await asyncio.wait_for(asyncio.shield(drain), drain_timeout_s)
         except TimeoutError:
-            self._draining.add(drain)
-            drain.add_done_callback(self._draining.discard)
+            self._draining[drain] = old.batcher
+            drain.add_done_callback(lambda task: self._draining.pop(task, None))
             return False
         return True
 
     async def close(self) -> None:
         """Stops the serving batcher, and replaced ones still draining (their callers get errors)."""
-        for drain in list(self._draining):
+        draining = dict(self._draining)
+        for drain in draining:
             drain.cancel()
-        await asyncio.gather(*self._draining, return_exceptions=True)
-        await self.serving.batcher.close()
+        await asyncio.gather(*draining, return_exceptions=True)
+        # A cancelled drain left its batcher's worker running: stop it, as the serving one.
+        for batcher in [*draining.values(), self.serving.batcher]:
+            await batcher.close()

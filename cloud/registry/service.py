@@ -156,12 +156,10 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         hung disk or store must not hold the RPC, and the deployment's slot, indefinitely. The
         thread runs on (Python cannot stop one); a FeedbackStore write it finishes later is
         deduplicated when the edge retries."""
-        work = asyncio.ensure_future(asyncio.to_thread(call, *args))
-        done, _ = await asyncio.wait({work}, timeout=self._timeout_s)
-        if not done:
-            work.cancel()
-            raise FleetTimeout(f"{what} took longer than the request timeout of {self._timeout_s:g} s")
-        return work.result()
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(call, *args), self._timeout_s)
+        except TimeoutError:
+            raise FleetTimeout(f"{what} took longer than the request timeout of {self._timeout_s:g} s") from None
 
     def _refuse(self, method: str, exc: FleetError, grpc_context: Any) -> None:
         """The one place fleet errors become statuses."""
