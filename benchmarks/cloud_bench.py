@@ -148,7 +148,9 @@ async def _served(cfg: CloudBenchConfig, routes: dict[str, tuple[str, Any]], tex
     scratch = Path(tempfile.mkdtemp(prefix="tandem-bench-cloud-"))
     config = scratch / "cloud.yaml"
     settings = yaml.safe_load(cfg.cloud_config.read_text())
-    settings.update(grpc_port=free_port(), http_port=free_port(), ray_metrics_port=free_port(),
+    # Insecure: this measures Serve and the experts from Serve's own port; what the TLS proxy
+    # adds is `tandem bench security`'s measure.
+    settings.update(grpc_port=free_port(), http_port=free_port(), ray_metrics_port=free_port(), insecure=True,
                     feedback_uri=str(scratch / "feedback"), registry_dir=str(scratch / "registry"))
     config.write_text(yaml.safe_dump(settings))
     try:

@@ -22,8 +22,7 @@ from benchmarks.edge_bench import EdgeBenchConfig, run_edge_bench
 from benchmarks.flywheel import FlywheelConfig, Loop, format_rounds
 from benchmarks.latency import LatencyRecorder
 from benchmarks.system import cloud, edge_config, edge_daemon
-from cloud.prepare import SMOLLM2_DIR, ensure_trained, prepare_smollm2
-from cloud.training.config import TrainConfig
+from cloud.prepare import SMOLLM2_DIR, ensure_trained, local_train_config, prepare_smollm2
 from tandem import envs
 from tandem.settings import load_config
 from tandem.tasks import Example
@@ -39,7 +38,7 @@ LOOP_TRAFFIC = 2000  # train queries streamed in the learning-loop round
 
 def run_demo(config: Path | None, out: Path) -> int:
     started = time.perf_counter()
-    train_cfg = load_config(TrainConfig, config)
+    train_cfg = local_train_config(config)
     teacher = ensure_trained(train_cfg, "teacher")
     student = ensure_trained(train_cfg, "student")
     prepare_smollm2(envs.TANDEM_CACHE_DIR / "models" / SMOLLM2_DIR)
@@ -60,7 +59,7 @@ def run_demo(config: Path | None, out: Path) -> int:
         # The loop's round first: the test queries replayed next must not reach its training data.
         with edge_daemon(loop.edge_config(c)) as learner:
             rows.append(asyncio.run(loop.round(1, learner, loop.traffic[:LOOP_TRAFFIC])))
-        main_edge = edge_config(task, train_cfg.model_dir("student"), c.target,
+        main_edge = edge_config(task, train_cfg.model_dir("student"), c, "kiosk-1",
                                 feedback={"outbox": str(work / "outbox.sqlite3")})
         log.info("the system: edge daemon -> Ray Serve gRPC -> vLLM classify expert, %d queries", QUERIES)
         with edge_daemon(main_edge) as edge:

@@ -86,7 +86,7 @@ async def _measure(cfg: EdgeBenchConfig, texts: list[str]) -> dict[str, Any]:
 def measure_raw(cfg: EdgeBenchConfig, texts: list[str]) -> dict[str, Any]:
     """Batch-1 tokenizer + ONNX Runtime with the daemon's session settings: back to back,
     then paced at `rate_rps` (time.sleep between calls, as requests would arrive)."""
-    student = Student(cfg.student, SessionOptions(cfg.intra_op_threads))
+    student = Student.load(cfg.student, SessionOptions(cfg.intra_op_threads))
     for text in texts[:100]:
         student.predict([text])
     rec = LatencyRecorder()

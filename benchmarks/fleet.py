@@ -34,7 +34,7 @@ class Fleet:
         logging.getLogger("edge").setLevel(logging.ERROR)
         cfg = self._cfg
         options = SessionOptions(cfg.intra_op_threads, cfg.allow_spinning)
-        self._serving = {task: Serving.start(Student(path, options), cfg.max_batch, cfg.max_queue) for task, path in cfg.tasks.items()}
+        self._serving = {task: Serving.start(Student.load(path, options), cfg.max_batch, cfg.max_queue) for task, path in cfg.tasks.items()}
         # One registry for the fleet: the edges' metrics add up, like a fleet-wide scrape.
         metrics = EdgeMetrics(CollectorRegistry())
         for i in range(self._count):

@@ -31,7 +31,7 @@ from benchmarks.loadgen import poisson
 from benchmarks.plots import plot_flywheel
 from benchmarks.system import ROOT, Cloud, cloud, cloud_config, edge_config, edge_daemon
 from tandem.settings import TandemSettings
-from tandem.signing import public_path
+from tandem.signing import generate_key, public_path, trust
 from tandem.subprocesses import Server
 from tandem.v1 import edge_pb2, edge_pb2_grpc
 
@@ -106,6 +106,10 @@ class Loop:
         random.Random(cfg.seed).shuffle(self.traffic)
         self.registry = ModelRegistry(self.distill.registry_root())
         self.threshold = _default_threshold()
+        # The retrainer's key, and the edge's keyring trusting it (what `tandem keys new|trust` do).
+        generate_key(self.distill.signing_key_path())
+        self.keyring = work / "edge" / "keyring.json"
+        trust(self.keyring, public_path(self.distill.signing_key_path()))
 
     def cold_start(self) -> dict[str, Any]:
         """Round 0: a student from the labelled seed alone, promoted as the first version."""
@@ -122,10 +126,10 @@ class Loop:
         """An edge serving the promoted student, recording feedback and pulling updates."""
         promoted = self.registry.path(self.task.name, self.registry.promoted(self.task.name))
         return edge_config(
-            self.task.name, promoted, c.target,
+            self.task.name, promoted, c, "learner",
             feedback={"outbox": str(self.work / "edge" / "outbox.sqlite3"), "audit_rate": self.cfg.audit_rate},
             updater={"enabled": True, "poll_interval_s": 5.0, "models_dir": str(self.work / "edge" / "models"),
-                     "public_key": str(public_path(self.distill.signing_key_path()))},
+                     "keyring": str(self.keyring)},
         )
 
     async def round(self, r: int, daemon: Server, chunk: list[Any]) -> dict[str, Any]:
@@ -152,7 +156,7 @@ class Loop:
         """The promoted student (the one edges serve after this round) on the test split."""
         from edge.student import Student
 
-        student = Student(self.registry.path(self.task.name, self.registry.promoted(self.task.name)))
+        student = Student.load(self.registry.path(self.task.name, self.registry.promoted(self.task.name)))
         probs = student.predict([e.text for e in self.test])
         labels = np.array([student.labels.index(e.label) for e in self.test])
         confidence, student_ok = probs.max(-1), probs.argmax(-1) == labels

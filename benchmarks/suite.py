@@ -70,10 +70,9 @@ class SuiteConfig(TandemSettings):
 
 def run_suite(cfg: SuiteConfig, out_root: Path) -> Path:
     """Runs everything; returns the results folder."""
-    from cloud.prepare import ensure_trained
-    from cloud.training.config import TrainConfig
+    from cloud.prepare import ensure_trained, local_train_config
 
-    train_cfg = load_config(TrainConfig, cfg.train_config)
+    train_cfg = local_train_config(cfg.train_config)
     teacher = ensure_trained(train_cfg, "teacher")
     ensure_trained(train_cfg, "student")
     out = out_root / f"bench-{datetime.datetime.now():%Y%m%d-%H%M%S}"
@@ -110,7 +109,7 @@ async def _measure(cfg: SuiteConfig, train_cfg: Any) -> dict[str, Any]:
 
 
 def _edge(task: str, student: Path, c: Cloud, work: Path, name: str, policy: dict[str, Any]) -> dict[str, Any]:
-    return edge_config(task, student, c.target, policy=policy, feedback={"outbox": str(work / f"outbox-{name}.sqlite3")})
+    return edge_config(task, student, c, name, policy=policy, feedback={"outbox": str(work / f"outbox-{name}.sqlite3")})
 
 
 def _sequence(examples: Sequence[Example], count: int, seed: int) -> list[Example]:

@@ -1,6 +1,7 @@
 """The system's parts as real processes, for the demo and the benchmarks: the cloud
-(`tandem cloud serve`) and edge daemons (`tandem edge serve`), each from the shipped
-config with a few fields changed."""
+(`tandem cloud serve`, behind its mTLS proxy) and edge daemons (`tandem edge serve`, each
+enrolled with a device certificate of the cloud's fleet CA), each from the shipped config
+with a few fields changed."""
 
 import contextlib
 import logging
@@ -12,6 +13,9 @@ from typing import Any
 
 import yaml
 
+from cloud import pki
+from cloud.audit.log import audit_uri
+from cloud.config import CloudConfig
 from tandem.subprocesses import Server, announced_server, free_port
 
 log = logging.getLogger(__name__)
@@ -23,10 +27,22 @@ ROOT = Path(__file__).resolve().parents[1]
 class Cloud:
     server: Server
     metrics_url: str
+    ca_dir: Path | None  # the fleet CA in front of the cloud; None for an insecure cloud
+    proxy_prefix: Path | None  # the TLS proxy's folder (its logs/access.log); None for an insecure cloud
+    audit_uri: str
 
     @property
     def target(self) -> str:
+        """The edges' target: the TLS proxy's port (Serve's own for an insecure cloud)."""
         return f"127.0.0.1:{self.server.port}"
+
+    def link(self, device_id: str) -> dict[str, Any]:
+        """The `cloud` section of an edge config for `device_id`, enrolled with the fleet CA."""
+        if self.ca_dir is None:
+            return {"target": self.target, "insecure": True}
+        device = pki.enroll(self.ca_dir, device_id, audit_uri=self.audit_uri)
+        return {"target": self.target, "tls": {"ca": str(device / "ca.crt"), "cert": str(device / "device.crt"),
+                                               "key": str(device / "device.key")}}
 
 
 def cloud_config(experts: set[str] | None = None, **fields: Any) -> dict[str, Any]:
@@ -38,29 +54,41 @@ def cloud_config(experts: set[str] | None = None, **fields: Any) -> dict[str, An
         cfg["tasks"] = {name: t for name, t in cfg["tasks"].items() if t["expert"] in experts}
         cfg["experts"] = [e for e in cfg["experts"] if e["name"] in experts]
     cfg.update(grpc_port=free_port(), http_port=free_port(), ray_metrics_port=free_port(), log_level="WARNING",
-               access_log=False)
+               access_log=False, proxy={"port": free_port()})
     cfg.update(fields)
     return cfg
 
 
 @contextlib.contextmanager
 def cloud(cfg: dict[str, Any]) -> Iterator[Cloud]:
-    """`tandem cloud serve` with `cfg` until the block ends (SIGTERM)."""
-    log.info("starting the cloud (Ray Serve + vLLM; it takes a minute or two)")
-    with _config_file(cfg) as path, announced_server(
-        ["-m", "tandem_cli", "cloud", "serve", "--config", str(path)], timeout_s=900, stop_timeout_s=120
-    ) as server:
-        yield Cloud(server, f"http://127.0.0.1:{cfg['ray_metrics_port']}/metrics")
+    """`tandem cloud serve` with `cfg` until the block ends (SIGTERM). Unless `cfg` says
+    `insecure`, behind its TLS proxy, with a fleet CA of its own (`tandem ca init`) in a
+    scratch folder that the block's edges enrol with (`Cloud.link`)."""
+    log.info("starting the cloud (Ray Serve + vLLM behind the mTLS proxy; it takes a minute or two)")
+    with tempfile.TemporaryDirectory(prefix="tandem-ca-") as tmp:
+        secure = not cfg.get("insecure")
+        ca_dir, prefix = (Path(tmp) / "ca", Path(tmp) / "proxy") if secure else (None, None)
+        if secure:
+            pki.init_ca(ca_dir)
+            cfg = {**cfg, "proxy": {**cfg.get("proxy", {}), "ca_dir": str(ca_dir), "prefix": str(prefix)}}
+        audit = audit_uri(cfg.get("feedback_uri") or CloudConfig.model_validate({}).feedback_uri)
+        with _config_file(cfg) as path, announced_server(
+            ["-m", "tandem_cli", "cloud", "serve", "--config", str(path)], timeout_s=900, stop_timeout_s=120
+        ) as server:
+            yield Cloud(server, f"http://127.0.0.1:{cfg['ray_metrics_port']}/metrics", ca_dir, prefix, audit)
 
 
-def edge_config(task: str, student: Path, cloud_target: str | None, **fields: Any) -> dict[str, Any]:
-    """edge/edge.yaml serving `student` for `task` on a free port, metrics off, escalating to
-    `cloud_target` (None: edge only), with top-level `fields` merged in (dicts one level deep)."""
+def edge_config(task: str, student: Path, c: Cloud | None, device_id: str = "edge-1", **fields: Any) -> dict[str, Any]:
+    """edge/edge.yaml serving `student` for `task` on a free port, metrics off, as `device_id`
+    escalating to `c` (None: edge only), with top-level `fields` merged in (dicts one level deep)."""
     cfg = yaml.safe_load((ROOT / "edge" / "edge.yaml").read_text())
-    cfg.update(listen="127.0.0.1:0", metrics_port=None, tasks={task: str(student)})
-    cfg["cloud"]["target"] = cloud_target
-    if cloud_target is None:
+    cfg.update(listen="127.0.0.1:0", metrics_port=None, tasks={task: str(student)}, device_id=device_id)
+    if c is None:
+        cfg["cloud"] = {"target": None}
         cfg["policy"] = {"mode": "edge_only"}
+    else:
+        shipped = {k: v for k, v in cfg["cloud"].items() if k not in ("tls", "insecure")}
+        cfg["cloud"] = {**shipped, **c.link(device_id)}
     for key, value in fields.items():
         cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
     return cfg

@@ -59,21 +59,22 @@ class _Trace:
 async def _trace(trace: _Trace, scratch: Path) -> dict[str, Any]:
     cloud_cfg = load_config(CloudConfig, ROOT / "cloud" / "cloud.yaml")
     # The expert's batched feedback sends stay out of the traced window.
-    cloud_cfg = cloud_cfg.model_copy(update={"feedback_flush_s": 3600.0, "feedback_flush_records": 1000})
+    # Insecure: the trace is of the escalation's own path; the TLS proxy (nginx) runs no Python.
+    cloud_cfg = cloud_cfg.model_copy(update={"feedback_flush_s": 3600.0, "feedback_flush_records": 1000, "insecure": True})
     expert_cfg = next(e for e in cloud_cfg.experts if e.name == EXPERT)
     os.environ.update(expert_cfg.env)  # what Serve gives the replica (vLLM reads it)
     expert = Expert.func_or_class(*expert_args(cloud_cfg, expert_cfg))
     server = grpc.aio.server()
     expert_pb2_grpc.add_ExpertServicer_to_server(expert, server)
     fleet = FleetServicer(FeedbackStore(str(scratch / "feedback")), ModelRegistry(scratch / "registry"),
-                          routes=cloud_cfg.routes())
+                          routes=cloud_cfg.routes(), insecure=True)
     fleet_pb2_grpc.add_FleetServicer_to_server(fleet, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     student = envs.TANDEM_CACHE_DIR / "models" / "banking77" / "student"
     daemon = EdgeDaemon(EdgeConfig(
         listen="127.0.0.1:0", metrics_port=None, tasks={"banking77": student}, policy={"mode": "cloud_only"},
-        cloud={"target": f"127.0.0.1:{port}"}, feedback={"outbox": None}, updater={"enabled": False},
+        cloud={"target": f"127.0.0.1:{port}", "insecure": True}, feedback={"outbox": None}, updater={"enabled": False},
     ))
     edge_port = await daemon.start()
     try:

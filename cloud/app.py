@@ -19,7 +19,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,25 +29,30 @@ from ray.serve.grpc_util import RayServegRPCContext
 from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Histogram
 
+from cloud.audit.log import AuditLog, audit_uri
 from cloud.config import CloudConfig, ExpertConfig, FleetOptions
 from cloud.errors import (EscalationError, ExpertTimeout, ExpertUnavailable, FleetError, InvalidAnswer,
-                          InvalidEscalation)
+                          InvalidEscalation, NotAuthenticated, UnauthenticatedEscalation)
 from cloud.experts.protocol import Runner
 from cloud.feedback.recorder import EscalationRecorder, escalation_record
+from cloud.feedback.records import check_edge
 from cloud.feedback.store import FeedbackStore
+from cloud.identity import Unauthenticated, caller_device
+from cloud.ingress import drop_deliberate_statuses
 from cloud.registry.models import ModelRegistry
 from cloud.registry.service import FleetMetrics, FleetServicer
-from tandem.contract import (CALLER_TIMEOUT_METADATA, FLEET_APPLICATION, FieldError, check_device_id, check_request_id,
+from tandem.contract import (CALLER_TIMEOUT_METADATA, FLEET_APPLICATION, REQUEST_ID_MAX_CHARS, FieldError, check_request_id,
                              check_text)
 from tandem.settings import load_config
 from tandem.v1 import common_pb2, expert_pb2, fleet_pb2
+from tandem.wire import Undecodable, parsed
 
 log = logging.getLogger(__name__)
 
 LATENCY_BOUNDARIES = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 FLEET_DEPLOYMENT = "Fleet"
-# The task label of metrics for escalations of a task this expert does not answer: the wire
-# value would let any client add label values. Not a valid task name, so it collides with none.
+# The task label of metrics for a task the cloud does not have (or this expert does not answer):
+# the wire value would let any client add label values. Not a valid task name, so it collides with none.
 UNKNOWN_TASK = "(unknown)"
 
 
@@ -67,14 +72,19 @@ class Expert:
     vLLM batches them continuously. Method names are the RPC names."""
 
     def __init__(self, cfg: dict[str, Any], tasks: dict[str, list[str]], timeout_s: float,
-                 recorder: dict[str, Any]) -> None:
-        """`recorder`: EscalationRecorder options (batch_size, interval_s, retries)."""
+                 recorder: dict[str, Any], insecure: bool) -> None:
+        """`recorder`: EscalationRecorder options (batch_size, interval_s, retries). `insecure`
+        (development only): the caller is the device its request names."""
         from cloud.experts.engine import build_engine
 
         log_to_serve()
         self._cfg = ExpertConfig.model_validate(cfg)
         self._tasks = tasks  # task -> labels
         self._timeout_s = timeout_s
+        self._insecure = insecure
+        if insecure:
+            log.warning("expert %s: insecure, development only: device ids are whatever requests claim, unverified",
+                        self._cfg.name)
         self._fleet: DeploymentHandle | None = None
         self._recorder = EscalationRecorder(self._send_feedback, **recorder)
         self._engine = build_engine(self._cfg)
@@ -101,39 +111,53 @@ class Expert:
                 raise ValueError(f"expert {self._cfg.name}: checkpoint labels differ from task {task}'s label set")
         return ClassifyRunner(engine, model_labels)
 
-    async def Escalate(self, request: expert_pb2.EscalateRequest, grpc_context: RayServegRPCContext) -> expert_pb2.EscalateResponse:
+    async def Escalate(self, body: expert_pb2.EscalateRequest | Undecodable,
+                       grpc_context: RayServegRPCContext) -> expert_pb2.EscalateResponse:
         received = time.monotonic()
-        tags = {"task": request.task if request.task in self._tasks else UNKNOWN_TASK, "expert": self._cfg.name}
+        tags = {"task": UNKNOWN_TASK, "expert": self._cfg.name}
+        request = expert_pb2.EscalateRequest()  # until the body parses
         try:
-            labels = self._validate(request)
+            request = _parsed(body)
+            tags["task"] = request.task if request.task in self._tasks else UNKNOWN_TASK
+            labels = self._validate(request, grpc_context.invocation_metadata())
             budget_s = caller_budget_s(grpc_context.invocation_metadata(), self._timeout_s)
             response = await self._escalate(request, labels, budget_s)
             if time.monotonic() - received > budget_s:
                 # The caller has answered without this: recording it would store the request twice.
                 raise ExpertTimeout(f"expert {self._cfg.name} answered after the caller's deadline; not recorded")
         except EscalationError as exc:
-            # Tracebacks for server-side failures; a bad request is not worth one.
-            log.warning("escalation %r task=%r failed: %s %s", request.request_id, request.task, exc.code.name, exc,
-                        exc_info=not isinstance(exc, InvalidEscalation))
+            # A refused request is the caller's business (counted, and logged at INFO, so that a
+            # misbehaving client cannot fill the log); a server-side failure gets a traceback.
+            refused = isinstance(exc, (InvalidEscalation, NotAuthenticated))
+            log.log(logging.INFO if refused else logging.WARNING, "escalation %r task=%r failed: %s %s",
+                    request.request_id[:128], request.task[:128], exc.code.name, exc, exc_info=not refused)
             self._escalations.inc(tags={**tags, "code": exc.code.name})
             grpc_context.set_code(exc.code)
             grpc_context.set_details(str(exc))
-            return expert_pb2.EscalateResponse(request_id=request.request_id)
+            return expert_pb2.EscalateResponse(request_id=request.request_id[:REQUEST_ID_MAX_CHARS])
         self._escalations.inc(tags={**tags, "code": "OK"})
         log.debug("escalation %s task=%s label=%s %.1f ms", request.request_id, request.task, response.label, response.expert_ms)
         self._recorder.add(escalation_record(request, response, int(time.time() * 1000)))
         return response
 
-    def _validate(self, request: expert_pb2.EscalateRequest) -> list[str]:
-        """The labels of the request's task, once its fields are checked (the cloud's only
-        check of them); gives the request an id if it came without one."""
+    def _validate(self, request: expert_pb2.EscalateRequest, metadata: Sequence[tuple[str, str]]) -> list[str]:
+        """The labels of the request's task, once its caller is identified and its fields are
+        checked (the cloud's only check of them); sets its device id to the caller's, and gives
+        it an id if it came without one."""
+        try:
+            request.device_id = caller_device(metadata, request.device_id, self._insecure)
+        except Unauthenticated as exc:
+            raise UnauthenticatedEscalation(str(exc)) from None
+        except FieldError as exc:  # insecure: the id the request claims
+            raise InvalidEscalation.of(exc) from None
         labels = self._tasks.get(request.task)
         if labels is None:
-            raise InvalidEscalation("task", f"unknown task {request.task!r}; expert {self._cfg.name} answers {sorted(self._tasks)}")
+            raise InvalidEscalation("task", f"unknown task {request.task[:128]!r}; expert {self._cfg.name} answers "
+                                            f"{sorted(self._tasks)}")
         try:
             check_text("text", request.text)
             check_request_id("request_id", request.request_id)
-            check_device_id("device_id", request.device_id)
+            check_edge("edge", request.edge, request.task, labels)
         except FieldError as exc:
             raise InvalidEscalation.of(exc) from None
         if not request.request_id:
@@ -194,21 +218,25 @@ class Expert:
         await asyncio.wait_for(probe, timeout=self._cfg.deployment.health_check_timeout_s)
 
 
-# One replica, no CPU reserved: it is I/O-bound and must not take an expert's CPU. One
-# replica is the feedback store's one writer (see FeedbackStore): with more, a record that
-# reaches two replicas at once may be stored twice, which FeedbackStore.read hides.
-@serve.deployment(name=FLEET_DEPLOYMENT, num_replicas=1, ray_actor_options={"num_cpus": 0})
+# One replica: the feedback store's one writer (see FeedbackStore), the audit log's, and the
+# one count of each device's quota. With more, a record that reaches two replicas at once may
+# be stored twice, which FeedbackStore.read hides.
+@serve.deployment(name=FLEET_DEPLOYMENT, num_replicas=1)
 class Fleet(FleetServicer):
     """`tandem.v1.Fleet` behind Serve's gRPC proxy, and the escalations the experts record
     (`store_feedback`, through a DeploymentHandle)."""
 
     def __init__(self, feedback_uri: str, registry_dir: str, tasks: dict[str, list[str]], routes: dict[str, str],
-                 max_batch: int, request_timeout_s: float) -> None:
+                 max_batch: int, fleet: dict[str, Any], insecure: bool) -> None:
+        """`fleet`: FleetOptions."""
         log_to_serve()
-        metrics = ServeFleetMetrics()
+        logging.getLogger("ray.serve").addFilter(drop_deliberate_statuses)
+        options = FleetOptions.model_validate(fleet)
+        metrics = ServeFleetMetrics(tasks)
         store = FeedbackStore(feedback_uri, on_quarantine=metrics.quarantined)
         super().__init__(store, ModelRegistry(Path(registry_dir)), tasks, routes, metrics, max_batch,
-                         request_timeout_s=request_timeout_s)
+                         request_timeout_s=options.request_timeout_s, insecure=insecure,
+                         device_quota_per_day=options.device_quota_per_day, audit=AuditLog(audit_uri(feedback_uri)))
 
     async def FetchModel(self, request: fleet_pb2.FetchModelRequest,
                          grpc_context: RayServegRPCContext) -> AsyncIterator[fleet_pb2.ModelChunk]:
@@ -217,17 +245,25 @@ class Fleet(FleetServicer):
         if grpc_context.code():
             # Serve carries a stream's context to the client only with a message; an exception
             # carries the status the servicer set.
-            raise FleetError(grpc_context.details())
+            raise StreamRefusal(grpc_context.details())
 
     async def store_feedback(self, request: fleet_pb2.ReportFeedbackRequest) -> None:
-        """The experts' escalation records: built from escalations the expert checked."""
+        """The experts' escalation records, built from escalations the expert checked, with the
+        verified device: the internal path, which no gRPC client reaches (Serve's proxy routes
+        only the methods of tandem.v1's services)."""
         await self.store(request.records)
 
 
-class ServeFleetMetrics(FleetMetrics):
-    """Exported on Ray's metrics port, prefixed "ray_"."""
+class StreamRefusal(FleetError):
+    """Carries a refused stream's status out of the replica; the servicer has logged why."""
 
-    def __init__(self) -> None:
+
+class ServeFleetMetrics(FleetMetrics):
+    """Exported on Ray's metrics port, prefixed "ray_". A task the cloud does not have counts
+    as UNKNOWN_TASK."""
+
+    def __init__(self, tasks: Collection[str]) -> None:
+        self._tasks = frozenset(tasks)
         self._requests = Counter("tandem_fleet_requests", "Fleet RPCs by method and gRPC status.",
                                  tag_keys=("method", "code"))
         self._records = Counter("tandem_feedback_records", "Feedback records by task, kind and outcome (stored, duplicate).",
@@ -240,10 +276,13 @@ class ServeFleetMetrics(FleetMetrics):
         self._requests.inc(tags={"method": method, "code": code.name})
 
     def feedback(self, task: str, kind: str, outcome: str, count: int) -> None:
-        self._records.inc(count, tags={"task": task, "kind": kind, "outcome": outcome})
+        self._records.inc(count, tags={"task": self._task(task), "kind": kind, "outcome": outcome})
 
     def quarantined(self, task: str, path: str) -> None:
-        self._quarantined.inc(tags={"task": task})  # the path is in the store's log line
+        self._quarantined.inc(tags={"task": self._task(task)})  # the path is in the store's log line
+
+    def _task(self, task: str) -> str:
+        return task if task in self._tasks else UNKNOWN_TASK
 
 
 def fleet_app(args: dict[str, str]) -> serve.Application:
@@ -251,14 +290,21 @@ def fleet_app(args: dict[str, str]) -> serve.Application:
     args.config is the cloud YAML."""
     cfg = load_config(CloudConfig, Path(args["config"]))
     return Fleet.options(**fleet_options(cfg.fleet)).bind(cfg.feedback_uri, str(cfg.registry_dir), _labels(cfg), cfg.routes(),
-                                                          cfg.feedback_max_batch, cfg.fleet.request_timeout_s)
+                                                          cfg.feedback_max_batch, cfg.fleet.model_dump(mode="json"),
+                                                          cfg.insecure)
 
 
 def fleet_options(fleet: FleetOptions) -> dict[str, Any]:
     """The Serve options of the fleet deployment: bounded, like the experts', so that a
     burst of slow calls is refused (RESOURCE_EXHAUSTED, retried by edges) instead of queueing
     without end behind a few slots."""
-    return {"max_ongoing_requests": fleet.max_ongoing_requests, "max_queued_requests": fleet.max_queued_requests}
+    return {
+        "max_ongoing_requests": fleet.max_ongoing_requests,
+        "max_queued_requests": fleet.max_queued_requests,
+        # No CPU reserved: the replica is I/O-bound and must not take an expert's CPU. Custom
+        # resources pin it to the nodes that hold the store's credentials.
+        "ray_actor_options": {"num_cpus": 0, "resources": fleet.ray_resources},
+    }
 
 
 def expert_app(args: dict[str, str]) -> serve.Application:
@@ -271,7 +317,7 @@ def expert_app(args: dict[str, str]) -> serve.Application:
     return Expert.options(**_deployment_options(expert)).bind(*expert_args(cfg, expert))
 
 
-def expert_args(cfg: CloudConfig, expert: ExpertConfig) -> tuple[dict[str, Any], dict[str, list[str]], float, dict[str, Any]]:
+def expert_args(cfg: CloudConfig, expert: ExpertConfig) -> tuple[dict[str, Any], dict[str, list[str]], float, dict[str, Any], bool]:
     """What `Expert.__init__` takes for `expert` of `cfg`."""
     labels = _labels(cfg)
     recorder = {"batch_size": cfg.feedback_flush_records, "interval_s": cfg.feedback_flush_s, "retries": cfg.feedback_retries}
@@ -280,7 +326,16 @@ def expert_args(cfg: CloudConfig, expert: ExpertConfig) -> tuple[dict[str, Any],
         {task: labels[task] for task, t in cfg.tasks.items() if t.expert == expert.name},
         cfg.expert_timeout_s,
         recorder,
+        cfg.insecure,
     )
+
+
+def _parsed(body: expert_pb2.EscalateRequest | Undecodable) -> expert_pb2.EscalateRequest:
+    """The request, or InvalidEscalation naming its type if its body did not parse (`tandem.wire`)."""
+    try:
+        return parsed(body)
+    except FieldError as exc:
+        raise InvalidEscalation.of(exc) from None
 
 
 def caller_budget_s(metadata: Sequence[tuple[str, str]], limit_s: float) -> float:
@@ -311,7 +366,8 @@ def _deployment_options(expert: ExpertConfig) -> dict[str, Any]:
         "max_queued_requests": d.max_queued_requests,
         "health_check_period_s": d.health_check_period_s,
         "health_check_timeout_s": d.health_check_timeout_s,
-        "ray_actor_options": {"num_cpus": d.num_cpus, "num_gpus": d.num_gpus, "runtime_env": {"env_vars": expert.env}},
+        "ray_actor_options": {"num_cpus": d.num_cpus, "num_gpus": d.num_gpus, "resources": d.ray_resources,
+                              "runtime_env": {"env_vars": expert.env}},
     }
     if d.autoscaling_config is not None:
         options["autoscaling_config"] = d.autoscaling_config

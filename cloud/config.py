@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from cloud.proxy import ProxyOptions
 from tandem import envs
 from tandem.contract import FLEET_APPLICATION, NAME, check_name
 from tandem.settings import Section, TandemSettings
@@ -32,6 +33,10 @@ class DeploymentOptions(Section):
     )
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
+    ray_resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources each replica needs, to pin it to the nodes that "
+        "offer them (in k8s, a worker group for the experts, which holds no store credentials or signing key).",
+    )
     health_check_period_s: float = Field(10.0, gt=0)
     health_check_timeout_s: float = Field(30.0, gt=0)
 
@@ -60,6 +65,14 @@ class FleetOptions(Section):
     request_timeout_s: float = Field(
         30.0, gt=0, description="Longest one step of a Fleet RPC's work may take (storing a feedback batch, reading "
         "a manifest or a model chunk); past it the RPC fails with DEADLINE_EXCEEDED and frees its slot.",
+    )
+    device_quota_per_day: int = Field(
+        20_000, ge=1, description="Feedback records one device may store per UTC day; a batch that would pass it is "
+        "refused with RESOURCE_EXHAUSTED. Counted from the store's records of the day at start, so a restart resets nothing.",
+    )
+    ray_resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources the replica needs, to pin it to the nodes that offer "
+        "them: in k8s, the one worker group that holds the feedback store's credentials.",
     )
 
 
@@ -138,6 +151,12 @@ class CloudConfig(TandemSettings):
         "neither returned nor recorded.",
     )
     fleet: FleetOptions = Field(default_factory=FleetOptions, description="The fleet application's deployment.")
+    insecure: bool = Field(
+        False, description="Development only: no TLS proxy in front of Serve, and the device id is whatever a "
+        "message claims (logged as a warning). Otherwise every call must come through the proxy with a verified "
+        "device certificate.",
+    )
+    proxy: ProxyOptions = Field(default_factory=ProxyOptions, description="The TLS proxy that edges connect to.")
 
     registry_dir: Path = Field(
         default_factory=lambda: envs.TANDEM_CACHE_DIR / "registry",

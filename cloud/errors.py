@@ -1,14 +1,20 @@
 """Every error the cloud turns into a gRPC status, in one tree.
 
     CloudError
-    ├── InvalidInput             (base of the two INVALID_ARGUMENT errors below; a contract.FieldError)
+    ├── InvalidInput             (base of the INVALID_ARGUMENT errors below; a contract.FieldError)
+    ├── NotAuthenticated         (base of the UNAUTHENTICATED errors below: no verified device identity)
     ├── EscalationError
     │   ├── InvalidEscalation    bad request          → INVALID_ARGUMENT
+    │   ├── UnauthenticatedEscalation  not through the proxy, or no device certificate → UNAUTHENTICATED
     │   ├── ExpertTimeout        expert too slow, or the caller's deadline passed → DEADLINE_EXCEEDED
     │   ├── ExpertUnavailable    engine or replica down → UNAVAILABLE (edges retry: another replica may answer)
     │   └── InvalidAnswer        no whole label in the answer → INTERNAL (not retried: it would recur)
     └── FleetError
         ├── InvalidFeedback      bad feedback record or batch → INVALID_ARGUMENT
+        ├── InvalidRequest       bad field of another Fleet request → INVALID_ARGUMENT
+        ├── UnauthenticatedFleetCall  not through the proxy, or no device certificate → UNAUTHENTICATED
+        ├── PermissionDenied     a device writing as another device, or a record kind only experts send → PERMISSION_DENIED
+        ├── QuotaExceeded        a device's records today would pass fleet.device_quota_per_day → RESOURCE_EXHAUSTED
         ├── NotFound             unknown task, no promoted or no such version → NOT_FOUND
         ├── FleetTimeout         a step of the RPC's work outlasted fleet.request_timeout_s → DEADLINE_EXCEEDED (edges retry later)
         └── StoreUnavailable     the feedback store or the model registry failed to read or write → UNAVAILABLE (edges retry later)
@@ -40,11 +46,21 @@ class InvalidInput(FieldError, CloudError):
         return cls(error.field, str(error).removeprefix(f"{error.field}: "))
 
 
+class NotAuthenticated(CloudError):
+    """The caller has no verified device identity (`cloud.identity.caller_device` refused it)."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
 class EscalationError(CloudError):
     pass
 
 
 class InvalidEscalation(InvalidInput, EscalationError):
+    pass
+
+
+class UnauthenticatedEscalation(NotAuthenticated, EscalationError):
     pass
 
 
@@ -66,6 +82,28 @@ class FleetError(CloudError):
 
 class InvalidFeedback(InvalidInput, FleetError):
     pass
+
+
+class InvalidRequest(InvalidInput, FleetError):
+    pass
+
+
+class UnauthenticatedFleetCall(NotAuthenticated, FleetError):
+    pass
+
+
+class PermissionDenied(FleetError):
+    """An authenticated device asked for what its identity does not allow; `field` names what."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+
+
+class QuotaExceeded(FleetError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 class NotFound(FleetError):

@@ -16,6 +16,7 @@ from cloud.training.config import TrainConfig
 from tandem import envs
 from tandem.contract import MANIFEST_FILE, Manifest
 from tandem.fsio import atomic_dir
+from tandem.settings import load_config
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,12 @@ def prepare_smollm2(out: Path) -> Path:
         model.save_pretrained(scratch)
         AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(scratch)
     return out
+
+
+def local_train_config(path: Path | None) -> TrainConfig:
+    """The TrainConfig of a run on this one machine (`tandem demo`, the benchmarks): a
+    development setting, in which the key that signs the student is made if it is missing."""
+    return load_config(TrainConfig, path).model_copy(update={"dev_keys": True})
 
 
 def ensure_trained(cfg: TrainConfig, kind: str) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import ctypes
 import importlib
 import logging
 import os
+import secrets
 import signal
 import threading
 from collections.abc import Iterator
@@ -18,8 +19,10 @@ import ray
 from ray import serve
 from ray.serve.config import gRPCOptions, HTTPOptions
 
+from cloud import proxy
 from cloud.config import CloudConfig
 from cloud.topology import serve_config
+from tandem.contract import MESSAGE_MAX_BYTES
 from tandem.settings import load_config
 
 log = logging.getLogger(__name__)
@@ -37,18 +40,27 @@ def serve_forever(config: Path) -> None:
         # not interrupt Ray's code mid-call.
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
-        # One parseable line: scripts and tests wait for it before sending traffic.
-        print(f"tandem cloud listening on port {cfg.grpc_port}", flush=True)
+        # One parseable line: scripts and tests wait for it before sending traffic. The edges'
+        # port: the TLS proxy's, or Serve's own for an insecure development cloud.
+        print(f"tandem cloud listening on port {cfg.grpc_port if cfg.insecure else cfg.proxy.port}", flush=True)
         stop.wait()
 
 
 @contextlib.contextmanager
 def running_cloud(config: Path) -> Iterator[CloudConfig]:
-    """The cloud of `config` on a local Ray cluster for the block; on exit the experts stop
-    first (sending their pending escalation records to the fleet application), then Serve and
-    Ray, then every process started meanwhile that is still alive."""
+    """The cloud of `config` on a local Ray cluster for the block, behind the TLS proxy unless
+    `insecure`; on exit the proxy stops first, then the experts (sending their pending
+    escalation records to the fleet application), then Serve and Ray, then every process
+    started meanwhile that is still alive."""
     cfg = load_config(CloudConfig, config)
     topology = serve_config(cfg, str(config))
+    if not cfg.insecure:
+        proxy.check_ready(cfg.proxy)  # before the slow start of Ray and the experts
+    # Set before ray.init: the local Ray workers, and so the replicas, inherit the environment.
+    # A token the environment already holds is kept (a benchmark that also calls Serve's port
+    # directly sets one); otherwise a fresh one, which only this process and its children know.
+    token = os.environ["TANDEM_PROXY_TOKEN"] = os.environ.get("TANDEM_PROXY_TOKEN") or secrets.token_urlsafe(32)
+    os.environ["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] = str(MESSAGE_MAX_BYTES)
     # Processes orphaned by a dying parent (vLLM's engine, Ray's agents) become this process's
     # children, so that stopping finds and ends them.
     if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
@@ -65,7 +77,8 @@ def running_cloud(config: Path) -> Iterator[CloudConfig]:
         for app in topology["applications"]:  # the fleet application first: experts send it feedback
             serve.run(_build(app), name=app["name"], route_prefix=app["route_prefix"],
                       logging_config=topology["logging_config"])
-        yield cfg
+        with contextlib.nullcontext() if cfg.insecure else proxy.running_proxy(cfg.proxy, cfg.grpc_port, token):
+            yield cfg
         for expert in cfg.experts:
             serve.delete(expert.name)
     finally:

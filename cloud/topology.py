@@ -14,10 +14,7 @@ from cloud.config import CloudConfig
 from tandem.contract import FLEET_APPLICATION
 from tandem.settings import load_config
 
-SERVICERS = [
-    "tandem.v1.expert_pb2_grpc.add_ExpertServicer_to_server",
-    "tandem.v1.fleet_pb2_grpc.add_FleetServicer_to_server",
-]
+SERVICERS = ["cloud.ingress.add_expert_servicer", "cloud.ingress.add_fleet_servicer"]
 FLEET_BUILDER = "cloud.app:fleet_app"
 EXPERT_BUILDER = "cloud.app:expert_app"
 RAYSERVICE_KEY = "  serveConfigV2: |\n"

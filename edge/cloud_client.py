@@ -1,4 +1,6 @@
-"""Calls to the cloud over one channel.
+"""Calls to the cloud over one channel: one mutual-TLS connection to the cloud's proxy, kept
+open while there are calls (nginx closes one idle for its keepalive_timeout whatever the
+pings; the channel reconnects at the next call).
 
 Serve's gRPC proxy routes each call by its `application` metadata: escalations go to the
 application of the task's expert, feedback and models to the fleet application. The task →
@@ -9,18 +11,23 @@ again when a task has no route, or its application is gone (NOT_FOUND from Serve
 
 import asyncio
 import contextlib
+import datetime
 import json
 import logging
 import math
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Protocol
 
 import grpc
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 
-from edge.config import CloudLinkConfig
+from edge.config import CloudLinkConfig, TLSFiles
 from edge.errors import CloudCallError, NoRoute
-from tandem.contract import CALLER_TIMEOUT_METADATA, FLEET_APPLICATION
+from tandem.contract import CALLER_TIMEOUT_METADATA, FLEET_APPLICATION, MESSAGE_MAX_BYTES
+from tandem.settings import ConfigError
 from tandem.v1 import expert_pb2, expert_pb2_grpc, fleet_pb2, fleet_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -30,6 +37,8 @@ SERVICES = (
     fleet_pb2.DESCRIPTOR.services_by_name["Fleet"].full_name,
 )
 FLEET_METADATA = (("application", FLEET_APPLICATION),)
+# A device certificate this close to expiry is logged as an error at start.
+CERT_WARN_BEFORE = datetime.timedelta(days=14)
 
 
 class Escalator(Protocol):
@@ -60,26 +69,60 @@ def channel_options(cfg: CloudLinkConfig) -> list[tuple[str, int | str]]:
         ("grpc.service_config", json.dumps(service_config)),
         ("grpc.keepalive_time_ms", cfg.keepalive_ms),
         ("grpc.keepalive_timeout_ms", 5000),
-        # Pings on idle links are allowed by default gRPC servers only every 5 minutes
-        # (more often gets GOAWAY too_many_pings): keepalive_ms defaults to that.
+        # Pings find a dead link (a NAT that dropped it) between calls. Pings on idle links are
+        # allowed by default gRPC servers only every 5 minutes (more often gets GOAWAY
+        # too_many_pings): keepalive_ms defaults to that. nginx answers any ping, but pings do not
+        # reset its keepalive_timeout (measured, nginx 1.22): the proxy's own timeouts decide how
+        # long an idle connection lives.
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
         # While the cloud is down the channel reconnects in the background; cap its backoff
         # (default up to 120 s) so that a recovered cloud is used again within seconds.
         ("grpc.initial_reconnect_backoff_ms", 250),
         ("grpc.max_reconnect_backoff_ms", cfg.max_reconnect_backoff_ms),
+        # The proxy's and Serve's limit too: a message one side sends the other accepts.
+        ("grpc.max_receive_message_length", MESSAGE_MAX_BYTES),
+        ("grpc.max_send_message_length", MESSAGE_MAX_BYTES),
     ]
+
+
+def open_channel(cfg: CloudLinkConfig, device_id: str | None = None) -> grpc.aio.Channel:
+    """The one channel to the cloud: mutual TLS with the device's certificate, or plaintext
+    when the config says `insecure` (logged: the cloud then trusts the device id a message claims).
+    With `device_id`, the certificate must be that device's."""
+    if cfg.target is None:
+        raise ValueError("cloud.target is not set")
+    if cfg.tls is not None:
+        return grpc.aio.secure_channel(cfg.target, _credentials(cfg.tls, device_id), options=channel_options(cfg))
+    if not cfg.insecure:  # the config refuses this; a config built without validation must not fall through
+        raise ConfigError("cloud.tls is required unless cloud.insecure is true")
+    log.warning("cloud.insecure: talking to %s in plaintext, without a device certificate; development only",
+                cfg.target)
+    return grpc.aio.insecure_channel(cfg.target, options=channel_options(cfg))
+
+
+def _credentials(tls: TLSFiles, device_id: str | None) -> grpc.ChannelCredentials:
+    files = {}
+    for name in ("ca", "cert", "key"):
+        path = getattr(tls, name)
+        try:
+            files[name] = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cloud.tls.{name}: cannot read {path}: {exc}") from exc
+    _check_certificate(tls.cert, files["cert"], device_id)
+    return grpc.ssl_channel_credentials(
+        root_certificates=files["ca"], private_key=files["key"], certificate_chain=files["cert"]
+    )
 
 
 class CloudClient:
     """Every call raises CloudCallError on failure, never a raw gRPC error."""
 
-    def __init__(self, cfg: CloudLinkConfig) -> None:
-        if cfg.target is None:
-            raise ValueError("cloud.target is not set")
+    def __init__(self, cfg: CloudLinkConfig, device_id: str | None = None) -> None:
+        """`device_id`: the daemon's, which its certificate must name (None: not checked)."""
+        self._channel = open_channel(cfg, device_id)
         self._timeout_s = cfg.deadline_ms / 1000
         self._routes_refresh_s = cfg.routes_refresh_s
-        self._channel = grpc.aio.insecure_channel(cfg.target, options=channel_options(cfg))
         self._expert = expert_pb2_grpc.ExpertStub(self._channel)
         self._fleet = fleet_pb2_grpc.FleetStub(self._channel)
         self._routes: dict[str, str] = {}
@@ -124,6 +167,13 @@ class CloudClient:
                 fleet_pb2.GetManifestRequest(task=task), timeout=timeout_s, metadata=FLEET_METADATA
             )
 
+    async def ack_rollout(self, task: str, version: str, timeout_s: float) -> None:
+        """Tells the cloud that `version` of `task` now serves here."""
+        with _cloud_errors():
+            await self._fleet.AckRollout(
+                fleet_pb2.AckRolloutRequest(task=task, version=version), timeout=timeout_s, metadata=FLEET_METADATA
+            )
+
     async def fetch_model(self, task: str, version: str, timeout_s: float) -> AsyncIterator[fleet_pb2.ModelChunk]:
         """The version's chunks in order; `timeout_s` bounds the whole download."""
         request = fleet_pb2.FetchModelRequest(task=task, version=version)
@@ -166,6 +216,25 @@ class CloudClient:
         if dict(answer.applications) != self._routes:
             log.info("expert applications by task, from the cloud: %s", dict(answer.applications))
         self._routes = dict(answer.applications)
+
+
+def _check_certificate(path: Path, pem: bytes, device_id: str | None) -> None:
+    """The cloud takes the certificate's CN as the device id and refuses feedback records that
+    name another: a mismatch would send every record to the dead table, so it stops the start.
+    An expired certificate only fails calls (answered locally), so it is logged, not fatal."""
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+    except ValueError as exc:
+        raise ConfigError(f"cloud.tls.cert: {path} is not a PEM certificate: {exc}") from exc
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    common_name = str(names[0].value) if names else ""
+    if device_id is not None and common_name != device_id:
+        raise ConfigError(f"cloud.tls.cert: {path} is the certificate of {common_name!r}, not of device_id "
+                          f"{device_id!r}; enrol this device (tandem ca enroll {device_id}) or fix device_id")
+    left = cert.not_valid_after_utc - datetime.datetime.now(datetime.timezone.utc)
+    if left <= CERT_WARN_BEFORE:
+        log.error("the device certificate %s %s on %s: renew it (tandem ca enroll %s) and restart", path,
+                  "expired" if left.total_seconds() <= 0 else "expires", cert.not_valid_after_utc.date(), common_name)
 
 
 def _remaining_s(deadline: float) -> float:

@@ -57,12 +57,37 @@ class BreakerConfig(Section):
     )
 
 
+class TLSFiles(Section):
+    """The device's mutual-TLS identity: `tandem ca enroll` writes all three into one directory
+    (DIR/ca.crt, DIR/device.crt, DIR/device.key). Read when the daemon starts; a renewed
+    certificate is used from the next start."""
+
+    ca: Path = Field(description="The fleet CA certificate (PEM) the cloud's server certificate must chain to.")
+    cert: Path = Field(description="This device's certificate (PEM); its CN is the device id the cloud sees.")
+    key: Path = Field(description="This device's private key (PEM); keep it readable by the daemon only.")
+
+    @field_validator("ca", "cert", "key")
+    @classmethod
+    def _expand_home(cls, path: Path) -> Path:
+        # Read when the daemon starts (a config error naming the file if unreadable), not here:
+        # a config is also loaded where the device's files are not (CI, `tandem edge redrive`).
+        return path.expanduser()
+
+
 class CloudLinkConfig(Section):
     """Where and how to reach the cloud. Which expert application answers a task comes from
     the cloud itself (Fleet.GetRoutes), not from here."""
 
     target: str | None = Field(
-        None, description="host:port of the cloud's gRPC ingress; None answers everything locally."
+        None, description="host:port of the cloud's gRPC ingress (its TLS proxy); None answers everything locally."
+    )
+    tls: TLSFiles | None = Field(
+        None, description="The device's certificate, key and the fleet CA: required with a target, "
+        "unless `insecure`.",
+    )
+    insecure: bool = Field(
+        False, description="Plaintext to the cloud, with no device identity: development clouds "
+        "without the TLS proxy only (the cloud must run insecure too). Logged as a warning at start.",
     )
     deadline_ms: float = Field(
         2000.0, gt=0, description="Deadline of one escalation, retries (and a routes lookup) included."
@@ -80,6 +105,19 @@ class CloudLinkConfig(Section):
         "route (or the last call failed): while the cloud is down, escalations do not each ask again.",
     )
     breaker: BreakerConfig = BreakerConfig()
+
+    @model_validator(mode="after")
+    def _secure_unless_told(self) -> "CloudLinkConfig":
+        if self.target is None:
+            return self
+        if self.tls is None and not self.insecure:
+            raise ValueError(
+                f"cloud.tls (ca, cert, key: a device directory from `tandem ca enroll`) is required to reach "
+                f"{self.target}; set cloud.insecure: true only for a development cloud without TLS"
+            )
+        if self.tls is not None and self.insecure:
+            raise ValueError("cloud.tls and cloud.insecure: true exclude each other; choose one")
+        return self
 
 
 class FeedbackConfig(Section):
@@ -142,9 +180,10 @@ class UpdaterConfig(Section):
         description="Pulled versions, `<models_dir>/<task>/<version>/`; the serving and the previous "
         "one are kept. At start a verified pulled version is served before the configured artifact.",
     )
-    public_key: Path | None = Field(
-        None, description="Ed25519 public key (PEM) the registry's manifests must be signed with; "
-        "required when enabled.",
+    keyring: Path | None = Field(
+        None, description="The signing keys the edge trusts (`tandem keys trust|revoke`), read again when the "
+        "file changes: rotation needs no restart. Required when enabled; the configured artifacts must "
+        "verify against it too.",
     )
     probe_texts: list[str] = Field(
         ["hello", "I need help with my account"], min_length=1,
@@ -158,15 +197,15 @@ class UpdaterConfig(Section):
         "logged) and the old one finishes on its own: a hung model run cannot stop updates.",
     )
 
-    @field_validator("models_dir", "public_key")
+    @field_validator("models_dir", "keyring")
     @classmethod
     def _expand_home(cls, path: Path | None) -> Path | None:
         return path.expanduser() if path is not None else None
 
     @model_validator(mode="after")
     def _key_when_enabled(self) -> "UpdaterConfig":
-        if self.enabled and self.public_key is None:
-            raise ValueError("updater.public_key is required when the updater is enabled")
+        if self.enabled and self.keyring is None:
+            raise ValueError("updater.keyring is required when the updater is enabled")
         return self
 
 
@@ -189,7 +228,15 @@ class EdgeConfig(TandemSettings):
 
     model_config = SettingsConfigDict(env_prefix="TANDEM_EDGE_")
 
-    listen: str = Field("127.0.0.1:50051", description="gRPC address; loopback by default.")
+    listen: str = Field(
+        "127.0.0.1:50051", description="The local API's address: host:port (loopback by default), or "
+        "unix:///path/edge.sock, a Unix socket that only processes allowed by its file mode reach "
+        "(the DaemonSet's choice: no port on the node's network answers Infer or Correct).",
+    )
+    socket_mode: str = Field(
+        "0660", pattern=r"^0?[0-7]{3}$", description="File mode of a unix:// listen socket, octal: "
+        "owner and group may call the daemon, others may not.",
+    )
     metrics_port: int | None = Field(9464, ge=0, le=65535, description="Prometheus port; None: off.")
     metrics_host: str = Field(
         "127.0.0.1", description="Address the Prometheus port binds; 0.0.0.0 lets a scraper reach it by "
@@ -227,6 +274,13 @@ class EdgeConfig(TandemSettings):
     feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
     updater: UpdaterConfig = Field(default_factory=UpdaterConfig)
     loop_health: LoopHealthConfig = LoopHealthConfig()
+
+    @property
+    def socket_path(self) -> Path | None:
+        """The Unix socket `listen` names, or None for host:port."""
+        if not self.listen.startswith("unix:"):
+            return None
+        return Path(self.listen.removeprefix("unix:").removeprefix("//"))
 
     @field_validator("tasks")
     @classmethod

@@ -27,11 +27,13 @@ from edge.model_store import ModelStore
 from edge.outbox import Outbox
 from edge.redact import Redactor
 from edge.runtime import Serving, TaskRuntime
+from edge.server import bind, edge_server
 from edge.service import build_service
 from edge.student import SessionOptions, Student
 from edge.updater import Updater
-from tandem.signing import load_public_key
+from tandem.signing import KeyringFile, VerificationError
 from tandem.v1 import edge_pb2, edge_pb2_grpc
+from tandem.wire import lenient
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,11 @@ class EdgeDaemon:
         self.port = 0
 
     @property
+    def address(self) -> str:
+        """Where the local API answers, once started: `port <n>` or the unix:// socket."""
+        return f"port {self.port}" if self.cfg.socket_path is None else f"unix://{self.cfg.socket_path}"
+
+    @property
     def tasks(self) -> dict[str, TaskRuntime]:
         """What serves each task, once started."""
         return self._tasks
@@ -73,14 +80,20 @@ class EdgeDaemon:
 
     async def _start(self) -> int:
         cfg = self.cfg
-        load = functools.partial(Student, options=SessionOptions(cfg.intra_op_threads, cfg.allow_spinning))
+        options = SessionOptions(cfg.intra_op_threads, cfg.allow_spinning)
         store = self._model_store()
         students: dict[str, Student] = {}
         for task, configured in cfg.tasks.items():
-            pulled = await asyncio.to_thread(store.pulled_dirs, task) if store else []
+            if store is None:
+                students[task] = Student.load(configured, options)
+                continue
+            # With the updater on, the configured artifact must verify too: the updater's checks
+            # mean nothing if a swapped file on disk serves unchecked after a restart.
+            pulled = await asyncio.to_thread(store.pulled_dirs, task)
+            load = functools.partial(_verified_student, store, task, options)
             students[task] = _load_first(load, [*pulled, configured])
         if cfg.cloud.target is not None:
-            self._cloud = CloudClient(cfg.cloud)
+            self._cloud = CloudClient(cfg.cloud, cfg.device_id)
         if self._cloud is not None and cfg.feedback.outbox is not None:
             await self._start_feedback(cfg.feedback.outbox, self._cloud)
         # Batchers start last: what `stop` must release is in `self._tasks` from here on.
@@ -92,16 +105,17 @@ class EdgeDaemon:
         if self._cloud is not None and store is not None:  # the config requires a cloud for the updater
             health = self._loop_health(UPDATER)
             await health.start()
-            self.updater = Updater(cfg.updater, store, self._cloud, self._tasks, load, self.metrics, health)
+            load_verified = functools.partial(Student, options=options)
+            self.updater = Updater(cfg.updater, store, self._cloud, self._tasks, load_verified, self.metrics, health)
             self._run_in_background(self.updater.run())
-        self._server = grpc.aio.server(maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)
-        edge_pb2_grpc.add_EdgeServicer_to_server(service, self._server)
+        self._server = edge_server(cfg)
+        lenient(edge_pb2_grpc.add_EdgeServicer_to_server)(service, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        self.port = self._server.add_insecure_port(self.cfg.listen)
+        self.port = bind(self._server, cfg)
         await self._server.start()
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("edge daemon serving %s on port %d", sorted(self._tasks), self.port)
+        log.info("edge daemon serving %s on %s", sorted(self._tasks), self.address)
         return self.port
 
     async def _start_feedback(self, path: Path, cloud: CloudClient) -> None:
@@ -147,12 +161,12 @@ class EdgeDaemon:
         return LoopHealth(service, self._health, self.cfg.loop_health, self.metrics)
 
     def _model_store(self) -> ModelStore | None:
-        """Where pulled versions live, when the updater is on (the config then names a key)."""
+        """Where pulled versions live, when the updater is on (the config then names a keyring)."""
         cfg = self.cfg.updater
-        if not cfg.enabled or cfg.public_key is None:
+        if not cfg.enabled or cfg.keyring is None:
             return None
         corrupt = self.metrics.storage_faults.labels("model_state").inc
-        return ModelStore(cfg.models_dir, load_public_key(cfg.public_key), corrupt)
+        return ModelStore(cfg.models_dir, KeyringFile(cfg.keyring).current, corrupt)
 
     def _run_in_background(self, loop: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(loop)
@@ -180,6 +194,15 @@ class EdgeDaemon:
 
 def _outbox(path: Path, cfg: FeedbackConfig) -> Outbox:
     return Outbox(path, cfg.max_records, cfg.max_bytes, cfg.max_dead, cfg.journal_size_limit_bytes)
+
+
+def _verified_student(store: ModelStore, task: str, options: SessionOptions, directory: Path) -> Student:
+    """The artifact at `directory`, built from the bytes verified against the keyring."""
+    try:
+        manifest, files = store.verified(task, directory)
+    except VerificationError as exc:
+        raise ArtifactError(f"refused, it does not verify against updater.keyring: {exc}") from exc
+    return Student(manifest, files, options, str(directory))
 
 
 def _load_first(load: Callable[[Path], Student], directories: list[Path]) -> Student:
@@ -227,7 +250,7 @@ def run_daemon(cfg: EdgeConfig) -> None:
 
 async def _serve(cfg: EdgeConfig) -> None:
     daemon = EdgeDaemon(cfg)
-    port = await daemon.start()
+    await daemon.start()
     if cfg.metrics_port is not None:
         try:
             serve_metrics(cfg.metrics_port, cfg.metrics_host, daemon.registry)
@@ -235,7 +258,7 @@ async def _serve(cfg: EdgeConfig) -> None:
             await daemon.stop(grace_s=0)
             raise
     # One parseable line: scripts and tests that bind port 0 learn the real port.
-    print(f"tandem edge listening on port {port}", flush=True)
+    print(f"tandem edge listening on {daemon.address}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -4,8 +4,9 @@
     <models_dir>/<task>/.<version>.partial/  a download in progress
     <models_dir>/<task>/state.json           {"current", "previous", "failed": {version: why}}
 
-Nothing reaches `<version>/` without its signature and every file's sha256 checked, and the
-directory is checked again before it is served after a restart.
+Nothing reaches `<version>/` without the registry's signed promotion, the manifest's signature
+and every file's sha256 checked, and the directory is checked again, as it is loaded, before
+it is served after a restart.
 """
 
 import json
@@ -14,15 +15,21 @@ import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import TypeAdapter
 
 from edge.faults import set_aside
-from tandem.contract import MANIFEST_FILE, NAME, SIGNATURE_FILE
+from tandem.contract import MANIFEST_FILE, NAME, SIGNATURE_FILE, Manifest, Promotion
 from tandem.fsio import atomic_write
-from tandem.signing import VerificationError, verify_artifact, verify_manifest
+from tandem.signing import (
+    Keyring,
+    VerificationError,
+    manifest_sha256,
+    verify_artifact,
+    verify_manifest,
+    verify_promotion,
+)
+from tandem.v1 import fleet_pb2
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +47,11 @@ _TASK_STATE = TypeAdapter(TaskState)
 
 
 class ModelStore:
-    def __init__(self, root: Path, key: Ed25519PublicKey, on_corrupt: Callable[[], None]) -> None:
-        """`on_corrupt` is called for each corrupt state file, once it is set aside."""
+    def __init__(self, root: Path, keyring: Callable[[], Keyring], on_corrupt: Callable[[], None]) -> None:
+        """`keyring` gives the keys trusted now (a `KeyringFile.current`, read again when it
+        changes). `on_corrupt` is called for each corrupt state file, once it is set aside."""
         self.root = root
-        self._key = key
+        self._keyring = keyring
         self._on_corrupt = on_corrupt
 
     def state(self, task: str) -> TaskState:
@@ -62,34 +70,41 @@ class ModelStore:
 
     def pulled_dirs(self, task: str) -> list[Path]:
         """Pulled directories to try at start, best first: the current version, then the
-        previous one, each only if it still verifies. With the updater on, the registry is the
-        source of truth, so they come before the configured artifact. Clears downloads a crash
-        interrupted."""
+        previous one (each verified as it is loaded, `verified`). With the updater on, the
+        registry is the source of truth, so they come before the configured artifact. Clears
+        downloads a crash interrupted."""
         for partial in self.root.glob(f"{task}/.*.partial"):
             shutil.rmtree(partial)
         state = self.state(task)
-        usable = []
-        for version in (state.current, state.previous):
-            if version is None:
-                continue
-            try:
-                self._verified(task, version, self.root / task / version)
-            except (OSError, VerificationError) as exc:
-                log.warning("pulled %s version %s is unusable, not serving it: %s", task, version, exc)
-                continue
-            usable.append(self.root / task / version)
-        return usable
+        return [self.root / task / v for v in (state.current, state.previous) if v is not None]
 
-    def check_offer(self, task: str, version: str, manifest_json: bytes, signature: bytes) -> dict[str, Any]:
-        """The signed manifest's `files` (name → sha256, size), before anything is downloaded."""
-        if not NAME.fullmatch(version):  # it came off the wire and becomes a directory name
-            raise VerificationError(f"invalid version name {version!r}")
-        manifest = verify_manifest(manifest_json, signature, self._key)
-        _check_identity(manifest, task, version)
-        for name in manifest["files"]:
-            if Path(name).name != name or name in (".", "..", MANIFEST_FILE, SIGNATURE_FILE):
-                raise VerificationError(f"signed manifest lists an invalid file name {name!r}")
-        return manifest["files"]
+    def verified(self, task: str, directory: Path, version: str | None = None) -> tuple[Manifest, dict[str, bytes]]:
+        """The artifact's manifest and files, read once and verified against the keyring: it must
+        be a version of `task` (and `version`, where given)."""
+        manifest, files = verify_artifact(directory, self._keyring())
+        _check_identity(manifest, task, version or manifest.version)
+        return manifest, files
+
+    def check_offer(self, task: str, offer: fleet_pb2.ModelManifest, serving: Manifest) -> Manifest:
+        """The offered version's signed manifest, before anything is downloaded, if the registry's
+        signed promotion names it, and it may replace `serving`."""
+        if not NAME.fullmatch(offer.version):  # it came off the wire and becomes a directory name
+            raise VerificationError(f"invalid version name {offer.version!r}")
+        keyring = self._keyring()
+        promotion = verify_promotion(offer.promotion_json, offer.promotion_signature, keyring)
+        if (promotion.task, promotion.version) != (task, offer.version):
+            raise VerificationError(f"the signed promotion is of {promotion.task!r} version {promotion.version!r}, "
+                                    f"not the offered {task!r} version {offer.version!r}")
+        if promotion.manifest_sha256 != manifest_sha256(offer.manifest_json):
+            raise VerificationError("the offered manifest is not the one the signed promotion pins (manifest_sha256)")
+        manifest = verify_manifest(offer.manifest_json, offer.signature, keyring)
+        _check_identity(manifest, task, offer.version)
+        if manifest.sequence != promotion.sequence:
+            raise VerificationError(
+                f"manifest sequence {manifest.sequence} is not the promotion's {promotion.sequence}"
+            )
+        _check_successor(promotion, serving)
+        return manifest
 
     def staging(self, task: str, version: str, manifest_json: bytes, signature: bytes) -> Path:
         """An empty download directory holding only the signed manifest and its signature."""
@@ -100,13 +115,14 @@ class ModelStore:
         (directory / SIGNATURE_FILE).write_bytes(signature)
         return directory
 
-    def install(self, task: str, version: str, staging: Path) -> Path:
-        """Verifies a finished download and moves it to `<task>/<version>/`."""
-        self._verified(task, version, staging)
+    def install(self, task: str, version: str, staging: Path) -> tuple[Manifest, dict[str, bytes]]:
+        """Verifies a finished download, moves it to `<task>/<version>/`, and returns the verified
+        manifest and files."""
+        verified = self.verified(task, staging, version)
         final = self.root / task / version
         shutil.rmtree(final, ignore_errors=True)  # left by a crash before its promotion
         staging.rename(final)
-        return final
+        return verified
 
     def promote(self, task: str, version: str) -> None:
         """Records `version` as serving and the one it replaced as previous; deletes older ones."""
@@ -127,20 +143,29 @@ class ModelStore:
             shutil.rmtree(self.root / task / version, ignore_errors=True)
             shutil.rmtree(self.root / task / f".{version}.partial", ignore_errors=True)
 
-    def _verified(self, task: str, version: str, directory: Path) -> dict[str, Any]:
-        manifest = verify_artifact(directory, self._key)
-        _check_identity(manifest, task, version)
-        return manifest
-
     def _save(self, task: str, state: TaskState) -> None:
         """Atomic and durable: the old state or the new one survives a power cut, never a mix."""
         atomic_write(self.root / task / STATE, (json.dumps(asdict(state), indent=2) + "\n").encode())
 
 
-def _check_identity(manifest: dict[str, Any], task: str, version: str) -> None:
+def _check_identity(manifest: Manifest, task: str, version: str) -> None:
     """A validly signed manifest of another task or version must not pass for this one."""
-    if (manifest.get("task"), manifest.get("version")) != (task, version):
+    if (manifest.task, manifest.version) != (task, version):
         raise VerificationError(
-            f"signed manifest is {manifest.get('task')!r} version {manifest.get('version')!r}, "
-            f"not {task!r} version {version!r}"
+            f"signed manifest is {manifest.task!r} version {manifest.version!r}, not {task!r} version {version!r}"
+        )
+
+
+def _check_successor(promotion: Promotion, serving: Manifest) -> None:
+    """Versions only move forward, except by a signed rollback of the serving version: a replayed
+    old promotion (a downgrade to a version with known flaws) is refused."""
+    if promotion.sequence > serving.sequence:
+        return
+    if promotion.sequence == serving.sequence:
+        raise VerificationError(f"sequence {promotion.sequence} is the serving version {serving.version}'s")
+    if promotion.rollback_of != serving.version:
+        raise VerificationError(
+            f"downgrade refused: sequence {promotion.sequence} is older than the serving {serving.version}'s "
+            f"{serving.sequence}, and the promotion is not a signed rollback of it "
+            f"(rollback_of: {promotion.rollback_of})"
         )

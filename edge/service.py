@@ -1,7 +1,8 @@
 """The Edge gRPC service: validate, infer, decide, escalate or fall back; take corrections.
 
-`EdgeService._answer` is the single place where edge errors become gRPC statuses, and
-`EdgeService._validate` the one place the edge checks a request's fields.
+`EdgeService._answer` is the single place where edge errors become gRPC statuses (a body that
+does not parse included: see `tandem.wire`), and `EdgeService._validate` the one place the
+edge checks a request's fields.
 """
 
 import logging
@@ -23,6 +24,7 @@ from edge.policy import Policy
 from edge.redact import Redactor
 from edge.runtime import Serving, TaskRuntime
 from tandem import contract
+from tandem.wire import Undecodable, parsed
 from tandem.v1 import common_pb2, edge_pb2, edge_pb2_grpc, expert_pb2, fleet_pb2
 
 log = logging.getLogger(__name__)
@@ -68,10 +70,13 @@ class EdgeService(edge_pb2_grpc.EdgeServicer):
         return await self._answer(self._correct, request, context)
 
     async def _answer(
-        self, handler: Callable[[Request], Awaitable[Response]], request: Request, context: grpc.aio.ServicerContext
+        self,
+        handler: Callable[[Request], Awaitable[Response]],
+        request: Request | Undecodable,
+        context: grpc.aio.ServicerContext,
     ) -> Response:
         try:
-            return await handler(request)
+            return await handler(parsed(request))
         except contract.FieldError as exc:
             self._metrics.rejected.labels(exc.field).inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from tokenizers import Tokenizer
 from edge.errors import ArtifactError
 from tandem.contract import (
     LABELS_FILE,
+    MANIFEST_FILE,
     MODEL_FILE,
     ONNX_INPUTS,
     ONNX_OUTPUT,
@@ -30,34 +32,52 @@ class SessionOptions:
 
 
 class Student:
-    """Maps texts to calibrated label probabilities. Thread-safe for `predict`."""
+    """Maps texts to calibrated label probabilities. Thread-safe for `predict`.
 
-    def __init__(self, directory: Path, options: SessionOptions = SessionOptions()) -> None:
-        missing = [name for name in STUDENT_FILES if not (directory / name).is_file()]
+    Built from bytes in memory: with the updater on, the very bytes that were verified
+    (`tandem.signing.verify_artifact`), so nothing is read from disk again after the check.
+    """
+
+    def __init__(self, manifest: Manifest, files: Mapping[str, bytes], options: SessionOptions = SessionOptions(),
+                 source: str = "artifact") -> None:
+        """`source` names where the files came from, in errors."""
+        missing = [name for name in STUDENT_FILES if name != MANIFEST_FILE and name not in files]
         if missing:
-            raise ArtifactError(f"{directory}: missing {missing}")
-        model = (directory / MODEL_FILE).read_bytes()
+            raise ArtifactError(f"{source}: missing {missing}")
+        if manifest.temperature is None or manifest.max_length is None:
+            raise ArtifactError(f"{source}: unreadable artifact: a student manifest needs temperature and max_length")
+        model = files[MODEL_FILE]
+        if hashlib.sha256(model).hexdigest() != manifest.sha256:
+            raise ArtifactError(f"{source}: {MODEL_FILE} does not match the manifest's sha256")
         try:
-            self.manifest = Manifest.read(directory)
-            self.labels: list[str] = json.loads((directory / LABELS_FILE).read_text())
-            self._tokenizer = Tokenizer.from_file(str(directory / TOKENIZER_FILE))
-        except Exception as exc:  # json, pydantic, and tokenizers (which raises bare Exception)
-            raise ArtifactError(f"{directory}: unreadable artifact: {type(exc).__name__}: {exc}") from exc
-        if self.manifest.temperature is None or self.manifest.max_length is None:
-            raise ArtifactError(f"{directory}: unreadable artifact: a student manifest needs temperature and max_length")
-        self.version = self.manifest.version
-        self.temperature = self.manifest.temperature
-        self._tokenizer.enable_truncation(self.manifest.max_length)
-        if hashlib.sha256(model).hexdigest() != self.manifest.sha256:
-            raise ArtifactError(f"{directory}: {MODEL_FILE} does not match the manifest's sha256")
+            self.labels: list[str] = json.loads(files[LABELS_FILE])
+            self._tokenizer = Tokenizer.from_str(files[TOKENIZER_FILE].decode())
+        except Exception as exc:  # json, UTF-8, and tokenizers (which raises bare Exception)
+            raise ArtifactError(f"{source}: unreadable artifact: {type(exc).__name__}: {exc}") from exc
+        self.manifest = manifest
+        self.version = manifest.version
+        self.temperature = manifest.temperature
+        self._tokenizer.enable_truncation(manifest.max_length)
         self._tokenizer.no_padding()
         try:
             self._session = ort.InferenceSession(model, _session_options(options), providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own untyped errors for bad graphs
-            raise ArtifactError(f"{directory}: ONNX Runtime cannot load {MODEL_FILE}: {exc}") from exc
+            raise ArtifactError(f"{source}: ONNX Runtime cannot load {MODEL_FILE}: {exc}") from exc
         n_out = self._session.get_outputs()[0].shape[-1]
         if n_out != len(self.labels):
-            raise ArtifactError(f"{directory}: model has {n_out} outputs for {len(self.labels)} labels")
+            raise ArtifactError(f"{source}: model has {n_out} outputs for {len(self.labels)} labels")
+
+    @classmethod
+    def load(cls, directory: Path, options: SessionOptions = SessionOptions()) -> "Student":
+        """An unverified artifact directory (the updater off, benchmarks, tests): each file read once."""
+        try:
+            manifest = Manifest.read(directory)
+            files = {name: (directory / name).read_bytes() for name in STUDENT_FILES if name != MANIFEST_FILE}
+        except FileNotFoundError as exc:
+            raise ArtifactError(f"{directory}: missing {Path(exc.filename).name}") from exc
+        except ValueError as exc:  # pydantic's ValidationError, a manifest that is not JSON
+            raise ArtifactError(f"{directory}: unreadable artifact: {type(exc).__name__}: {exc}") from exc
+        return cls(manifest, files, options, str(directory))
 
     def predict(self, texts: list[str]) -> np.ndarray:
         """Calibrated probabilities, shape (len(texts), len(labels)).

@@ -1,13 +1,15 @@
 """The model updater: poll the registry, download, verify, warm up, swap.
 
-Per task: GetManifest names the promoted version; if it is not the one serving, its signed
-manifest is checked before anything is downloaded, FetchModel streams the files into a
-staging directory (each checked against its signed size as it arrives), the finished
-directory is verified file by file, and a new Student is loaded and probed in a worker
-thread. Only then does the task swap to it; any failure leaves the old version serving,
-and a signed version that failed to load or answer its probe is not fetched again. One that
-fails verification is refused at every poll but not remembered: after a key rotation reaches
-the device, or a corrupt transfer, it is accepted.
+Per task: GetManifest names the promoted version; if it is not the one serving, the registry's
+signed promotion and the version's signed manifest are checked before anything is downloaded
+(the promotion must pin that manifest, and the version must be newer than the serving one,
+or a signed rollback of it). FetchModel streams the files into a staging directory (each
+checked against its signed size as it arrives), the finished directory is verified file by
+file, and a new Student is built from the verified bytes and probed in a worker thread. Only
+then does the task swap to it, and tells the cloud (AckRollout); any failure leaves the old
+version serving, and a signed version that failed to load or answer its probe is not fetched
+again. One that fails verification is refused at every poll but not remembered: after a key
+rotation reaches the device, or a corrupt transfer, it is accepted.
 """
 
 import asyncio
@@ -17,7 +19,7 @@ import random
 import shutil
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import grpc
 
@@ -28,7 +30,7 @@ from edge.metrics import EdgeMetrics
 from edge.model_store import ModelStore
 from edge.runtime import TaskRuntime
 from edge.student import Student
-from tandem.contract import MANIFEST_FILE, SIGNATURE_FILE
+from tandem.contract import MANIFEST_FILE, SIGNATURE_FILE, ArtifactFile, Manifest
 from tandem.signing import VerificationError
 from tandem.v1 import fleet_pb2
 
@@ -37,7 +39,7 @@ log = logging.getLogger(__name__)
 # Poll outcomes (stable strings: metric label values); a cloud error gives its reason instead.
 UPDATED = "updated"
 UNCHANGED = "unchanged"
-REJECTED = "rejected"  # unsigned, wrongly signed, corrupt, truncated: tried again next poll
+REJECTED = "rejected"  # unsigned, untrusted key, corrupt, truncated, a downgrade: tried again next poll
 FAILED = "failed"  # verified, but did not load or answer the probe: never fetched again
 KNOWN_BAD = "known_bad"
 ERROR = "error"  # anything else (a full disk, a bug): logged with its traceback
@@ -50,6 +52,8 @@ class ModelSource(Protocol):
 
     def fetch_model(self, task: str, version: str, timeout_s: float) -> AsyncIterator[fleet_pb2.ModelChunk]: ...
 
+    async def ack_rollout(self, task: str, version: str, timeout_s: float) -> None: ...
+
 
 class Updater:
     def __init__(
@@ -58,7 +62,7 @@ class Updater:
         store: ModelStore,
         source: ModelSource,
         tasks: dict[str, TaskRuntime],
-        load: Callable[[Path], Student],
+        load: Callable[[Manifest, dict[str, bytes]], Student],
         metrics: EdgeMetrics,
         health: LoopHealth,
         chance: Callable[[], float] = random.random,
@@ -129,7 +133,7 @@ class Updater:
         if offer.version in (await asyncio.to_thread(self._store.state, task)).failed:
             return KNOWN_BAD
         try:
-            directory = await self._download(task, offer)
+            manifest, files = await self._download(task, offer, runtime.serving.student.manifest)
         except CloudCallError as exc:  # transient: the next poll tries again
             log.warning("download of %s version %s failed, %s keeps serving: %s", task, offer.version, serving, exc)
             return exc.reason
@@ -137,7 +141,7 @@ class Updater:
             log.error("%s version %s %s, %s keeps serving: %s", task, offer.version, REJECTED, serving, exc)
             return REJECTED
         try:
-            student = await asyncio.to_thread(self._load_probed, directory)
+            student = await asyncio.to_thread(self._load_probed, manifest, files)
         except ArtifactError as exc:
             return await self._refuse(task, offer.version, exc)
         if not await runtime.swap(student, self._cfg.swap_drain_timeout_s):
@@ -149,21 +153,32 @@ class Updater:
         self._metrics.model.labels(task, student.version).set(1)
         await asyncio.to_thread(self._store.promote, task, offer.version)
         log.info("%s now serves version %s (was %s)", task, student.version, serving)
+        await self._ack(task, student.version)
         return UPDATED
 
-    async def _download(self, task: str, offer: fleet_pb2.ModelManifest) -> Path:
-        """The verified version directory; the staging directory is gone either way."""
-        files = self._store.check_offer(task, offer.version, offer.manifest_json, offer.signature)
+    async def _ack(self, task: str, version: str) -> None:
+        """Tells the cloud the version serves (its audit trail records the rollout). A failure is
+        only logged: the swap is done, and the cloud's record is not worth a retry loop."""
+        try:
+            await self._source.ack_rollout(task, version, self._cfg.deadline_ms / 1000)
+        except CloudCallError as exc:
+            log.warning("cannot acknowledge the rollout of %s version %s to the cloud: %s", task, version, exc)
+
+    async def _download(
+        self, task: str, offer: fleet_pb2.ModelManifest, serving: Manifest
+    ) -> tuple[Manifest, dict[str, bytes]]:
+        """The verified version's manifest and files; the staging directory is gone either way."""
+        manifest = self._store.check_offer(task, offer, serving)
         staging = await asyncio.to_thread(
             self._store.staging, task, offer.version, offer.manifest_json, offer.signature
         )
         try:
-            await self._receive(task, offer.version, files, staging)
+            await self._receive(task, offer.version, manifest.files, staging)
             return await asyncio.to_thread(self._store.install, task, offer.version, staging)
         finally:
             await asyncio.to_thread(shutil.rmtree, staging, ignore_errors=True)
 
-    async def _receive(self, task: str, version: str, files: dict[str, Any], staging: Path) -> None:
+    async def _receive(self, task: str, version: str, files: dict[str, ArtifactFile], staging: Path) -> None:
         """Writes the streamed files, refusing any byte the signed manifest does not account for."""
         written: dict[str, int] = {}
         stream = self._source.fetch_model(task, version, self._cfg.fetch_timeout_s)
@@ -174,16 +189,16 @@ class Updater:
                 if chunk.file not in files:
                     raise VerificationError(f"registry sent {chunk.file!r}, which the signed manifest does not list")
                 at = written.get(chunk.file, 0)
-                if chunk.offset != at or at + len(chunk.data) > files[chunk.file]["size"]:
+                if chunk.offset != at or at + len(chunk.data) > files[chunk.file].size:
                     raise VerificationError(
                         f"{chunk.file}: chunk at offset {chunk.offset} (+{len(chunk.data)} bytes) does not fit "
-                        f"after {at} bytes of a {files[chunk.file]['size']}-byte file"
+                        f"after {at} bytes of a {files[chunk.file].size}-byte file"
                     )
                 await asyncio.to_thread(_append, staging / chunk.file, chunk.data)
                 written[chunk.file] = at + len(chunk.data)
 
-    def _load_probed(self, directory: Path) -> Student:
-        student = self._load(directory)
+    def _load_probed(self, manifest: Manifest, files: dict[str, bytes]) -> Student:
+        student = self._load(manifest, files)
         student.probe(self._cfg.probe_texts)
         return student
 

@@ -19,10 +19,14 @@ from tandem.v1 import fleet_pb2
 TEXT_MAX_BYTES = 2048
 REQUEST_ID_MAX_CHARS = 128
 DEVICE_ID_MAX_CHARS = 128
+# Largest gRPC message either side accepts (the proxy's, Serve's and the edge's channel limit):
+# a full feedback batch of maximal records fits, with room to spare.
+MESSAGE_MAX_BYTES = 4 << 20
 
 # Task, version and expert names become path components, partition directories, Serve
 # application names and metric label values.
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+NAME_MAX_CHARS = 128
+NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{NAME_MAX_CHARS - 1}}}")
 # Printable ASCII without spaces: record ids end up in logs and in joins across systems.
 RECORD_ID = re.compile(r"[\x21-\x7e]{1,128}")
 
@@ -90,15 +94,22 @@ def check_device_id(field: str, device_id: str) -> str:
 
 
 def check_name(field: str, name: str) -> str:
-    """`name` if it matches NAME."""
+    """`name` if it matches NAME. A long name is not echoed back: the message travels in gRPC
+    trailers, which clients cap at a few KiB."""
+    if len(name) > NAME_MAX_CHARS:
+        raise FieldError(field, f"{len(name)} characters exceed the limit of {NAME_MAX_CHARS}")
     if not NAME.fullmatch(name):
         raise FieldError(field, f"invalid name {name!r}: 1 to 128 letters, digits, '.', '_', '-', "
                                 "starting with a letter or digit")
     return name
 
 
-SafeName = Annotated[str, StringConstraints(pattern=NAME.pattern)]
-Sha256 = Annotated[str, StringConstraints(pattern=r"[0-9a-f]{64}")]
+# Anchored: pydantic searches a pattern anywhere in the string ("../x" contains a NAME).
+SafeName = Annotated[str, StringConstraints(pattern=rf"^{NAME.pattern}$")]
+Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+# A signing key's id: the first 16 hex digits of the sha256 of its raw Ed25519 public key.
+KEY_ID = re.compile(r"[0-9a-f]{16}")
+KeyId = Annotated[str, StringConstraints(pattern=rf"^{KEY_ID.pattern}$")]
 
 
 class ArtifactFile(BaseModel):
@@ -116,13 +127,19 @@ class Manifest(BaseModel):
     task: SafeName
     version: SafeName
     created_at: datetime
-    payload: str = Field(description="The model file whose sha256 is `sha256`.")
+    payload: SafeName = Field(description="The model file whose sha256 is `sha256`.")
     sha256: Sha256
     temperature: float | None = Field(None, gt=0, description="Students: divides the logits (calibration).")
     max_length: int | None = Field(None, ge=1, description="Students: tokens kept per text.")
     files: dict[SafeName, ArtifactFile] = Field(
         default_factory=dict, description="Every file of a signed artifact but the manifest and its signature."
     )
+    sequence: int = Field(
+        0, ge=0, description="The version's place in its task's registry (1, 2, ...; each publish is above every "
+        "earlier one). 0: built outside the registry (`tandem train student`, a teacher): any published version "
+        "supersedes it.",
+    )
+    key_id: KeyId | None = Field(None, description="The key that signed the artifact (its signature names it too).")
 
     @field_validator("files")
     @classmethod
@@ -134,6 +151,27 @@ class Manifest(BaseModel):
     @classmethod
     def read(cls, directory: Path) -> "Manifest":
         return cls.model_validate_json((directory / MANIFEST_FILE).read_bytes())
+
+    def to_json(self) -> bytes:
+        return (self.model_dump_json(indent=2) + "\n").encode()
+
+
+class Promotion(BaseModel):
+    """promoted.json: the registry's signed statement that edges should run `version` of `task`."""
+
+    model_config = ConfigDict(frozen=True)
+
+    task: SafeName
+    version: SafeName
+    sequence: int = Field(ge=1, description="The promoted version's manifest sequence.")
+    manifest_sha256: Sha256 = Field(description="sha256 of the promoted version's exact manifest.json bytes.")
+    previous: SafeName | None = Field(None, description="The version promoted before, if another one.")
+    rollback_of: SafeName | None = Field(
+        None, description="Set when an operator rolls back: the promoted version this one replaces, although "
+        "it is older. Edges take an older version only as a signed rollback of the one they serve.",
+    )
+    promoted_at: datetime
+    key_id: KeyId
 
     def to_json(self) -> bytes:
         return (self.model_dump_json(indent=2) + "\n").encode()

@@ -18,6 +18,10 @@ environment_variables: dict[str, Callable[[], Any]] = {
     "TANDEM_DATA_DIR": lambda: Path(
         os.getenv("TANDEM_DATA_DIR", "../shared/datasets")
     ).expanduser(),
+    # Shared by the TLS proxy and the cloud's deployments: the proxy sends it with every call it
+    # forwards, so a deployment can tell proxied calls (with a verified device identity) from
+    # calls that reached Serve's port directly. A secret: never in a config file.
+    "TANDEM_PROXY_TOKEN": lambda: os.getenv("TANDEM_PROXY_TOKEN", ""),
 }
 
 

@@ -8,8 +8,12 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tandem.settings import ConfigError
+
+if TYPE_CHECKING:
+    from cloud.config import CloudConfig
 
 # Tandem's own loggers report progress at INFO; other libraries only warnings and errors.
 TANDEM_PACKAGES = ("tandem", "tandem_cli", "edge", "cloud", "benchmarks")
@@ -54,6 +58,23 @@ def _edge_serve(args: argparse.Namespace) -> int:
 
     run_daemon(load_config(EdgeConfig, args.config))
     return 0
+
+
+@_imports("edge")
+def _edge_health(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from edge.server import check_health
+
+    target = args.target
+    if target is None:
+        from edge.config import EdgeConfig
+        from tandem.settings import load_config
+
+        target = load_config(EdgeConfig, args.config).listen
+    status = asyncio.run(check_health(target, args.service, args.timeout))
+    print(f"{args.service or '(overall)'} at {target}: {status}")
+    return 0 if status == "SERVING" else 1
 
 
 @_imports("edge")
@@ -152,6 +173,17 @@ def _bench_flywheel(args: argparse.Namespace) -> int:
     return 0
 
 
+@_imports("dev")
+def _bench_security(args: argparse.Namespace) -> int:
+    _training_process()
+    from benchmarks.security import SecurityBenchConfig, run_security_bench
+    from tandem.settings import load_config
+
+    result = run_security_bench(load_config(SecurityBenchConfig, args.config), args.out)
+    failed = [a["name"] for a in result["attacks"] if not a["passed"]]
+    return 1 if failed else 0
+
+
 @_imports("train")
 def _train_distill(args: argparse.Namespace) -> int:
     _training_process()
@@ -161,6 +193,169 @@ def _train_distill(args: argparse.Namespace) -> int:
 
     cfg = load_config(DistillConfig, args.config)
     run_schedule(cfg.model_copy(update={"interval_s": None}) if args.once else cfg)
+    return 0
+
+
+@_imports("edge")
+def _keys_new(args: argparse.Namespace) -> int:
+    from tandem.signing import generate_key, key_id, public_path
+
+    try:
+        public = generate_key(args.out)
+    except FileExistsError:
+        print(f"tandem: {args.out} exists; a new key never replaces one (what it signed would not verify)",
+              file=sys.stderr)
+        return 1
+    print(f"wrote {args.out} (private, 0600) and {public_path(args.out)}", file=sys.stderr)
+    print(key_id(public))
+    return 0
+
+
+@_imports("edge")
+def _keys_trust(args: argparse.Namespace) -> int:
+    from tandem.signing import trust
+
+    try:
+        print(trust(args.keyring, args.public_key))
+    except (OSError, ValueError) as exc:
+        print(f"tandem: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+@_imports("edge")
+def _keys_revoke(args: argparse.Namespace) -> int:
+    from tandem.signing import revoke
+
+    try:
+        revoke(args.keyring, args.key_id)
+    except ValueError as exc:
+        print(f"tandem: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+@_imports("cloud")
+def _registry_rollback(args: argparse.Namespace) -> int:
+    from cloud.audit.log import AuditLog, audit_uri
+    from cloud.registry import ModelNotFound, ModelRegistry
+    from tandem import envs
+    from tandem.signing import signing_key
+
+    registry = ModelRegistry(args.registry or envs.TANDEM_CACHE_DIR / "registry")
+    current = registry.promoted(args.task)
+    try:
+        if current is None:
+            raise ValueError(f"task {args.task!r} has no promoted version to roll back")
+        promotion = registry.promote(args.task, args.to, signing_key(args.key), rollback_of=current)
+    except (ValueError, ModelNotFound, FileNotFoundError) as exc:
+        print(f"tandem: {exc}", file=sys.stderr)
+        return 1
+    audit = AuditLog(args.audit_uri or audit_uri(str(envs.TANDEM_CACHE_DIR / "feedback")))
+    audit.append("rollback", "operator", task=args.task, version=promotion.version, rollback_of=current,
+                 sequence=promotion.sequence, key_id=promotion.key_id)
+    print(promotion.model_dump_json(indent=2))
+    return 0
+
+
+@_imports("cloud")
+def _audit_verify(args: argparse.Namespace) -> int:
+    from cloud.audit.log import AuditError, AuditLog, audit_uri
+    from tandem import envs
+
+    log = AuditLog(args.uri or audit_uri(str(envs.TANDEM_CACHE_DIR / "feedback")))
+    try:
+        count = log.verify()
+    except AuditError as exc:
+        print(f"tandem: audit log {log.uri} is broken: {exc}", file=sys.stderr)
+        return 1
+    head = log.head()
+    print(f"audit log {log.uri}: {count} entries verified; head: "
+          + (f"entry {head['seq']}, hash {head['hash']}" if head else "none (empty)"))
+    return 0
+
+
+@_imports("cloud")
+def _audit_show(args: argparse.Namespace) -> int:
+    from cloud.audit.lineage import show_lineage
+    from cloud.audit.log import AuditLog, audit_uri
+    from tandem import envs
+
+    log = AuditLog(args.uri or audit_uri(str(envs.TANDEM_CACHE_DIR / "feedback")))
+    text = show_lineage(log, args.version)
+    if text is None:
+        print(f"tandem: audit log {log.uri} has no entries about {args.version}", file=sys.stderr)
+        return 1
+    print(text)
+    return 0
+
+
+@_imports("cloud")
+def _cloud_proxy_config(args: argparse.Namespace) -> int:
+    from cloud.config import CloudConfig
+    from cloud.proxy import TOKEN_PLACEHOLDER, render_nginx_conf
+    from tandem.settings import load_config
+
+    cfg = load_config(CloudConfig, args.config)
+    sys.stdout.write(render_nginx_conf(cfg.proxy, cfg.grpc_port, TOKEN_PLACEHOLDER))
+    return 0
+
+
+def _ca_config(args: argparse.Namespace) -> "CloudConfig":
+    """The cloud config whose proxy.ca_dir and feedback store the `ca` commands default to."""
+    from cloud.config import CloudConfig
+    from tandem.settings import load_config
+
+    return load_config(CloudConfig, args.config)
+
+
+def _ca_audit_uri(args: argparse.Namespace, cfg: "CloudConfig") -> str:
+    from cloud.audit.log import audit_uri
+
+    return args.audit_uri or audit_uri(cfg.feedback_uri)
+
+
+@_imports("cloud")
+def _ca_init(args: argparse.Namespace) -> int:
+    from cloud.pki import init_ca
+
+    ca_dir = args.dir or _ca_config(args).proxy.ca_dir
+    for path in init_ca(ca_dir, args.host):
+        print(f"wrote {path}")
+    print(f"fleet CA ready in {ca_dir}; enroll devices with `tandem ca enroll DEVICE --dir {ca_dir}`")
+    return 0
+
+
+@_imports("cloud")
+def _ca_enroll(args: argparse.Namespace) -> int:
+    from cloud.pki import DEVICE_DAYS, enroll
+
+    cfg = _ca_config(args)
+    days = DEVICE_DAYS if args.days is None else args.days
+    out = enroll(args.dir or cfg.proxy.ca_dir, args.device, days, _ca_audit_uri(args, cfg))
+    print(f"wrote {out}/device.key, {out}/device.crt (valid {days} days; enroll again to renew) and {out}/ca.crt")
+    print(f"the edge's config: cloud.tls: {{ca: {out}/ca.crt, cert: {out}/device.crt, key: {out}/device.key}}")
+    return 0
+
+
+@_imports("cloud")
+def _ca_revoke(args: argparse.Namespace) -> int:
+    from cloud.pki import revoke
+
+    cfg = _ca_config(args)
+    ca_dir = args.dir or cfg.proxy.ca_dir
+    serials = revoke(ca_dir, args.device, _ca_audit_uri(args, cfg))
+    print(f"revoked {args.device}: {len(serials)} certificate(s) added to {ca_dir / 'crl.pem'}; "
+          "a running proxy reloads it within seconds")
+    return 0
+
+
+@_imports("cloud")
+def _ca_crl(args: argparse.Namespace) -> int:
+    from cloud.pki import CRL_DAYS, write_crl
+
+    path = write_crl(args.dir or _ca_config(args).proxy.ca_dir)
+    print(f"wrote {path}, valid {CRL_DAYS} days: re-issue it before then, or the proxy refuses every device")
     return 0
 
 
@@ -186,6 +381,11 @@ def _parser() -> argparse.ArgumentParser:
 
     edge = groups.add_parser("edge", help="the device daemon").add_subparsers(required=True)
     command(edge, "serve", _edge_serve, "run the edge daemon (gRPC Edge service)")
+    p = command(edge, "health", _edge_health, "ask a running daemon's grpc.health service (exit 0: SERVING); "
+                "the DaemonSet's probes")
+    p.add_argument("--target", help="host:port or unix:///path (default: the config's listen)")
+    p.add_argument("--service", default="", help="e.g. tandem.v1.Edge; default: the overall health")
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
     command(edge, "redrive", _edge_redrive, "move the outbox's dead feedback records back for delivery (edge config)",
             config_required=True)
 
@@ -198,6 +398,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config-ref", help="how the generated config names the cloud config (default: --config as given)")
     p.add_argument("--out", type=Path, help="write the Serve config YAML here")
     p.add_argument("--rayservice", type=Path, help="replace the serveConfigV2 block of this RayService manifest")
+    command(cloud, "proxy-config", _cloud_proxy_config,
+            "print the TLS proxy's nginx.conf for a cloud config; the proxy token is left as ${TANDEM_PROXY_TOKEN} "
+            "for the deployment to substitute from its environment", config_required=True)
 
     train = groups.add_parser("train", help="train and export models").add_subparsers(required=True)
     for kind, what in (("teacher", "fine-tune the MiniLM-L6 teacher"), ("student", "train, export and calibrate the edge student")):
@@ -217,6 +420,63 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("results"), help="parent of the results folder")
     p = command(bench, "flywheel", _bench_flywheel, "the learning loop round by round: retrain, gate, roll out, measure")
     p.add_argument("--out", type=Path, required=True, help="JSON results file (the plot goes beside it)")
+    p = command(bench, "security", _bench_security, "attacks, fuzzers, poisoning and the cost of mTLS on the real system")
+    p.add_argument("--out", type=Path, required=True, help="JSON results file")
+
+    keys = groups.add_parser("keys", help="model signing keys and the edges' keyrings").add_subparsers(required=True)
+    p = keys.add_parser("new", help="create an Ed25519 signing key (private 0600, public beside it); prints its id")
+    p.add_argument("--out", type=Path, required=True, help="private key PEM; the public key goes to OUT.pub")
+    p.set_defaults(run=_keys_new)
+    p = keys.add_parser("trust", help="add a public key to a keyring (created if missing); prints its id")
+    p.add_argument("keyring", type=Path, help="keyring JSON (the edges' updater.keyring)")
+    p.add_argument("public_key", type=Path, help="public key PEM")
+    p.set_defaults(run=_keys_trust)
+    p = keys.add_parser("revoke", help="refuse everything a key signed, from the next verification on")
+    p.add_argument("keyring", type=Path, help="keyring JSON (the edges' updater.keyring)")
+    p.add_argument("key_id", help="the key's id (what `keys new` and `keys trust` print)")
+    p.set_defaults(run=_keys_revoke)
+
+    registry = groups.add_parser("registry", help="the model registry").add_subparsers(required=True)
+    p = registry.add_parser("rollback", help="promote an older version as a signed rollback of the promoted one")
+    p.add_argument("task")
+    p.add_argument("--to", required=True, help="the published version to roll back to")
+    p.add_argument("--key", type=Path, required=True, help="the registry's signing key (private PEM)")
+    p.add_argument("--registry", type=Path, help="registry root (default: TANDEM_CACHE_DIR/registry)")
+    p.add_argument("--audit-uri", help="audit log (default: the default feedback store's _audit)")
+    p.set_defaults(run=_registry_rollback)
+
+    audit = groups.add_parser("audit", help="the hash-chained audit trail").add_subparsers(required=True)
+    uri_help = "audit log: a directory or pyarrow filesystem URI (default: TANDEM_CACHE_DIR/feedback/_audit)"
+    p = audit.add_parser("verify", help="recompute the chain; fails at the first changed, missing or moved entry")
+    p.add_argument("--uri", help=uri_help)
+    p.set_defaults(run=_audit_verify)
+    p = audit.add_parser("show", help="a model version's lineage: its data, gate, signer, promotions, rollout")
+    p.add_argument("version", help="the model version")
+    p.add_argument("--uri", help=uri_help)
+    p.set_defaults(run=_audit_show)
+
+    ca = groups.add_parser(
+        "ca", help="the fleet's certificate authority: device certificates for mTLS to the cloud's proxy (files "
+        "under --dir, default the cloud config's proxy.ca_dir)").add_subparsers(required=True)
+    ca_dir_help = "the CA's folder (default: the cloud config's proxy.ca_dir, TANDEM_CACHE_DIR/ca)"
+    audit_help = "audit log to record this in (default: the cloud config's feedback store's _audit)"
+    p = command(ca, "init", _ca_init, "create the CA (an existing one is kept), and issue the proxy's server "
+                "certificate (1 year: run again to renew or to add hosts) and the CRL")
+    p.add_argument("--dir", type=Path, help=ca_dir_help)
+    p.add_argument("--host", action="append", default=[],
+                   help="a name or address edges connect to, besides localhost and 127.0.0.1 (repeatable)")
+    p = command(ca, "enroll", _ca_enroll, "issue a device its key and certificate (enroll again to renew)")
+    p.add_argument("device", help="the device id: the certificate's CN, the id the cloud knows it by")
+    p.add_argument("--dir", type=Path, help=ca_dir_help)
+    p.add_argument("--days", type=int, help="validity in days (default 90)")
+    p.add_argument("--audit-uri", help=audit_help)
+    p = command(ca, "revoke", _ca_revoke, "revoke every certificate of a device; a running proxy reloads the CRL")
+    p.add_argument("device")
+    p.add_argument("--dir", type=Path, help=ca_dir_help)
+    p.add_argument("--audit-uri", help=audit_help)
+    p = command(ca, "crl", _ca_crl, "re-issue the CRL (valid 30 days; past that the proxy refuses every device: "
+                "run it weekly, e.g. from cron)")
+    p.add_argument("--dir", type=Path, help=ca_dir_help)
 
     p = command(groups, "demo", _demo, "train or reuse models, run the system, print the report")
     p.add_argument("--out", type=Path, default=Path("results/demo"), help="folder for results")

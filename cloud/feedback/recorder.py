@@ -94,12 +94,14 @@ class EscalationRecorder:
 
 def escalation_record(request: expert_pb2.EscalateRequest, response: expert_pb2.EscalateResponse,
                       answered_unix_ms: int) -> fleet_pb2.FeedbackRecord:
-    """What the cloud keeps of an escalation it answered. Its id hashes the device and request
-    ids: an escalation recorded twice is stored once, while two devices that both number their
-    requests 1, 2, ... do not collide, and any request id makes a valid record id."""
-    key = hashlib.sha256(f"{request.device_id}\0{request.request_id}".encode()).hexdigest()[:32]
+    """What the cloud keeps of an escalation it answered; `request.device_id` is the verified
+    caller. Its id, `esc/<device>/<hash of the request id>`: an escalation recorded twice is
+    stored once, two devices that both number their requests 1, 2, ... do not collide, any
+    request id makes a valid record id, and no device can claim it first, since the ids of
+    the records devices send are all under `dev/<device>/`."""
+    key = hashlib.sha256(request.request_id.encode()).hexdigest()[:32]
     return fleet_pb2.FeedbackRecord(
-        record_id=f"esc-{key}",
+        record_id=f"esc/{request.device_id}/{key}",
         request_id=request.request_id,
         task=request.task,
         kind=fleet_pb2.ESCALATION,

@@ -7,10 +7,12 @@ import pyarrow as pa
 from cloud.errors import InvalidFeedback
 from tandem.contract import (LABELLED_KINDS, RECORD_ID, FieldError, check_device_id, check_name, check_request_id,
                              check_text)
-from tandem.v1 import fleet_pb2
+from tandem.v1 import common_pb2, fleet_pb2
 
 KINDS = {fleet_pb2.FeedbackKind.Value(name): name for name in ("ESCALATION", "CORRECTION", "FALLBACK", "AUDIT")}
-# Device ids are stored in every row and hashed into escalation record ids.
+# Most a distribution's probabilities may sum to: experts may send only their top k, so less
+# than 1 is fine, and float32 rounding may lift a whole distribution a little above it.
+DISTRIBUTION_MASS_MAX = 1 + 1e-3
 DISTRIBUTION = pa.list_(pa.struct([("label", pa.string()), ("probability", pa.float32())]))
 # The columns inside each Parquet file; task and date are its hive partition directories.
 FILE_SCHEMA = pa.schema([
@@ -46,7 +48,9 @@ def check(records: Sequence[fleet_pb2.FeedbackRecord], tasks: Mapping[str, Colle
 
 def _check(r: fleet_pb2.FeedbackRecord, at: str, tasks: Mapping[str, Collection[str]] | None) -> None:
     if not RECORD_ID.fullmatch(r.record_id):
-        raise FieldError(f"{at}.record_id", f"{r.record_id!r} must be 1 to 128 printable ASCII characters, no spaces")
+        # A long one is not echoed back: the status message travels in gRPC trailers, which clients cap at a few KiB.
+        shown = repr(r.record_id) if len(r.record_id) <= 128 else f"{len(r.record_id)} characters:"
+        raise FieldError(f"{at}.record_id", f"{shown} must be 1 to 128 printable ASCII characters, no spaces")
     check_request_id(f"{at}.request_id", r.request_id)
     check_name(f"{at}.task", r.task)
     if tasks is not None and r.task not in tasks:
@@ -55,12 +59,50 @@ def _check(r: fleet_pb2.FeedbackRecord, at: str, tasks: Mapping[str, Collection[
         raise FieldError(f"{at}.kind", f"must be one of {', '.join(KINDS.values())}")
     check_text(f"{at}.text", r.text)
     check_device_id(f"{at}.device_id", r.device_id)
+    labels = None if tasks is None else tasks[r.task]
     if r.kind in LABELLED_KINDS and not r.label:
         raise FieldError(f"{at}.label", f"required for {KINDS[r.kind]} records")
-    if r.label and tasks is not None and r.label not in tasks[r.task]:
-        raise FieldError(f"{at}.label", f"{r.label!r} is not a label of task {r.task}")
+    if r.label:
+        _check_label(f"{at}.label", r.label, r.task, labels)
+    check_edge(f"{at}.edge", r.edge, r.task, labels)
+    check_distribution(f"{at}.distribution", r.distribution, r.task, labels)
     if r.created_unix_ms <= 0:
         raise FieldError(f"{at}.created_unix_ms", "must be set, in milliseconds since the Unix epoch")
+
+
+def check_edge(at: str, edge: common_pb2.EdgePrediction, task: str, labels: Collection[str] | None) -> None:
+    """FieldError unless the edge's prediction (where it sent one) names a label of `task`
+    (`labels`, where known), a confidence in [0, 1] and a valid model version."""
+    if edge.label:
+        _check_label(f"{at}.label", edge.label, task, labels)
+    if not 0.0 <= edge.confidence <= 1.0:  # NaN fails too
+        raise FieldError(f"{at}.confidence", f"{edge.confidence} is not in [0, 1]")
+    if edge.model_version:
+        check_name(f"{at}.model_version", edge.model_version)
+
+
+def check_distribution(at: str, scores: Sequence[common_pb2.LabelScore], task: str, labels: Collection[str] | None) -> None:
+    """FieldError unless `scores` name distinct labels of `task` (`labels`, where known), at most
+    one per label, with probabilities in [0, 1] summing to at most DISTRIBUTION_MASS_MAX."""
+    if labels is not None and len(scores) > len(labels):
+        raise FieldError(at, f"{len(scores)} entries exceed the {len(labels)} labels of task {task}")
+    seen: set[str] = set()
+    total = 0.0
+    for i, score in enumerate(scores):
+        _check_label(f"{at}[{i}].label", score.label, task, labels)
+        if score.label in seen:
+            raise FieldError(f"{at}[{i}].label", f"{score.label!r} appears twice")
+        seen.add(score.label)
+        if not 0.0 <= score.probability <= 1.0:  # NaN fails too
+            raise FieldError(f"{at}[{i}].probability", f"{score.probability} is not in [0, 1]")
+        total += score.probability
+    if total > DISTRIBUTION_MASS_MAX:
+        raise FieldError(at, f"probabilities sum to {total:.6g}, above the limit of {DISTRIBUTION_MASS_MAX}")
+
+
+def _check_label(field: str, label: str, task: str, labels: Collection[str] | None) -> None:
+    if labels is not None and label not in labels:
+        raise FieldError(field, f"{label[:64]!r} is not a label of task {task}")
 
 
 def to_table(records: Sequence[fleet_pb2.FeedbackRecord], stored_unix_ms: int) -> pa.Table:

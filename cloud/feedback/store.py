@@ -14,6 +14,7 @@ import posixpath
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
 from datetime import date, datetime, timedelta, timezone
 from itertools import groupby
@@ -87,6 +88,20 @@ class FeedbackStore:
     def read(self, task: str) -> pa.Table:
         """All records of `task` (SCHEMA), each id once (its first stored copy), oldest first."""
         return _first_copies(self._scan(task))
+
+    def device_counts(self, day: date) -> Counter[str]:
+        """Records stored on the UTC `day` per device id, of every task, less the experts'
+        escalation records: what the devices themselves sent (the fleet's per-device quota)."""
+        if self._fs.get_file_info(self._root).type == pafs.FileType.NotFound:
+            return Counter()
+        infos = self._fs.get_file_info(pafs.FileSelector(self._root))
+        tasks = [i.base_name.removeprefix("task=") for i in infos
+                 if i.type == pafs.FileType.Directory and i.base_name.startswith("task=")]
+        where = (ds.field("date") == pa.scalar(day, pa.date32())) & (ds.field("kind") != "ESCALATION")
+        counts: Counter[str] = Counter()
+        for task in tasks:
+            counts.update(self._scan(task, ["device_id"], where)["device_id"].to_pylist())
+        return counts
 
     def compact(self, task: str) -> int:
         """Rewrites each partition of `task` that holds several files as one file, each record

@@ -1,4 +1,10 @@
-"""`tandem.v1.Fleet`: feedback in, signed students out, and each task's expert application.
+"""`tandem.v1.Fleet`: feedback in, signed students out, each task's expert application, and
+edges' acknowledgements of the versions they serve.
+
+Every RPC first identifies its caller (`cloud.identity.caller_device`: the device that the
+TLS proxy verified). A device writes feedback only as itself, only of the kinds devices
+send, under its own record ids (`dev/<device>/<record_id>`), within its daily quota; it
+fetches only promoted versions. Refusals and rollouts are appended to the audit log.
 
 The methods take `(request, grpc_context)` and touch the context only through `set_code`
 and `set_details`, so one class serves both on a plain grpc.aio server (which passes the
@@ -8,28 +14,54 @@ the keyword `grpc_context`; see `cloud.app.Fleet`).
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
+import math
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping, Sequence
+from datetime import date, datetime, timezone
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
-from cloud.errors import FleetError, FleetTimeout, InvalidFeedback, NotFound, StoreUnavailable
+from cloud.errors import (FleetError, FleetTimeout, InvalidFeedback, InvalidRequest, NotFound, PermissionDenied,
+                          QuotaExceeded, StoreUnavailable, UnauthenticatedFleetCall)
 from cloud.feedback.records import KINDS, check
 from cloud.feedback.store import READ_ERRORS, FeedbackStore
+from cloud.identity import Unauthenticated, caller_device
 from cloud.registry.models import ModelNotFound, ModelRegistry
-from tandem.contract import MANIFEST_FILE, SIGNATURE_FILE
+from tandem.contract import MANIFEST_FILE, SIGNATURE_FILE, FieldError, check_name
 from tandem.v1 import fleet_pb2, fleet_pb2_grpc
+from tandem.wire import Undecodable, parsed
 
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 256 << 10
 REQUEST_TIMEOUT_S = 30.0
+DEVICE_QUOTA_PER_DAY = 20_000
+# What devices may send. ESCALATION records carry an expert's labels, which train students as
+# ground truth: only the experts write them, through `store` (Fleet.store_feedback).
+DEVICE_KINDS = frozenset({fleet_pb2.FALLBACK, fleet_pb2.AUDIT, fleet_pb2.CORRECTION})
+# Refusals that a caller's input earned (not the cloud's failures): audited.
+REFUSALS = (InvalidFeedback, PermissionDenied, QuotaExceeded)
+# At most one feedback_refused entry per device and status this often: a device that retries a
+# refused batch in a loop must not grow the audit log at its request rate. The entry counts the
+# refusals since the previous one (`suppressed`).
+AUDIT_REFUSALS_EVERY_S = 60.0
+AUDIT_ACTOR = "fleet"
 
 T = TypeVar("T")
+M = TypeVar("M", bound=Message)
+
+
+class Audit(Protocol):
+    """Where the servicer appends audit entries (`cloud.audit.log.AuditLog`)."""
+
+    def append(self, event: str, actor: str, **data: Any) -> dict[str, Any]: ...
 
 
 class FleetMetrics:
@@ -47,15 +79,18 @@ class FleetMetrics:
 
 class FleetServicer(fleet_pb2_grpc.FleetServicer):
     """ReportFeedback into a FeedbackStore; GetManifest and FetchModel from a ModelRegistry;
-    GetRoutes from the cloud's task -> expert map."""
+    GetRoutes from the cloud's task -> expert map; AckRollout into the audit log."""
 
     def __init__(self, feedback: FeedbackStore, models: ModelRegistry, tasks: Mapping[str, Collection[str]] | None = None,
                  routes: Mapping[str, str] | None = None, metrics: FleetMetrics | None = None, max_batch: int = 1000,
-                 chunk_bytes: int = CHUNK_BYTES, request_timeout_s: float = REQUEST_TIMEOUT_S) -> None:
+                 chunk_bytes: int = CHUNK_BYTES, request_timeout_s: float = REQUEST_TIMEOUT_S, *, insecure: bool = False,
+                 device_quota_per_day: int = DEVICE_QUOTA_PER_DAY, audit: Audit | None = None) -> None:
         """`tasks` (task -> labels), where given, refuses feedback of other tasks or labels.
         `routes`: task -> the Serve application of its expert. `request_timeout_s`: the longest
         one step of an RPC's server-side work may take (storing a batch, reading a manifest or
-        a chunk) before DEADLINE_EXCEEDED."""
+        a chunk) before DEADLINE_EXCEEDED. `insecure` (development only): callers are who
+        their messages say. `audit`, where given, receives refused feedback batches and
+        acknowledged rollouts."""
         self._feedback = feedback
         self._models = models
         self._tasks = tasks
@@ -64,25 +99,59 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         self._max_batch = max_batch
         self._chunk_bytes = chunk_bytes
         self._timeout_s = request_timeout_s
+        self._insecure = insecure
+        self._quota = device_quota_per_day
+        self._audit = audit
+        # Records each device stored on `_quota_day` (UTC), read from the store on the first
+        # batch of each day, so that a restart neither forgets nor double-counts them.
+        self._quota_day: date | None = None
+        self._used: Counter[str] = Counter()
+        self._refusals: dict[tuple[str, str], tuple[float, int]] = {}  # (device, code) -> (last entry, refusals since)
+        self._acked: dict[tuple[str, str], str] = {}  # (device, task) -> the version last audited
+        if insecure:
+            log.warning("fleet: insecure, development only: device ids are whatever the messages claim, unverified")
 
     async def ReportFeedback(self, request: fleet_pb2.ReportFeedbackRequest, grpc_context: Any) -> fleet_pb2.ReportFeedbackResponse:
+        records: Sequence[fleet_pb2.FeedbackRecord] = ()
+        device = ""
         try:
-            if len(request.records) > self._max_batch:
-                raise InvalidFeedback("records", f"{len(request.records)} records exceed the batch limit of {self._max_batch}")
-            check(request.records, self._tasks)
-            stored, duplicates = await self.store(request.records)
+            records = _parsed(request).records
+            device = self._caller(grpc_context, records[0].device_id if records else "")
+            if len(records) > self._max_batch:
+                raise InvalidFeedback("records", f"{len(records)} records exceed the batch limit of {self._max_batch}")
+            check(records, self._tasks)
+            _authorise(records, device)
+            day = await self._charge(device, len(records))
+            try:
+                stored, duplicates = await self.store(records)
+            except FleetError:
+                self._refund(device, len(records), day)
+                raise
+            self._refund(device, duplicates, day)  # the quota counts what is stored
         except FleetError as exc:
             self._refuse("ReportFeedback", exc, grpc_context)
+            if isinstance(exc, REFUSALS):
+                await self._audit_refusal(device, exc, len(records))
             return fleet_pb2.ReportFeedbackResponse()
         self._metrics.request("ReportFeedback", grpc.StatusCode.OK)
         return fleet_pb2.ReportFeedbackResponse(stored=stored, duplicates=duplicates)
 
     async def GetRoutes(self, request: fleet_pb2.GetRoutesRequest, grpc_context: Any) -> fleet_pb2.Routes:
+        try:
+            _parsed(request)
+            self._caller(grpc_context, "")
+        except FleetError as exc:
+            self._refuse("GetRoutes", exc, grpc_context)
+            return fleet_pb2.Routes()
         self._metrics.request("GetRoutes", grpc.StatusCode.OK)
         return self._routes
 
     async def GetManifest(self, request: fleet_pb2.GetManifestRequest, grpc_context: Any) -> fleet_pb2.ModelManifest:
+        """The promoted version's manifest, with its signature and its signed promotion."""
         try:
+            request = _parsed(request)
+            self._caller(grpc_context, "")
+            _check_request("task", request.task)
             manifest = await self._bounded("reading the manifest", self._manifest, request.task)
         except FleetError as exc:
             self._refuse("GetManifest", exc, grpc_context)
@@ -91,9 +160,15 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         return manifest
 
     async def FetchModel(self, request: fleet_pb2.FetchModelRequest, grpc_context: Any) -> AsyncIterator[fleet_pb2.ModelChunk]:
-        """The manifest and its signature first, then every file the manifest lists. An empty
-        version means the promoted one."""
+        """The manifest and its signature first, then every file the manifest lists, of the
+        promoted version (an empty version means it): other versions, candidates the gate
+        rejected among them, stay inside the cloud."""
         try:
+            request = _parsed(request)
+            self._caller(grpc_context, "")
+            _check_request("task", request.task)
+            if request.version:
+                _check_request("version", request.version)
             directory, names = await self._bounded("reading the manifest", self._files, request.task, request.version)
             for name in names:
                 async for chunk in self._chunks(directory / name):
@@ -103,14 +178,116 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
             return
         self._metrics.request("FetchModel", grpc.StatusCode.OK)
 
+    async def AckRollout(self, request: fleet_pb2.AckRolloutRequest, grpc_context: Any) -> fleet_pb2.AckRolloutResponse:
+        """Audits that the calling device now serves a published version of a task; an
+        acknowledgement the device repeats is audited once."""
+        try:
+            request = _parsed(request)
+            device = self._caller(grpc_context, "")
+            _check_request("task", request.task)
+            _check_request("version", request.version)
+            if self._tasks is not None and request.task not in self._tasks:
+                raise InvalidRequest("task", f"unknown task {request.task!r}; the cloud has {sorted(self._tasks)}")
+            await self._bounded("reading the registry", self._published, request.task, request.version)
+            if self._acked.get((device, request.task)) != request.version:
+                await self._append("rollout_ack", device=device, task=request.task, version=request.version)
+                self._acked[(device, request.task)] = request.version
+        except FleetError as exc:
+            self._refuse("AckRollout", exc, grpc_context)
+            return fleet_pb2.AckRolloutResponse()
+        self._metrics.request("AckRollout", grpc.StatusCode.OK)
+        return fleet_pb2.AckRolloutResponse()
+
+    def _caller(self, grpc_context: Any, claimed: str) -> str:
+        """The calling device (`cloud.identity.caller_device`)."""
+        try:
+            return caller_device(grpc_context.invocation_metadata(), claimed, self._insecure)
+        except Unauthenticated as exc:
+            raise UnauthenticatedFleetCall(str(exc)) from None
+        except FieldError as exc:  # insecure: the id a message claims
+            raise InvalidFeedback.of(exc) from None
+
+    async def _charge(self, device: str, count: int) -> date:
+        """Counts `count` records against `device`'s quota of today (UTC), which it returns,
+        or QuotaExceeded. Charged before storing, so that concurrent batches cannot both pass."""
+        today = datetime.now(timezone.utc).date()
+        if self._quota_day != today:
+            try:
+                counts = await self._bounded("counting today's feedback", self._feedback.device_counts, today)
+            except READ_ERRORS as exc:
+                raise StoreUnavailable(f"feedback store failed: {type(exc).__name__}: {exc}") from exc
+            if self._quota_day != today:  # not loaded by a concurrent batch meanwhile
+                self._quota_day, self._used = today, counts
+        used = self._used[device]
+        if used + count > self._quota:
+            raise QuotaExceeded(f"device {device!r} stored {used} feedback records today (UTC): {count} more would pass "
+                                f"its quota of {self._quota} records per day (fleet.device_quota_per_day)")
+        self._used[device] += count
+        return today
+
+    def _refund(self, device: str, count: int, day: date) -> None:
+        if day == self._quota_day:
+            self._used[device] -= count
+
+    async def _audit_refusal(self, device: str, exc: FleetError, count: int) -> None:
+        """A `feedback_refused` entry, at most one per device and status per AUDIT_REFUSALS_EVERY_S.
+        A failed append is logged, not answered: the caller's status is the refusal."""
+        key = (device, exc.code.name)
+        now = time.monotonic()
+        last, suppressed = self._refusals.get(key, (-math.inf, 0))
+        if now - last < AUDIT_REFUSALS_EVERY_S:
+            self._refusals[key] = (last, suppressed + 1)
+            return
+        self._refusals[key] = (now, 0)
+        try:
+            await self._append("feedback_refused", device=device, code=exc.code.name, field=getattr(exc, "field", ""),
+                               count=count, suppressed=suppressed)
+        except FleetError as failure:
+            log.error("audit: feedback_refused of device %r not recorded: %s", device, failure)
+
+    async def _append(self, event: str, **data: Any) -> None:
+        if self._audit is None:
+            return
+        try:
+            await self._bounded(f"appending {event} to the audit log", functools.partial(self._audit.append, event,
+                                                                                         AUDIT_ACTOR, **data))
+        except FleetError:
+            raise
+        except Exception as exc:  # whatever the audit log's filesystem raises
+            raise StoreUnavailable(f"audit log append failed: {type(exc).__name__}: {exc}") from exc
+
+    def _published(self, task: str, version: str) -> None:
+        try:
+            self._models.path(task, version)
+        except ModelNotFound as exc:
+            raise NotFound(str(exc)) from None
+
+    def _promoted(self, task: str) -> tuple[str, Path, bytes, bytes]:
+        """The promoted version of `task`, its directory, and its signed promotion (JSON, signature)."""
+        with _registry_io():
+            try:
+                promotion = self._models.promotion(task)
+            except ModelNotFound as exc:
+                raise NotFound(str(exc)) from None
+            if promotion is None:
+                raise NotFound(f"task {task!r} has no promoted model")
+            promotion_json, signature = promotion
+            version = json.loads(promotion_json)["version"]
+        try:
+            return version, self._models.path(task, version), promotion_json, signature
+        except ModelNotFound as exc:
+            raise StoreUnavailable(f"model registry: the promoted version is missing: {exc}") from None
+
     def _files(self, task: str, version: str) -> tuple[Path, list[str]]:
-        """The directory of a version and the names FetchModel sends, in order."""
-        _, directory = self._resolve(task, version)
+        """The directory of the promoted version and the names FetchModel sends, in order."""
+        promoted, directory, _, _ = self._promoted(task)
+        if version and version != promoted:
+            raise NotFound(f"task {task!r} version {version!r} is not promoted; devices fetch only the promoted version")
         with _registry_io():
             return directory, [MANIFEST_FILE, SIGNATURE_FILE, *json.loads((directory / MANIFEST_FILE).read_bytes())["files"]]
 
     def _manifest(self, task: str) -> fleet_pb2.ModelManifest:
-        version, directory = self._resolve(task, "")
+        version, directory, promotion_json, promotion_signature = self._promoted(task)
         with _registry_io():
             manifest_json = (directory / MANIFEST_FILE).read_bytes()
             files = json.loads(manifest_json)["files"]
@@ -120,25 +297,18 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
                 manifest_json=manifest_json,
                 signature=(directory / SIGNATURE_FILE).read_bytes(),
                 files=[fleet_pb2.ModelFile(name=name, size=f["size"], sha256=f["sha256"]) for name, f in files.items()],
+                promotion_json=promotion_json,
+                promotion_signature=promotion_signature,
             )
 
     async def store(self, records: Sequence[fleet_pb2.FeedbackRecord]) -> tuple[int, int]:
-        """(stored, duplicates) of valid records, or StoreUnavailable."""
+        """(stored, duplicates) of valid, authorised records, or StoreUnavailable."""
         try:
             new = await self._bounded("storing feedback", self._feedback.add, records)
         except READ_ERRORS as exc:  # the store quarantines files it cannot parse: these are I/O failures
             raise StoreUnavailable(f"feedback store failed: {type(exc).__name__}: {exc}") from exc
         self._count(records, new)
         return len(new), len(records) - len(new)
-
-    def _resolve(self, task: str, version: str) -> tuple[str, Path]:
-        try:
-            version = version or self._models.promoted(task) or ""
-            if not version:
-                raise NotFound(f"task {task!r} has no promoted model")
-            return version, self._models.path(task, version)
-        except ModelNotFound as exc:
-            raise NotFound(str(exc)) from exc
 
     async def _chunks(self, path: Path) -> AsyncIterator[fleet_pb2.ModelChunk]:
         offset = 0
@@ -163,9 +333,12 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
 
     def _refuse(self, method: str, exc: FleetError, grpc_context: Any) -> None:
         """The one place fleet errors become statuses."""
-        # Tracebacks for server-side failures; a bad request, or a timeout's wait, is not worth one.
-        quiet = isinstance(exc, (InvalidFeedback, NotFound, FleetTimeout))
-        log.warning("%s failed: %s %s", method, exc.code.name, exc, exc_info=not quiet)
+        # A refused request is the caller's business (counted, and logged at INFO, so that a
+        # misbehaving client cannot fill the log); a server-side failure gets a traceback, and a
+        # timeout a warning without one.
+        refused = isinstance(exc, (*REFUSALS, InvalidRequest, UnauthenticatedFleetCall, NotFound))
+        log.log(logging.INFO if refused else logging.WARNING, "%s failed: %s %s", method, exc.code.name, exc,
+                exc_info=not (refused or isinstance(exc, FleetTimeout)))
         self._metrics.request(method, exc.code)
         grpc_context.set_code(exc.code)
         grpc_context.set_details(str(exc))
@@ -176,6 +349,36 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         for outcome, counts in (("stored", stored), ("duplicate", duplicates)):
             for (task, kind), count in counts.items():
                 self._metrics.feedback(task, kind, outcome, count)
+
+
+def _authorise(records: Sequence[fleet_pb2.FeedbackRecord], device: str) -> None:
+    """PermissionDenied unless every record is of a kind devices send and names no other
+    device; then makes each the caller's: its device id, and its id under `dev/<device>/`,
+    where no other device's ids and no expert's (`esc/...`) can be."""
+    for i, r in enumerate(records):
+        if r.kind not in DEVICE_KINDS:
+            raise PermissionDenied(f"records[{i}].kind", f"devices may send only "
+                                   f"{', '.join(KINDS[k] for k in sorted(DEVICE_KINDS))} records, not {KINDS[r.kind]}")
+        if r.device_id and r.device_id != device:
+            raise PermissionDenied(f"records[{i}].device_id", f"{r.device_id!r} is not the calling device {device!r}")
+    for r in records:
+        r.device_id = device
+        r.record_id = f"dev/{device}/{r.record_id}"
+
+
+def _parsed(request: M | Undecodable) -> M:
+    """The request, or InvalidRequest naming its type if its body did not parse (`tandem.wire`)."""
+    try:
+        return parsed(request)
+    except FieldError as exc:
+        raise InvalidRequest.of(exc) from None
+
+
+def _check_request(field: str, name: str) -> None:
+    try:
+        check_name(field, name)
+    except FieldError as exc:
+        raise InvalidRequest.of(exc) from None
 
 
 @contextlib.contextmanager

@@ -45,10 +45,18 @@ class TrainConfig(TandemSettings):
     )
     teacher: FitConfig = FitConfig()
     student: FitConfig = FitConfig(layers=2, lr=3e-4)
+    signing_key: Path | None = Field(
+        None, description="Ed25519 private key (PEM) that signs the student artifact (edges with the updater on "
+        "verify it); default: TANDEM_CACHE_DIR/keys/tandem-signing.pem, the retrainer's. Missing: an error.",
+    )
+    dev_keys: bool = Field(False, description="Development only: generate the signing key if it is missing.")
 
     def model_dir(self, kind: str) -> Path:
         root = self.output_dir or envs.TANDEM_CACHE_DIR / "models" / self.task.name
         return root / kind
+
+    def signing_key_path(self) -> Path:
+        return self.signing_key or envs.TANDEM_CACHE_DIR / "keys" / "tandem-signing.pem"
 
 
 class DistillConfig(TandemSettings):
@@ -62,9 +70,21 @@ class DistillConfig(TandemSettings):
     )
     registry_dir: Path | None = Field(None, description="Model registry root; default: TANDEM_CACHE_DIR/registry.")
     feedback_uri: str | None = Field(None, description="Feedback store URI; default: TANDEM_CACHE_DIR/feedback.")
+    audit_uri: str | None = Field(
+        None, description="Audit log URI (publish, promotion, rejection, key use); default: <feedback_uri>/_audit."
+    )
     signing_key: Path | None = Field(
-        None, description="Ed25519 private key (PEM) that signs each version; default: "
-        "TANDEM_CACHE_DIR/keys/tandem-signing.pem, generated if missing. Edges trust `<name>.pub`.",
+        None, description="Ed25519 private key (PEM) that signs each version and promotion; default: "
+        "TANDEM_CACHE_DIR/keys/tandem-signing.pem. A missing key is an error unless dev_keys is set.",
+    )
+    dev_keys: bool = Field(
+        False, description="Development only: generate the signing key if it is missing. Production keys are "
+        "made once with `tandem keys` and their public halves put in the edges' keyring.",
+    )
+    corroboration_devices: int = Field(
+        3, ge=1, description="A correction's label trains as a hard label only if this many distinct devices sent "
+        "it for the same text, or the teacher agrees; otherwise the text learns from the teacher's soft labels. "
+        "1 trusts every device's corrections (no poisoning resistance).",
     )
     seed: int = 0
     val_fraction: float = Field(
@@ -114,6 +134,11 @@ class DistillConfig(TandemSettings):
 
     def feedback_store_uri(self) -> str:
         return self.feedback_uri or str(envs.TANDEM_CACHE_DIR / "feedback")
+
+    def audit_log_uri(self) -> str:
+        from cloud.audit.log import audit_uri  # pyarrow: not needed by `tandem train teacher|student`
+
+        return self.audit_uri or audit_uri(self.feedback_store_uri())
 
     def signing_key_path(self) -> Path:
         return self.signing_key or envs.TANDEM_CACHE_DIR / "keys" / "tandem-signing.pem"

@@ -2,39 +2,45 @@
 
 A round builds the training set (a labelled seed of the task's data plus feedback), labels it
 softly with the teacher, distils a fresh student in a Ray task, exports it (int8 ONNX,
-temperature), judges it against the promoted version on the held-out validation split, signs
-and publishes it, and promotes it only if the gate passes. Every candidate is published, so a
-rejected one can be inspected; edges only ever fetch the promoted one.
+temperature), checks it and judges it against the promoted version on the held-out validation
+split in this process, signs and publishes it, and promotes it (a signed promotion) only if the
+gate passes. Every candidate is published, so a rejected one can be inspected; edges only ever
+fetch the promoted one. Each step that matters is appended to the audit log.
 """
 
 import contextlib
+import json
 import logging
 import math
 import tempfile
 import time
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 import ray
 import torch
 import torch.nn.functional as F
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from transformers import AutoModelForSequenceClassification
 
+from cloud.audit import AuditLog
 from cloud.registry import ModelRegistry
 from cloud.training.artifact import write_manifest
-from cloud.training.base_model import build_classifier
+from cloud.training.base_model import build_classifier, minilm_dir
 from cloud.training.config import DistillConfig
 from cloud.training.data import Splits, load_splits
-from cloud.training.distill_data import NO_LABEL, DistillSet, FeedbackExample, build_distill_set, read_feedback
+from cloud.training.distill_data import (NO_LABEL, DistillSet, FeedbackExample, build_distill_set, corroborate,
+                                         read_feedback)
 from cloud.training.gate import judge
 from cloud.training.loop import Loss, fit_loss, predict_logits
 from cloud.training.quiet import quiet_third_party
 from cloud.training.student import export_student
-from tandem.contract import MANIFEST_FILE, Manifest
-from tandem.signing import generate_key, load_private_key, public_path, sign_artifact
+from tandem.contract import (LABELS_FILE, MANIFEST_FILE, MODEL_FILE, ONNX_INPUTS, ONNX_OUTPUT, STUDENT_FILES,
+                             TOKENIZER_FILE, Manifest)
+from tandem.signing import manifest_sha256, sign_artifact, signing_key
 
 log = logging.getLogger(__name__)
 
@@ -42,36 +48,60 @@ log = logging.getLogger(__name__)
 def run_distill(cfg: DistillConfig, feedback: list[FeedbackExample] | None = None) -> dict[str, Any]:
     """One round; `feedback` defaults to the task's records in the feedback store.
 
-    Returns the new version, whether it was promoted, its metrics, the gate and the seconds taken.
+    Returns the new version, whether it was promoted, its metrics, the gate, how its
+    corrections were corroborated and the seconds taken. The audit log gets the publish (with
+    the version's lineage), each use of the signing key, and the promotion or the rejection.
     """
     started = time.monotonic()
     task = cfg.task.name
-    key = signing_key(cfg.signing_key_path())
+    key = signing_key(cfg.signing_key_path(), cfg.dev_keys)  # before training: a missing key fails fast
+    audit = AuditLog(cfg.audit_log_uri())
     registry = ModelRegistry(cfg.registry_root())
     parent = registry.promoted(task)
     log.info("%s: reading the task's data and feedback; promoted now: %s", task, parent)
     splits = load_splits(cfg.splits_config(), cfg.student)
     feedback = read_feedback(cfg.feedback_store_uri(), task) if feedback is None else feedback
-    data = build_distill_set(splits, feedback, cfg.seed_fraction, cfg.student.max_length)
-    log.info(
-        "%s: %d labelled examples (seed_fraction %s), feedback %s (%d dropped)",
-        task, data.labelled, cfg.seed_fraction, data.feedback or "none", data.dropped,
-    )
+    data = build_distill_set(splits, feedback, cfg.seed_fraction, cfg.student.max_length, cfg.corroboration_devices)
     soft, teacher = teacher_logits(cfg.teacher_path(), splits.label_names, data.ids)
+    data = corroborate(data, soft)
+    log.info(
+        "%s: %d labelled examples (seed_fraction %s), feedback %s (%d dropped), corrections %s",
+        task, data.labelled, cfg.seed_fraction, data.feedback or "none", data.dropped, data.corrections,
+    )
     files, fields = train_candidate(cfg, splits, data, soft)
+    lineage = _lineage(cfg, data, teacher, feedback)
+    try:
+        check_candidate(files, fields, splits.label_names, cfg.student.max_length)
+    except CandidateError as exc:
+        audit.append("reject_candidate", "retrainer", task=task, version=None, parent=parent, reason=str(exc))
+        raise
     with tempfile.TemporaryDirectory() as tmp:
         candidate = Path(tmp)
         for name, content in files.items():
             (candidate / name).write_bytes(content)
         log.info("%s: judging the candidate against %s", task, parent or "no promoted version")
         promoted = None if parent is None else registry.path(task, parent)
+        # On the bytes just checked, in this process: what is signed next is what was judged.
         gate = judge(candidate, promoted, splits.val, splits.label_names, cfg.min_accuracy_gain)
-        lineage = _lineage(cfg, data, teacher)
-        manifest = write_manifest(candidate, kind="student", task=task, parent=parent, gate=gate, **lineage, **fields)
-        sign_artifact(candidate, key)
+        write_manifest(candidate, kind="student", task=task, parent=parent, gate=gate,
+                       sequence=registry.next_sequence(task), **lineage, **fields)
+        manifest = sign_artifact(candidate, key)
+        signed_sha256 = manifest_sha256((candidate / MANIFEST_FILE).read_bytes())
+        audit.append("key_use", "retrainer", key_id=manifest.key_id, task=task, version=manifest.version,
+                     signed="manifest")
         version = registry.publish(task, candidate)
+    audit.append(
+        "publish", "retrainer", task=task, version=version, parent=parent, sequence=manifest.sequence,
+        key_id=manifest.key_id, manifest_sha256=signed_sha256, lineage=lineage, gate=gate,
+    )
     if gate["passed"]:
-        registry.promote(task, version)
+        promotion = registry.promote(task, version, key)
+        audit.append("key_use", "retrainer", key_id=promotion.key_id, task=task, version=version, signed="promotion")
+        audit.append("promote", "retrainer", task=task, version=version, previous=promotion.previous,
+                     sequence=promotion.sequence, key_id=promotion.key_id, manifest_sha256=promotion.manifest_sha256)
+    else:
+        audit.append("reject_candidate", "retrainer", task=task, version=version, parent=parent,
+                     reason="the gate did not pass", gate=gate)
     against = "nothing promoted" if parent is None else f"{gate['promoted_accuracy']:.3f} for {parent}"
     log.info(
         "%s: published %s, %s: held-out accuracy %.3f against %s (min gain %s)",
@@ -83,26 +113,64 @@ def run_distill(cfg: DistillConfig, feedback: list[FeedbackExample] | None = Non
         "version": version,
         "promoted": gate["passed"],
         "parent": parent,
-        "metrics": manifest["metrics"],
+        "metrics": manifest.model_dump(mode="json")["metrics"],
         "gate": gate,
+        "corrections": data.corrections,
         "seconds": round(time.monotonic() - started, 1),
     }
 
 
-def _lineage(cfg: DistillConfig, data: DistillSet, teacher: str) -> dict[str, Any]:
-    """What the candidate was trained on and how, for its manifest."""
+def _lineage(cfg: DistillConfig, data: DistillSet, teacher: str, feedback: list[FeedbackExample]) -> dict[str, Any]:
+    """What the candidate was trained on and how: for its signed manifest and its audit entry."""
+    partitions: dict[str, Counter[str]] = defaultdict(Counter)
+    for f in feedback:
+        partitions[f"task={cfg.task.name}/date={f.date}" if f.date else "not from the store"][f.kind] += 1
     return {
         "train_examples": len(data.ids),
         "labelled_examples": data.labelled,
         "feedback_examples": data.feedback,
         "feedback_dropped": data.dropped,
+        "feedback_corrections": data.corrections,
+        "feedback_partitions": {p: dict(kinds) for p, kinds in sorted(partitions.items())},
         "distill": {
             "teacher": teacher,
             "kd_temperature": cfg.kd_temperature,
             "alpha": cfg.alpha,
             "seed_fraction": cfg.seed_fraction,
+            "corroboration_devices": cfg.corroboration_devices,
         },
     }
+
+
+class CandidateError(Exception):
+    """What a training task returned is not a well-formed student of the task: it is not signed."""
+
+
+def check_candidate(files: dict[str, bytes], fields: dict[str, Any], label_names: list[str], max_length: int) -> None:
+    """Checks a candidate from a training task before this process signs it: the training
+    cluster is not trusted with the key, so the signer checks what it would vouch for. The
+    files are exactly the student's, the labels and tokenizer are the task's, and ONNX Runtime
+    loads the model with the edge's inputs and one output per label. (Its accuracy is the gate's.)"""
+    expected = set(STUDENT_FILES) - {MANIFEST_FILE}
+    if set(files) != expected:
+        raise CandidateError(f"candidate files {sorted(files)} are not the student's {sorted(expected)}")
+    if fields.get("payload") != MODEL_FILE or fields.get("max_length") != max_length:
+        raise CandidateError(f"candidate payload/max_length {fields.get('payload')}/{fields.get('max_length')} "
+                             f"are not {MODEL_FILE}/{max_length}")
+    if json.loads(files[LABELS_FILE]) != label_names:
+        raise CandidateError(f"candidate {LABELS_FILE} is not the task's labels, in the task's order")
+    if files[TOKENIZER_FILE] != (minilm_dir() / "tokenizer.json").read_bytes():
+        raise CandidateError(f"candidate {TOKENIZER_FILE} is not the student's tokenizer")
+    try:
+        session = ort.InferenceSession(files[MODEL_FILE], providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own untyped errors for bad graphs
+        raise CandidateError(f"ONNX Runtime cannot load the candidate's {MODEL_FILE}: {exc}") from exc
+    inputs = [i.name for i in session.get_inputs()]
+    outputs = session.get_outputs()
+    labels_out = [o.shape[-1] for o in outputs if o.name == ONNX_OUTPUT]
+    if inputs != list(ONNX_INPUTS) or len(outputs) != 1 or labels_out != [len(label_names)]:
+        raise CandidateError(f"candidate {MODEL_FILE} maps {inputs} to {[(o.name, o.shape) for o in outputs]}, not "
+                             f"{list(ONNX_INPUTS)} to {ONNX_OUTPUT} with {len(label_names)} labels")
 
 
 def run_schedule(cfg: DistillConfig) -> None:
@@ -119,14 +187,6 @@ def run_schedule(cfg: DistillConfig) -> None:
             except Exception:
                 log.exception("distillation round of %s failed; the next starts on schedule", cfg.task.name)
             time.sleep(max(0.0, started + cfg.interval_s - time.monotonic()))
-
-
-def signing_key(path: Path) -> Ed25519PrivateKey:
-    """The private key at `path`, generated the first time."""
-    if not path.exists():
-        generate_key(path)
-        log.info("generated a new signing key %s; edges must trust %s", path, public_path(path))
-    return load_private_key(path)
 
 
 def teacher_logits(teacher_dir: Path, label_names: list[str], ids: list[list[int]]) -> tuple[np.ndarray, str]:

@@ -1,7 +1,9 @@
 """`tandem train student`: a truncated MiniLM, exported to int8 ONNX and calibrated.
 
-The artifact directory holds `contract.STUDENT_FILES` (model, tokenizer, labels, manifest):
-everything the edge needs, nothing it must not import.
+The artifact directory holds `contract.STUDENT_FILES` (model, tokenizer, labels, manifest) and
+the manifest's signature: everything the edge needs, nothing it must not import. It is signed
+(sequence 0, below every registry version) because an edge with the updater on verifies its
+configured artifact too.
 """
 
 import json
@@ -21,18 +23,21 @@ from cloud.training.export import export_onnx, onnx_logits, quantize_int8
 from cloud.training.loop import fit, predict_logits
 from tandem.contract import LABELS_FILE, MODEL_FILE, TOKENIZER_FILE
 from tandem.fsio import atomic_dir
+from tandem.signing import sign_artifact, signing_key
 
 
 def train_student(cfg: TrainConfig, out: Path, parent: str | None = None) -> dict[str, Any]:
+    key = signing_key(cfg.signing_key_path(), cfg.dev_keys)  # before training: a missing key fails fast
     fit_cfg = cfg.student
     splits = load_splits(cfg, fit_cfg)
     model = build_classifier(splits.label_names, fit_cfg.layers)
     fit(model, splits.train.ids, splits.train.labels, fit_cfg, cfg.seed, desc="student")
     with atomic_dir(out) as scratch:
         fields = export_student(model, fit_cfg, splits, scratch)
-        return write_manifest(
+        write_manifest(
             scratch, kind="student", task=cfg.task.name, parent=parent, train_examples=len(splits.train.ids), **fields
         )
+        return sign_artifact(scratch, key).model_dump(mode="json")
 
 
 def export_student(model: PreTrainedModel, fit_cfg: FitConfig, splits: Splits, directory: Path) -> dict[str, Any]:

@@ -78,18 +78,22 @@ class ModelFile(_message.Message):
     def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class ModelManifest(_message.Message):
-    __slots__ = ("task", "version", "manifest_json", "signature", "files")
+    __slots__ = ("task", "version", "manifest_json", "signature", "files", "promotion_json", "promotion_signature")
     TASK_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     FILES_FIELD_NUMBER: _ClassVar[int]
+    PROMOTION_JSON_FIELD_NUMBER: _ClassVar[int]
+    PROMOTION_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     task: str
     version: str
     manifest_json: bytes
     signature: bytes
     files: _containers.RepeatedCompositeFieldContainer[ModelFile]
-    def __init__(self, task: _Optional[str] = ..., version: _Optional[str] = ..., manifest_json: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., files: _Optional[_Iterable[_Union[ModelFile, _Mapping]]] = ...) -> None: ...
+    promotion_json: bytes
+    promotion_signature: bytes
+    def __init__(self, task: _Optional[str] = ..., version: _Optional[str] = ..., manifest_json: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., files: _Optional[_Iterable[_Union[ModelFile, _Mapping]]] = ..., promotion_json: _Optional[bytes] = ..., promotion_signature: _Optional[bytes] = ...) -> None: ...
 
 class FetchModelRequest(_message.Message):
     __slots__ = ("task", "version")
@@ -125,3 +129,15 @@ class Routes(_message.Message):
     APPLICATIONS_FIELD_NUMBER: _ClassVar[int]
     applications: _containers.ScalarMap[str, str]
     def __init__(self, applications: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class AckRolloutRequest(_message.Message):
+    __slots__ = ("task", "version")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    task: str
+    version: str
+    def __init__(self, task: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+
+class AckRolloutResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

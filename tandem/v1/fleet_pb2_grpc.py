@@ -56,6 +56,11 @@ class FleetStub:
                 request_serializer=tandem_dot_v1_dot_fleet__pb2.GetRoutesRequest.SerializeToString,
                 response_deserializer=tandem_dot_v1_dot_fleet__pb2.Routes.FromString,
                 _registered_method=True)
+        self.AckRollout = channel.unary_unary(
+                '/tandem.v1.Fleet/AckRollout',
+                request_serializer=tandem_dot_v1_dot_fleet__pb2.AckRolloutRequest.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_fleet__pb2.AckRolloutResponse.FromString,
+                _registered_method=True)
 
 
 class FleetServicer:
@@ -91,6 +96,13 @@ class FleetServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AckRollout(self, request, context):
+        """The calling device now serves this version: recorded in the audit trail.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FleetServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -113,6 +125,11 @@ def add_FleetServicer_to_server(servicer, server):
                     servicer.GetRoutes,
                     request_deserializer=tandem_dot_v1_dot_fleet__pb2.GetRoutesRequest.FromString,
                     response_serializer=tandem_dot_v1_dot_fleet__pb2.Routes.SerializeToString,
+            ),
+            'AckRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.AckRollout,
+                    request_deserializer=tandem_dot_v1_dot_fleet__pb2.AckRolloutRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_fleet__pb2.AckRolloutResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -225,6 +242,33 @@ class Fleet:
             '/tandem.v1.Fleet/GetRoutes',
             tandem_dot_v1_dot_fleet__pb2.GetRoutesRequest.SerializeToString,
             tandem_dot_v1_dot_fleet__pb2.Routes.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AckRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.Fleet/AckRollout',
+            tandem_dot_v1_dot_fleet__pb2.AckRolloutRequest.SerializeToString,
+            tandem_dot_v1_dot_fleet__pb2.AckRolloutResponse.FromString,
             options,
             channel_credentials,
             insecure,

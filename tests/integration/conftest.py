@@ -23,13 +23,24 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="session")
-def student_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real student, trained briefly by the project's own pipeline (about a minute)."""
+def student_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The private key that signs `student_dir` (its public key is `<name>.pub`)."""
+    from tandem.signing import generate_key
+
+    path = tmp_path_factory.mktemp("keys") / "student.pem"
+    generate_key(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def student_dir(tmp_path_factory: pytest.TempPathFactory, student_key: Path) -> Path:
+    """A real student, trained briefly by the project's own pipeline (about a minute), signed
+    with `student_key`."""
     from cloud.training.config import FitConfig, TrainConfig
     from cloud.training.student import train_student
 
     out = tmp_path_factory.mktemp("models") / "student"
-    cfg = TrainConfig(student=FitConfig(layers=2, lr=5e-4, epochs=2, max_examples=3000))
+    cfg = TrainConfig(student=FitConfig(layers=2, lr=5e-4, epochs=2, max_examples=3000), signing_key=student_key)
     train_student(cfg, out)
     return out
 
@@ -136,6 +147,7 @@ class GatedStudent:
 
     def __init__(self, student: "Student") -> None:
         self.student = student
+        self.manifest = student.manifest
         self.version = student.version
         self.labels = student.labels
         self.release = threading.Event()

@@ -1,5 +1,7 @@
 """The cloud as deployed: `tandem cloud serve` in a subprocess (real Ray Serve, real vLLM
-on CPU), reached through Serve's gRPC ingress. The engines start once for the module."""
+on CPU), reached through Serve's gRPC ingress. The engines start once for the module. The
+cloud runs `insecure` (no TLS proxy: device ids are what messages claim); the proxy, and the
+identity it forwards, have their own tests (test_proxy.py, test_authz.py)."""
 
 import asyncio
 import contextlib
@@ -53,6 +55,7 @@ def cloud(cloud_dir: Path) -> Iterator[tuple[Server, int]]:
     cfg = {
         "grpc_port": free_port(), "http_port": free_port(), "ray_metrics_port": metrics_port,
         "feedback_uri": str(tmp / "feedback"), "registry_dir": str(tmp / "registry"), "feedback_flush_s": 0.2,
+        "insecure": True,
         "tasks": {"banking77": {"spec": spec, "expert": "classifier"}, "banking77-llm": {"spec": spec, "expert": "llm"}},
         "experts": [
             {"name": "classifier", "kind": "classify", "model": str(teacher), "dtype": "float32", "max_model_len": 128,
@@ -118,7 +121,7 @@ def test_generate_expert_answers_within_the_label_set(stub: expert_pb2_grpc.Expe
 
 
 async def test_edge_daemon_escalates_to_the_served_cloud(student_dir: Path, cloud: tuple[Server, int]) -> None:
-    target = CloudLinkConfig(target=f"127.0.0.1:{cloud[0].port}", deadline_ms=30000)
+    target = CloudLinkConfig(target=f"127.0.0.1:{cloud[0].port}", deadline_ms=30000, insecure=True)
     async with running_daemon(student_dir, policy=PolicyConfig(mode="cloud_only"), cloud=target) as (_, edge):
         r = await edge.Infer(edge_pb2.InferRequest(task="banking77", text=b"my card has not arrived", request_id="e2e-1"), timeout=60)
     assert (r.source, r.expert, r.request_id) == (edge_pb2.CLOUD, "classifier", "e2e-1")
@@ -175,7 +178,7 @@ def test_answered_escalations_are_recorded_in_the_feedback_store(stub: expert_pb
         assert time.monotonic() < deadline, "the escalation never reached the feedback store"
         time.sleep(0.5)
     (row,) = rows
-    assert row["record_id"].startswith("esc-")
+    assert row["record_id"].startswith("esc/kiosk-7/")
     assert (row["kind"], row["request_id"], row["text"], row["device_id"]) == ("ESCALATION", "fb-1", "my card never came", "kiosk-7")
     assert (row["edge_label"], row["edge_model_version"]) == ("lost_or_stolen_card", "student-v1")
     assert (row["label"], row["expert"]) == (r.label, "classifier")
@@ -190,14 +193,15 @@ def test_the_fleet_routes_each_task_to_its_expert_application(fleet: fleet_pb2_g
 def test_feedback_reported_through_the_proxy_is_stored_once(cloud: tuple[Server, int], fleet: fleet_pb2_grpc.FleetStub,
                                                             cloud_dir: Path) -> None:
     records = [fleet_pb2.FeedbackRecord(record_id=f"fix-{i}", task="banking77", kind=fleet_pb2.CORRECTION,
-                                        text="card still not here", label="card_arrival", created_unix_ms=1_700_000_000_000)
+                                        text="card still not here", label="card_arrival", created_unix_ms=1_700_000_000_000,
+                                        device_id="kiosk-7")
                for i in range(2)]
     request = fleet_pb2.ReportFeedbackRequest(records=records)
     first = fleet.ReportFeedback(request, metadata=FLEET, timeout=30)
     again = fleet.ReportFeedback(request, metadata=FLEET, timeout=30)
     assert (first.stored, first.duplicates, again.stored, again.duplicates) == (2, 0, 0, 2)
     stored = FeedbackStore(str(cloud_dir / "feedback")).read("banking77")["record_id"].to_pylist()
-    assert stored.count("fix-0") == stored.count("fix-1") == 1
+    assert stored.count("dev/kiosk-7/fix-0") == stored.count("dev/kiosk-7/fix-1") == 1
     pattern = re.compile(r'^ray_tandem_feedback_records_total\{(?=.*kind="CORRECTION")(?=.*outcome="duplicate").*\} (\S+)$', re.M)
     deadline = time.monotonic() + 60
     while not ((m := pattern.search(urllib.request.urlopen(f"http://127.0.0.1:{cloud[1]}/metrics", timeout=5).read().decode()))
@@ -216,7 +220,7 @@ def test_bad_feedback_is_invalid_argument_and_a_task_without_a_promoted_model_no
     assert info.value.code() == grpc.StatusCode.NOT_FOUND and "task 'banking77' has no promoted model" in info.value.details()
     with pytest.raises(grpc.RpcError) as info:
         list(fleet.FetchModel(fleet_pb2.FetchModelRequest(task="banking77", version="v0"), metadata=FLEET, timeout=30))
-    assert info.value.code() == grpc.StatusCode.NOT_FOUND and "task 'banking77' has no published version 'v0'" in info.value.details()
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND and "task 'banking77' has no promoted model" in info.value.details()
 
 
 def test_overload_is_refused_with_resource_exhausted_before_queued_work_finishes(cloud: tuple[Server, int]) -> None:

@@ -23,7 +23,7 @@ EDGE_ONLY = {"policy": PolicyConfig(mode="edge_only")}
 
 def _escalating(target: str, deadline_ms: float = 2000, **cloud: float) -> dict:
     return {"policy": PolicyConfig(mode="cloud_only"),
-            "cloud": CloudLinkConfig(target=target, deadline_ms=deadline_ms, **cloud)}
+            "cloud": CloudLinkConfig(target=target, insecure=True, deadline_ms=deadline_ms, **cloud)}
 
 
 def _request(text: str, **kw: str) -> edge_pb2.InferRequest:
@@ -118,7 +118,8 @@ async def test_escalator_fails_fast_while_disconnected_and_recovers() -> None:
 
     async with serve_cloud() as (_, target):
         pass  # the cloud's address, now with nothing behind it
-    escalator = CloudClient(CloudLinkConfig(target=target, max_reconnect_backoff_ms=200, routes_refresh_s=0.1))
+    escalator = CloudClient(CloudLinkConfig(target=target, insecure=True, max_reconnect_backoff_ms=200,
+                                                routes_refresh_s=0.1))
     request = expert_pb2.EscalateRequest(request_id="r", task="banking77", text="hi")
     with pytest.raises(CloudCallError):
         await escalator.escalate(request)  # tries, with retries, and fails
@@ -276,7 +277,7 @@ async def test_local_answers_are_sampled_as_audit_records_at_the_configured_rate
     student_dir: Path, cloud: tuple[ScriptedCloud, str], tmp_path: Path, audit_rate: float
 ) -> None:
     _, target = cloud
-    fields = {"policy": PolicyConfig(mode="edge_only"), "cloud": CloudLinkConfig(target=target),
+    fields = {"policy": PolicyConfig(mode="edge_only"), "cloud": CloudLinkConfig(target=target, insecure=True),
               "feedback": FeedbackConfig(outbox=tmp_path / "o.sqlite3", audit_rate=audit_rate)}
     async with running_daemon(student_dir, **fields) as (daemon, stub):
         answers = [await stub.Infer(_request(f"top up failed {i}", request_id=f"a-{i}"), timeout=5) for i in range(3)]

@@ -17,7 +17,7 @@ from edge.config import BreakerConfig, CloudLinkConfig, FeedbackConfig, LoopHeal
 from edge.daemon import serve_metrics
 from edge.health import DELIVERY, UPDATER
 from edge.student import Student
-from tandem.signing import generate_key, public_path
+from tandem.signing import public_path, trust
 from tandem.subprocesses import free_port
 from tandem.v1 import edge_pb2
 
@@ -61,7 +61,8 @@ async def test_a_stalled_cloud_opens_the_breaker_and_a_probe_closes_it_when_the_
 ) -> None:
     servicer, target = cloud
     servicer.mode = "slow"  # stalls past every deadline, as while Serve restarts a replica
-    link = CloudLinkConfig(target=target, deadline_ms=200, breaker=BreakerConfig(failure_threshold=2, open_s=0.5))
+    link = CloudLinkConfig(target=target, insecure=True, deadline_ms=200,
+                           breaker=BreakerConfig(failure_threshold=2, open_s=0.5))
     async with running_daemon(student_dir, policy=PolicyConfig(mode="cloud_only"), cloud=link) as (daemon, stub):
         stalled = [await stub.Infer(_request("where is my card"), timeout=5) for _ in range(2)]
         sent = len(servicer.seen)
@@ -127,16 +128,21 @@ def cloud_down() -> str:
     return f"127.0.0.1:{free_port()}"
 
 
+def _keyring(tmp_path: Path, student_key: Path) -> Path:
+    """A keyring trusting the key that signed the configured student (the updater verifies it)."""
+    path = tmp_path / "keyring.json"
+    trust(path, public_path(student_key))
+    return path
+
+
 async def test_loops_that_keep_failing_report_not_serving_but_the_daemon_stays_serving(
-    student_dir: Path, tmp_path: Path, cloud_down: str
+    student_dir: Path, student_key: Path, tmp_path: Path, cloud_down: str
 ) -> None:
-    key = tmp_path / "keys" / "registry.key"
-    generate_key(key)
     fields = {
         "policy": PolicyConfig(mode="cloud_only"),
-        "cloud": CloudLinkConfig(target=cloud_down, max_reconnect_backoff_ms=200),
+        "cloud": CloudLinkConfig(target=cloud_down, insecure=True, max_reconnect_backoff_ms=200),
         "feedback": FeedbackConfig(outbox=tmp_path / "o.sqlite3", min_backoff_s=0.01, max_backoff_s=0.05),
-        "updater": UpdaterConfig(enabled=True, public_key=public_path(key), models_dir=tmp_path / "models",
+        "updater": UpdaterConfig(enabled=True, keyring=_keyring(tmp_path, student_key), models_dir=tmp_path / "models",
                                  poll_interval_s=3600),
         "loop_health": LoopHealthConfig(failure_threshold=2),
     }
@@ -162,7 +168,7 @@ async def test_a_corrupt_outbox_is_set_aside_and_the_daemon_serves_and_records(
     outbox = tmp_path / "outbox.sqlite3"
     garbage = b"not an SQLite database: a torn write, a bad sector " * 64
     outbox.write_bytes(garbage)
-    fields = {"policy": PolicyConfig(mode="edge_only"), "cloud": CloudLinkConfig(target=cloud_down),
+    fields = {"policy": PolicyConfig(mode="edge_only"), "cloud": CloudLinkConfig(target=cloud_down, insecure=True),
               "feedback": FeedbackConfig(outbox=outbox)}
     async with running_daemon(student_dir, **fields) as (daemon, stub):
         answer = await stub.Infer(_request("top up failed"), timeout=5)
@@ -177,22 +183,20 @@ async def test_a_corrupt_outbox_is_set_aside_and_the_daemon_serves_and_records(
 
 
 async def test_a_corrupt_model_state_is_set_aside_and_the_configured_artifact_serves(
-    student_dir: Path, tmp_path: Path, cloud_down: str
+    student_dir: Path, student_key: Path, tmp_path: Path, cloud_down: str
 ) -> None:
-    key = tmp_path / "keys" / "registry.key"
-    generate_key(key)
     state = tmp_path / "models" / "banking77" / "state.json"
     state.parent.mkdir(parents=True)
     state.write_text('{"current": "v9", "previous": ')  # torn
-    fields = {"policy": PolicyConfig(mode="edge_only"), "cloud": CloudLinkConfig(target=cloud_down),
-              "updater": UpdaterConfig(enabled=True, public_key=public_path(key), models_dir=tmp_path / "models",
-                                       poll_interval_s=3600)}
+    fields = {"policy": PolicyConfig(mode="edge_only"), "cloud": CloudLinkConfig(target=cloud_down, insecure=True),
+              "updater": UpdaterConfig(enabled=True, keyring=_keyring(tmp_path, student_key),
+                                       models_dir=tmp_path / "models", poll_interval_s=3600)}
     async with running_daemon(student_dir, **fields) as (daemon, stub):
         answer = await stub.Infer(_request("top up failed"), timeout=5)
         faults = _sample(daemon, "tandem_edge_storage_faults_total", store="model_state")
     (aside,) = state.parent.glob("state.json.corrupt-*")
     assert aside.read_text() == '{"current": "v9", "previous": '
-    assert answer.model_version == Student(student_dir).version and faults == 1
+    assert answer.model_version == Student.load(student_dir).version and faults == 1
 
 
 def test_the_metrics_port_binds_the_configured_host() -> None:

@@ -35,7 +35,7 @@ class SwitchedFleet(FleetServicer):
     OK leaves, and stores normally from then on. `up`: stores."""
 
     def __init__(self, store: FeedbackStore, root: Path) -> None:
-        super().__init__(store, ModelRegistry(root / "models"))
+        super().__init__(store, ModelRegistry(root / "models"), insecure=True)  # the edge is plaintext, as `kill-test`
         self.mode = "down"
         self.victim: subprocess.Popen[str] | None = None
         self.answers: list[fleet_pb2.ReportFeedbackResponse] = []
@@ -72,7 +72,7 @@ def _config(tmp_path: Path, student_dir: Path, target: str) -> Path:
     path.write_text(yaml.safe_dump({
         "listen": "127.0.0.1:0", "metrics_port": None, "tasks": {TASK: str(student_dir)}, "device_id": "kill-test",
         # The Fleet servicer names no expert for the task (GetRoutes): every answer is a fallback.
-        "policy": {"mode": "cloud_only"}, "cloud": {"target": target},
+        "policy": {"mode": "cloud_only"}, "cloud": {"target": target, "insecure": True},
         "feedback": {"outbox": str(tmp_path / "outbox.sqlite3"), "batch_size": 16, "audit_rate": 0.0,
                      "min_backoff_s": 0.05, "max_backoff_s": 0.2},
     }))

@@ -2,6 +2,7 @@
 directories, as an edge's tests run it (no Ray)."""
 
 import contextlib
+import itertools
 import os
 import threading
 from collections.abc import AsyncIterator, Sequence
@@ -16,13 +17,22 @@ from cloud.registry import ModelRegistry
 from cloud.registry.service import CHUNK_BYTES, FleetMetrics, FleetServicer
 from cloud.training.artifact import write_manifest
 from tandem.contract import MANIFEST_FILE, SIGNATURE_FILE
-from tandem.signing import generate_key, load_private_key, load_public_key, public_path, sign_artifact, verify_artifact
+from tandem.signing import (
+    Keyring,
+    generate_key,
+    key_id,
+    load_private_key,
+    sign_artifact,
+    verify_artifact,
+    verify_promotion,
+)
 from tandem.v1 import fleet_pb2, fleet_pb2_grpc
 
 pytestmark = pytest.mark.integration
 
 TASKS = {"t": ["card_arrival", "lost_card"], "u": ["card_arrival"]}
 ROUTES = {"t": "classifier", "u": "llm"}
+SEQUENCE = itertools.count(1)  # each published version's: above every earlier one's
 Served = tuple[fleet_pb2_grpc.FleetStub, FeedbackStore, ModelRegistry]
 
 
@@ -49,13 +59,14 @@ async def serving(servicer: FleetServicer) -> AsyncIterator[fleet_pb2_grpc.Fleet
 @pytest_asyncio.fixture()
 async def fleet(tmp_path: Path) -> AsyncIterator[Served]:
     store, models = FeedbackStore(str(tmp_path / "feedback")), ModelRegistry(tmp_path / "registry")
-    async with serving(FleetServicer(store, models, TASKS, ROUTES, max_batch=10)) as stub:
+    # insecure: callers are who their records say (test_authz.py covers the proxy's identity).
+    async with serving(FleetServicer(store, models, TASKS, ROUTES, max_batch=10, insecure=True)) as stub:
         yield stub, store, models
 
 
 def _record(record_id: str, **fields: object) -> fleet_pb2.FeedbackRecord:
     values = {"task": "t", "kind": fleet_pb2.CORRECTION, "text": "where is my card", "label": "card_arrival",
-              "created_unix_ms": 1_700_000_000_000, **fields}
+              "created_unix_ms": 1_700_000_000_000, "device_id": "kiosk-1", **fields}
     return fleet_pb2.FeedbackRecord(record_id=record_id, **values)
 
 
@@ -65,7 +76,7 @@ def _artifact(key_path: Path, name: str, payload: bytes) -> Path:
     (directory / "model.onnx").write_bytes(payload)
     (directory / "labels.json").write_text('["card_arrival", "lost_card"]\n')
     (directory / "empty.txt").write_bytes(b"")
-    write_manifest(directory, kind="student", task="t", payload="model.onnx")
+    write_manifest(directory, kind="student", task="t", payload="model.onnx", sequence=next(SEQUENCE))
     sign_artifact(directory, load_private_key(key_path))
     return directory
 
@@ -77,7 +88,7 @@ async def test_the_same_feedback_batch_sent_twice_is_stored_once(fleet: Served) 
     second = await stub.ReportFeedback(request, timeout=10)
     assert (first.stored, first.duplicates) == (2, 1)
     assert (second.stored, second.duplicates) == (0, 3)
-    assert store.read("t")["record_id"].to_pylist() == ["c1", "c2"]
+    assert store.read("t")["record_id"].to_pylist() == ["dev/kiosk-1/c1", "dev/kiosk-1/c2"]
 
 
 async def test_routes_name_each_tasks_expert_application(fleet: Served) -> None:
@@ -108,13 +119,14 @@ async def test_the_promoted_student_arrives_byte_identical_and_verifies(fleet: S
     payload = os.urandom(2 * CHUNK_BYTES + 12345)  # three chunks, the last one short
     older = models.publish("t", _artifact(key_path, "old", b"old model"))
     version = models.publish("t", _artifact(key_path, "new", payload))
-    models.promote("t", version)
+    models.promote("t", version, load_private_key(key_path))
 
     manifest = await stub.GetManifest(fleet_pb2.GetManifestRequest(task="t"), timeout=10)
     published = models.path("t", version)
     assert (manifest.task, manifest.version) == ("t", version)
     assert manifest.manifest_json == (published / MANIFEST_FILE).read_bytes()
     assert manifest.signature == (published / SIGNATURE_FILE).read_bytes()
+    assert (manifest.promotion_json, manifest.promotion_signature) == models.promotion("t")
     assert {f.name: f.size for f in manifest.files} == {
         p.name: p.stat().st_size for p in published.iterdir() if p.name not in (MANIFEST_FILE, SIGNATURE_FILE)
     }
@@ -125,25 +137,31 @@ async def test_the_promoted_student_arrives_byte_identical_and_verifies(fleet: S
     assert max(len(c.data) for c in chunks) == CHUNK_BYTES
     received = _reassemble(chunks, tmp_path / "received")
     assert {p.name: p.read_bytes() for p in received.iterdir()} == {p.name: p.read_bytes() for p in published.iterdir()}
-    assert verify_artifact(received, load_public_key(public_path(key_path)))["version"] == version
+    public = load_private_key(key_path).public_key()
+    keyring = Keyring({key_id(public): public})
+    verified, _ = verify_artifact(received, keyring)
+    promotion = verify_promotion(manifest.promotion_json, manifest.promotion_signature, keyring)
+    assert verified.version == version
+    assert (promotion.task, promotion.version, promotion.sequence) == ("t", version, verified.sequence)
 
-    old = [c async for c in stub.FetchModel(fleet_pb2.FetchModelRequest(task="t", version=older), timeout=10)]
-    assert b"".join(c.data for c in old if c.file == "model.onnx") == b"old model"
+    with pytest.raises(grpc.aio.AioRpcError) as info:  # published, not promoted: it stays in the cloud
+        await _drain(stub.FetchModel(fleet_pb2.FetchModelRequest(task="t", version=older), timeout=10))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND and "is not promoted" in info.value.details()
     promoted = [c async for c in stub.FetchModel(fleet_pb2.FetchModelRequest(task="t"), timeout=10)]
     assert promoted == chunks, "an empty version means the promoted one"
 
 
 @pytest.mark.parametrize(
-    ("call", "details"),
+    ("call", "code", "details"),
     [
-        ("GetManifest:weather", "task 'weather' has no promoted model"),
-        ("GetManifest:t", "task 't' has no promoted model"),
-        ("FetchModel:t:absent", "task 't' has no published version 'absent'"),
-        ("FetchModel:t:../t", "invalid version name '../t'"),
+        ("GetManifest:weather", grpc.StatusCode.NOT_FOUND, "task 'weather' has no promoted model"),
+        ("GetManifest:t", grpc.StatusCode.NOT_FOUND, "task 't' has no promoted model"),
+        ("FetchModel:t:absent", grpc.StatusCode.NOT_FOUND, "task 't' has no promoted model"),
+        ("FetchModel:t:../t", grpc.StatusCode.INVALID_ARGUMENT, "version: invalid name '../t'"),
     ],
 )
-async def test_unknown_tasks_and_versions_are_not_found(fleet: Served, key_path: Path, call: str,
-                                                        details: str) -> None:
+async def test_unknown_tasks_and_versions_are_refused(fleet: Served, key_path: Path, call: str, code: grpc.StatusCode,
+                                                      details: str) -> None:
     stub, _, models = fleet
     models.publish("t", _artifact(key_path, "unpromoted", b"model"))
     method, task, *version = call.split(":")
@@ -152,7 +170,7 @@ async def test_unknown_tasks_and_versions_are_not_found(fleet: Served, key_path:
             await stub.GetManifest(fleet_pb2.GetManifestRequest(task=task), timeout=10)
         else:
             [c async for c in stub.FetchModel(fleet_pb2.FetchModelRequest(task=task, version=version[0]), timeout=10)]
-    assert info.value.code() == grpc.StatusCode.NOT_FOUND and details in info.value.details()
+    assert info.value.code() == code and details in info.value.details()
 
 
 def _reassemble(chunks: list[fleet_pb2.ModelChunk], directory: Path) -> Path:
@@ -169,7 +187,7 @@ async def test_an_unreadable_registry_is_unavailable_not_unknown(fleet: Served, 
     """A damaged published version (its signature lost on the volume) must not crash the RPCs."""
     stub, _, models = fleet
     version = models.publish("t", _artifact(key_path, "v1", b"onnx bytes"))
-    models.promote("t", version)
+    models.promote("t", version, load_private_key(key_path))
     (models.path("t", version) / SIGNATURE_FILE).unlink()
     for call in (stub.GetManifest(fleet_pb2.GetManifestRequest(task="t"), timeout=10),
                  _drain(stub.FetchModel(fleet_pb2.FetchModelRequest(task="t"), timeout=10))):
@@ -198,17 +216,17 @@ class Counted(FleetMetrics):
 async def test_a_corrupt_store_file_is_quarantined_and_feedback_is_still_stored(tmp_path: Path) -> None:
     """Before: ArrowInvalid escaped the servicer, every ReportFeedback of the task failed and
     edges retried forever."""
-    FeedbackStore(str(tmp_path / "feedback")).add([_record("c1")])
+    FeedbackStore(str(tmp_path / "feedback")).add([_record("dev/kiosk-1/c1")])  # as the servicer stores c1
     bad = next((tmp_path / "feedback").glob("task=t/date=*")) / "part-garbage.parquet"
     bad.write_bytes(b"not parquet" * 100)
     metrics = Counted()
     store = FeedbackStore(str(tmp_path / "feedback"), on_quarantine=metrics.quarantined)
-    async with serving(FleetServicer(store, ModelRegistry(tmp_path / "registry"), TASKS, metrics=metrics)) as stub:
+    async with serving(FleetServicer(store, ModelRegistry(tmp_path / "registry"), TASKS, metrics=metrics, insecure=True)) as stub:
         answer = await stub.ReportFeedback(fleet_pb2.ReportFeedbackRequest(records=[_record("c1"), _record("c2")]), timeout=10)
     assert (answer.stored, answer.duplicates) == (1, 1)
     assert metrics.quarantines == [("t", str(bad))] and metrics.requests == [("ReportFeedback", grpc.StatusCode.OK)]
     assert (tmp_path / "feedback" / "_quarantine" / bad.relative_to(tmp_path / "feedback")).exists()
-    assert store.read("t")["record_id"].to_pylist() == ["c1", "c2"]
+    assert store.read("t")["record_id"].to_pylist() == ["dev/kiosk-1/c1", "dev/kiosk-1/c2"]
 
 
 class HungStore(FeedbackStore):
@@ -228,15 +246,15 @@ class HungRegistry(ModelRegistry):
         super().__init__(root)
         self.release = threading.Event()
 
-    def promoted(self, task: str) -> str | None:
+    def promotion(self, task: str) -> tuple[bytes, bytes] | None:
         self.release.wait()
-        return super().promoted(task)
+        return super().promotion(task)
 
 
 async def test_a_hung_store_or_registry_is_deadline_exceeded_within_the_request_timeout(tmp_path: Path) -> None:
     store, models = HungStore(str(tmp_path / "feedback")), HungRegistry(tmp_path / "registry")
     metrics = Counted()
-    servicer = FleetServicer(store, models, TASKS, metrics=metrics, request_timeout_s=0.2)
+    servicer = FleetServicer(store, models, TASKS, metrics=metrics, request_timeout_s=0.2, insecure=True)
     records = fleet_pb2.ReportFeedbackRequest(records=[_record("c1"), _record("c2")])
     try:
         async with serving(servicer) as stub:
@@ -257,4 +275,4 @@ async def test_a_hung_store_or_registry_is_deadline_exceeded_within_the_request_
     finally:
         store.release.set()
         models.release.set()
-    assert store.read("t")["record_id"].to_pylist() == ["c1", "c2"]
+    assert store.read("t")["record_id"].to_pylist() == ["dev/kiosk-1/c1", "dev/kiosk-1/c2"]

@@ -16,8 +16,9 @@ import cloud.app
 import cloud.experts.engine
 from cloud.app import Expert, fleet_app
 from cloud.experts.protocol import Answer
+from cloud.identity import DEVICE_METADATA, PROXY_TOKEN_METADATA
 from tandem.contract import CALLER_TIMEOUT_METADATA
-from tandem.v1 import expert_pb2, expert_pb2_grpc, fleet_pb2
+from tandem.v1 import common_pb2, expert_pb2, expert_pb2_grpc, fleet_pb2
 
 LABELS = ["card_arrival", "lost_card"]
 
@@ -33,11 +34,14 @@ def _cloud_yaml(tmp_path: Path, **fields: Any) -> Path:
     return path
 
 
-def test_the_fleet_deployment_is_bounded_as_configured(tmp_path: Path) -> None:
-    fleet = {"max_ongoing_requests": 7, "max_queued_requests": 11, "request_timeout_s": 2.5}
+def test_the_fleet_deployment_is_bounded_and_placed_as_configured(tmp_path: Path) -> None:
+    fleet = {"max_ongoing_requests": 7, "max_queued_requests": 11, "request_timeout_s": 2.5, "device_quota_per_day": 9,
+             "ray_resources": {"feedback_writer": 1}}
     deployment = fleet_app({"config": str(_cloud_yaml(tmp_path, fleet=fleet))})._bound_deployment
     assert (deployment.max_ongoing_requests, deployment.max_queued_requests) == (7, 11)
-    assert deployment.init_args[-1] == 2.5  # FleetServicer's request_timeout_s
+    assert deployment.ray_actor_options["resources"] == {"feedback_writer": 1}
+    *_, options, insecure = deployment.init_args
+    assert (options["request_timeout_s"], options["device_quota_per_day"], insecure) == (2.5, 9, False)
 
 
 def test_the_fleet_deployment_is_bounded_by_default(tmp_path: Path) -> None:
@@ -74,7 +78,8 @@ Served = tuple[expert_pb2_grpc.ExpertStub, Runner, list[fleet_pb2.FeedbackRecord
 
 
 @contextlib.asynccontextmanager
-async def serving(monkeypatch: pytest.MonkeyPatch, runner: Runner, timeout_s: float = 30.0) -> AsyncIterator[Served]:
+async def serving(monkeypatch: pytest.MonkeyPatch, runner: Runner, timeout_s: float = 30.0,
+                  insecure: bool = True) -> AsyncIterator[Served]:
     """An Expert on a grpc.aio server; the records it sent, once it has stopped."""
     recorded: list[fleet_pb2.FeedbackRecord] = []
     base = Expert.func_or_class
@@ -92,7 +97,7 @@ async def serving(monkeypatch: pytest.MonkeyPatch, runner: Runner, timeout_s: fl
     monkeypatch.setattr(cloud.app, "log_to_serve", lambda: None)  # Serve's handlers exist only in a replica
     monkeypatch.setattr(cloud.experts.engine, "build_engine", lambda cfg: Engine())
     expert = Standalone({"name": "e", "kind": "generate", "model": "m"}, {"t": LABELS}, timeout_s,
-                        {"batch_size": 1000, "interval_s": 3600, "retries": 1})
+                        {"batch_size": 1000, "interval_s": 3600, "retries": 1}, insecure)
     server = grpc.aio.server()
     expert_pb2_grpc.add_ExpertServicer_to_server(expert, server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -156,3 +161,70 @@ async def test_a_passed_or_malformed_caller_deadline_starts_no_work(monkeypatch:
         assert code == grpc.StatusCode.INVALID_ARGUMENT and f"metadata {CALLER_TIMEOUT_METADATA}: 'soon'" in message
         assert runner.calls == 0
     assert recorded == []
+
+
+PROXY_TOKEN = "proxy-secret"
+
+
+def _proxied(device: str, token: str = PROXY_TOKEN) -> tuple[tuple[str, str], ...]:
+    """The metadata the TLS proxy sets on a call from `device`."""
+    return (PROXY_TOKEN_METADATA, token), (DEVICE_METADATA, device)
+
+
+async def test_an_escalation_is_recorded_under_the_verified_device_whatever_it_claims(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TANDEM_PROXY_TOKEN", PROXY_TOKEN)
+    async with serving(monkeypatch, Runner(), insecure=False) as (stub, _, recorded):
+        await stub.Escalate(_request(), metadata=_proxied("kiosk-2"), timeout=60)  # claims kiosk-1
+    (record,) = recorded
+    assert record.device_id == "kiosk-2" and record.record_id.startswith("esc/kiosk-2/")
+
+
+@pytest.mark.parametrize(("metadata", "details"), [
+    ((), "did not come through the TLS proxy"),
+    (_proxied("kiosk-2", token="guessed"), "did not come through the TLS proxy"),
+    (_proxied("")[:1], "no verified device certificate"),
+])
+async def test_an_escalation_without_a_verified_device_is_unauthenticated(
+        monkeypatch: pytest.MonkeyPatch, metadata: tuple[tuple[str, str], ...], details: str) -> None:
+    monkeypatch.setenv("TANDEM_PROXY_TOKEN", PROXY_TOKEN)
+    async with serving(monkeypatch, Runner(), insecure=False) as (stub, runner, recorded):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Escalate(_request(), metadata=metadata, timeout=60)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED and details in info.value.details()
+        assert runner.calls == 0
+    assert recorded == []
+
+
+@pytest.mark.parametrize(("edge", "details"), [
+    (common_pb2.EdgePrediction(label="weather"), "edge.label: 'weather' is not a label of task t"),
+    (common_pb2.EdgePrediction(confidence=1.5), "edge.confidence: 1.5 is not in [0, 1]"),
+    (common_pb2.EdgePrediction(confidence=float("nan")), "edge.confidence: nan is not in [0, 1]"),
+    (common_pb2.EdgePrediction(model_version="../v1"), "edge.model_version: invalid name '../v1'"),
+])
+async def test_an_escalations_edge_prediction_is_checked(monkeypatch: pytest.MonkeyPatch, edge: common_pb2.EdgePrediction,
+                                                         details: str) -> None:
+    async with serving(monkeypatch, Runner()) as (stub, runner, recorded):
+        request = _request()
+        request.edge.CopyFrom(edge)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Escalate(request, timeout=60)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and details in info.value.details()
+        assert runner.calls == 0
+    assert recorded == []
+
+
+def test_a_task_the_cloud_does_not_have_is_never_a_metric_label_value() -> None:
+    """Else any name a store directory or a caller brings would add a metric series."""
+
+    class Recorded:
+        tags: list[dict[str, str]] = []
+
+        def inc(self, value: float = 1.0, tags: dict[str, str] | None = None) -> None:
+            self.tags.append(tags or {})
+
+    metrics = cloud.app.ServeFleetMetrics(["t"])
+    metrics._records = metrics._quarantined = Recorded()
+    metrics.feedback("t", "AUDIT", "stored", 1)
+    metrics.feedback("random-name-1", "AUDIT", "stored", 1)
+    metrics.quarantined("random-name-2", "/store/task=random-name-2/part-1.parquet")
+    assert [t["task"] for t in Recorded.tags] == ["t", cloud.app.UNKNOWN_TASK, cloud.app.UNKNOWN_TASK]

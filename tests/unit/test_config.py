@@ -13,7 +13,7 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 
 def test_yaml_is_loaded_and_environment_overrides_nested_fields(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = _write(tmp_path, "tasks: {t: ~/models/t}\ncloud: {target: 'cloud:9000'}\npolicy: {threshold: 0.4}\n")
+    path = _write(tmp_path, "tasks: {t: ~/models/t}\ncloud: {target: 'cloud:9000', insecure: true}\npolicy: {threshold: 0.4}\n")
     monkeypatch.setenv("TANDEM_EDGE_POLICY__THRESHOLD", "0.75")
     monkeypatch.setenv("TANDEM_EDGE_MAX_BATCH", "4")
     cfg = load_config(EdgeConfig, path)

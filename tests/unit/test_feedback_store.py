@@ -203,7 +203,7 @@ def test_escalation_record_ids_are_stable_per_device_and_request() -> None:
 
     assert record_id("kiosk-1", "1") == record_id("kiosk-1", "1")  # recorded twice: stored once
     assert record_id("kiosk-1", "1") != record_id("kiosk-2", "1")  # two devices' request 1 both kept
-    assert record_id("kiosk-1", "a b " * 32).startswith("esc-")
+    assert record_id("kiosk-1", "a b " * 32).startswith("esc/kiosk-1/")  # under the device, where no device's own ids are
 
 
 def _valid_parquet() -> bytes:

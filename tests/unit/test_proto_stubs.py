@@ -36,6 +36,6 @@ def test_each_service_carries_only_the_methods_its_role_serves() -> None:
         for name, service in module.DESCRIPTOR.services_by_name.items()
     }
     assert services.pop("Expert") == ["Escalate"]
-    assert services.pop("Fleet") == ["FetchModel", "GetManifest", "GetRoutes", "ReportFeedback"]
+    assert services.pop("Fleet") == ["AckRollout", "FetchModel", "GetManifest", "GetRoutes", "ReportFeedback"]
     assert "Cloud" not in services
     assert fleet_pb2.DESCRIPTOR.services_by_name["Fleet"].methods_by_name["FetchModel"].server_streaming

@@ -1,0 +1,46 @@
+"""Who is calling: the device identity that the TLS-terminating proxy verified.
+
+Serve's gRPC proxy serves plaintext only (ray-project/ray#34103), so nginx terminates mTLS in
+front of it, verifies the device's client certificate against the fleet CA and its CRL, and
+forwards the certificate's common name as DEVICE_METADATA. nginx sets both headers below
+itself, replacing any a client sent, so no client can choose them. The proxy's token proves
+that a call came through the proxy: Serve's port listens on every interface, and a caller
+that reaches it directly cannot know the token.
+"""
+
+import hmac
+from collections.abc import Sequence
+
+from tandem import envs
+from tandem.contract import FieldError, check_name
+
+# Set by the proxy from the verified client certificate's subject CN.
+DEVICE_METADATA = "tandem-device"
+# Set by the proxy to the value of TANDEM_PROXY_TOKEN (the cloud's environment).
+PROXY_TOKEN_METADATA = "tandem-proxy-token"
+
+
+class Unauthenticated(Exception):
+    """The call did not come through the proxy with a verified device identity."""
+
+
+def caller_device(metadata: Sequence[tuple[str, str]], claimed: str, insecure: bool) -> str:
+    """The calling device's id, a `contract.NAME` (ids name store partitions and record-id
+    namespaces). Through the proxy: the verified identity, whatever the message claims. With
+    `insecure` (a development cloud without the proxy): the id the message claims, if any."""
+    if insecure:
+        return check_name("device_id", claimed) if claimed else ""
+    values = dict(metadata)
+    token = envs.TANDEM_PROXY_TOKEN
+    if not token:
+        raise Unauthenticated("the cloud has no TANDEM_PROXY_TOKEN: it cannot tell proxied calls from direct ones")
+    if not hmac.compare_digest(values.get(PROXY_TOKEN_METADATA, "").encode(), token.encode()):
+        raise Unauthenticated("the call did not come through the TLS proxy; connect to its port with a device certificate")
+    device = values.get(DEVICE_METADATA, "")
+    if not device:
+        raise Unauthenticated("no verified device certificate")
+    try:
+        # Device ids name store partitions and record-id namespaces: enrolment issues NAMEs only.
+        return check_name(DEVICE_METADATA, device)
+    except FieldError as exc:
+        raise Unauthenticated(str(exc)) from None
