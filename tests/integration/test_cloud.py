@@ -1,7 +1,8 @@
 """The cloud as deployed: `tandem cloud serve` in a subprocess (real Ray Serve, real vLLM
-on CPU), reached through Serve's gRPC ingress. The engines start once for the module. The
-cloud runs `insecure` (no TLS proxy: device ids are what messages claim); the proxy, and the
-identity it forwards, have their own tests (test_proxy.py, test_authz.py)."""
+on CPU, behind the real nginx mTLS proxy with a fleet CA of its own). The engines start once
+for the module. The `test_tls_*` tests go through the proxy as devices would; the others call
+Serve's port directly with the identity and token the proxy would forward (`PROXIED`), which
+this module knows because it sets the cloud's TANDEM_PROXY_TOKEN."""
 
 import asyncio
 import contextlib
@@ -9,6 +10,7 @@ import re
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -16,8 +18,10 @@ import psutil
 import pytest
 import yaml
 
+from cloud import pki
 from cloud.feedback import FeedbackStore
-from edge.config import CloudLinkConfig, PolicyConfig
+from cloud.identity import DEVICE_METADATA, PROXY_TOKEN_METADATA
+from edge.config import CloudLinkConfig, PolicyConfig, TLSFiles
 from tandem.contract import FLEET_APPLICATION, TEXT_MAX_BYTES
 from tandem.subprocesses import Server, announced_server, free_port
 from tandem.tasks import banking77
@@ -28,8 +32,31 @@ from .conftest import running_daemon
 pytestmark = pytest.mark.integration
 
 APPLICATION = {"banking77": "classifier", "banking77-llm": "llm"}  # task -> expert application
-FLEET = [("application", FLEET_APPLICATION)]  # ReportFeedback, GetManifest, FetchModel, GetRoutes
+TOKEN = "test-proxy-token-0123456789"
+PROXIED = [(DEVICE_METADATA, "kiosk-7"), (PROXY_TOKEN_METADATA, TOKEN)]  # what the proxy adds for kiosk-7
+FLEET_APP = [("application", FLEET_APPLICATION)]
+FLEET = [*FLEET_APP, *PROXIED]  # ReportFeedback, GetManifest, FetchModel, GetRoutes
 LABELS = banking77().label_names()
+
+
+@dataclass(frozen=True)
+class Cloud:
+    server: Server  # announces the TLS proxy's port
+    serve_port: int
+    metrics_port: int
+    ca_dir: Path
+
+    def channel(self, device: str | None) -> grpc.Channel:
+        """A channel to the proxy with `device`'s certificate (enrolled now), or none."""
+        ca = (self.ca_dir / "ca.crt").read_bytes()
+        options = [("grpc.use_local_subchannel_pool", 1)]  # a connection of its own, verified afresh
+        if device is None:
+            return grpc.secure_channel(f"127.0.0.1:{self.server.port}", grpc.ssl_channel_credentials(ca), options)
+        folder = self.ca_dir / "devices" / device
+        if not (folder / "device.crt").is_file():
+            folder = pki.enroll(self.ca_dir, device)
+        creds = grpc.ssl_channel_credentials(ca, (folder / "device.key").read_bytes(), (folder / "device.crt").read_bytes())
+        return grpc.secure_channel(f"127.0.0.1:{self.server.port}", creds, options)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +66,7 @@ def cloud_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cloud(cloud_dir: Path) -> Iterator[tuple[Server, int]]:
+def cloud(cloud_dir: Path) -> Iterator[Cloud]:
     """Both expert kinds: a briefly trained classifier and SmolLM2 (prepared into the cache)."""
     from cloud.prepare import SMOLLM2_DIR, prepare_smollm2
     from cloud.training.config import FitConfig, TrainConfig
@@ -51,11 +78,12 @@ def cloud(cloud_dir: Path) -> Iterator[tuple[Server, int]]:
     train_teacher(TrainConfig(teacher=FitConfig(layers=2, lr=5e-4, epochs=1, max_examples=2000)), teacher)
     smollm2 = prepare_smollm2(envs.TANDEM_CACHE_DIR / "models" / SMOLLM2_DIR)
     spec = banking77().model_dump(mode="json")
-    metrics_port = free_port()
+    metrics_port, serve_port = free_port(), free_port()
+    pki.init_ca(tmp / "ca")
     cfg = {
-        "grpc_port": free_port(), "http_port": free_port(), "ray_metrics_port": metrics_port,
+        "grpc_port": serve_port, "http_port": free_port(), "ray_metrics_port": metrics_port,
         "feedback_uri": str(tmp / "feedback"), "registry_dir": str(tmp / "registry"), "feedback_flush_s": 0.2,
-        "insecure": True,
+        "proxy": {"port": free_port(), "ca_dir": str(tmp / "ca"), "prefix": str(tmp / "proxy")},
         "tasks": {"banking77": {"spec": spec, "expert": "classifier"}, "banking77-llm": {"spec": spec, "expert": "llm"}},
         "experts": [
             {"name": "classifier", "kind": "classify", "model": str(teacher), "dtype": "float32", "max_model_len": 128,
@@ -67,9 +95,11 @@ def cloud(cloud_dir: Path) -> Iterator[tuple[Server, int]]:
         ],
     }
     (tmp / "cloud.yaml").write_text(yaml.safe_dump(cfg))
-    with announced_server(["-m", "tandem_cli", "cloud", "serve", "--config", str(tmp / "cloud.yaml")], timeout_s=600,
-                          stop_timeout_s=120) as server:
-        yield server, metrics_port
+    with pytest.MonkeyPatch.context() as env, contextlib.ExitStack() as stack:
+        env.setenv("TANDEM_PROXY_TOKEN", TOKEN)  # the cloud keeps a token its environment holds
+        server = stack.enter_context(announced_server(
+            ["-m", "tandem_cli", "cloud", "serve", "--config", str(tmp / "cloud.yaml")], timeout_s=600, stop_timeout_s=120))
+        yield Cloud(server, serve_port, metrics_port, tmp / "ca")
         started = psutil.Process(server.process.pid).children(recursive=True)
     # Stopping ends every process the cloud started: Ray's, the replicas' and vLLM's engines.
     _, alive = psutil.wait_procs(started, timeout=10)
@@ -85,19 +115,19 @@ def _commands(procs: list[psutil.Process]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def stub(cloud: tuple[Server, int]) -> Iterator[expert_pb2_grpc.ExpertStub]:
-    with grpc.insecure_channel(f"127.0.0.1:{cloud[0].port}") as channel:
+def stub(cloud: Cloud) -> Iterator[expert_pb2_grpc.ExpertStub]:
+    with grpc.insecure_channel(f"127.0.0.1:{cloud.serve_port}") as channel:
         yield expert_pb2_grpc.ExpertStub(channel)
 
 
 @pytest.fixture(scope="module")
-def fleet(cloud: tuple[Server, int]) -> Iterator[fleet_pb2_grpc.FleetStub]:
-    with grpc.insecure_channel(f"127.0.0.1:{cloud[0].port}") as channel:
+def fleet(cloud: Cloud) -> Iterator[fleet_pb2_grpc.FleetStub]:
+    with grpc.insecure_channel(f"127.0.0.1:{cloud.serve_port}") as channel:
         yield fleet_pb2_grpc.FleetStub(channel)
 
 
 def _metadata(task: str) -> list[tuple[str, str]]:
-    return [("application", APPLICATION.get(task, "classifier"))]
+    return [("application", APPLICATION.get(task, "classifier")), *PROXIED]
 
 
 def _escalate(stub: expert_pb2_grpc.ExpertStub, task: str, text: str, timeout: float = 60, **kw: str) -> expert_pb2.EscalateResponse:
@@ -120,18 +150,88 @@ def test_generate_expert_answers_within_the_label_set(stub: expert_pb2_grpc.Expe
         assert r.label in LABELS and r.expert == "llm" and 0 < r.confidence <= 1
 
 
-async def test_edge_daemon_escalates_to_the_served_cloud(student_dir: Path, cloud: tuple[Server, int]) -> None:
-    target = CloudLinkConfig(target=f"127.0.0.1:{cloud[0].port}", deadline_ms=30000, insecure=True)
-    async with running_daemon(student_dir, policy=PolicyConfig(mode="cloud_only"), cloud=target) as (_, edge):
+async def test_tls_edge_daemon_escalates_through_the_proxy_as_its_certificate_says(
+        student_dir: Path, cloud: Cloud, cloud_dir: Path) -> None:
+    device = pki.enroll(cloud.ca_dir, "kiosk-9")
+    tls = TLSFiles(ca=device / "ca.crt", cert=device / "device.crt", key=device / "device.key")
+    target = CloudLinkConfig(target=f"127.0.0.1:{cloud.server.port}", deadline_ms=30000, tls=tls)
+    async with running_daemon(student_dir, policy=PolicyConfig(mode="cloud_only"), cloud=target,
+                              device_id="kiosk-9") as (_, edge):
         r = await edge.Infer(edge_pb2.InferRequest(task="banking77", text=b"my card has not arrived", request_id="e2e-1"), timeout=60)
     assert (r.source, r.expert, r.request_id) == (edge_pb2.CLOUD, "classifier", "e2e-1")
     assert r.label in LABELS and r.timings.cloud_ms > 0
+    store = FeedbackStore(str(cloud_dir / "feedback"))
+    deadline = time.monotonic() + 10
+    while not (rows := [row for row in store.read("banking77").to_pylist() if row["request_id"] == "e2e-1"]):
+        assert time.monotonic() < deadline, "the escalation never reached the feedback store"
+        time.sleep(0.5)
+    assert [(row["device_id"], row["record_id"][:12]) for row in rows] == [("kiosk-9", "esc/kiosk-9/")]
 
 
-def test_concurrent_escalations_are_batched_in_the_engine(cloud: tuple[Server, int], stub: expert_pb2_grpc.ExpertStub,
+def _refusal(call: object) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as info:
+        call()  # type: ignore[operator]
+    return info.value.code(), info.value.details()
+
+
+def test_tls_a_client_without_an_enrolled_certificate_is_unauthenticated(cloud: Cloud, tmp_path: Path) -> None:
+    with cloud.channel(None) as channel:
+        code, details = _refusal(lambda: fleet_pb2_grpc.FleetStub(channel).GetRoutes(
+            fleet_pb2.GetRoutesRequest(), metadata=FLEET_APP, timeout=30))
+    assert code == grpc.StatusCode.UNAUTHENTICATED and "tandem ca enroll" in details
+    with grpc.insecure_channel(f"127.0.0.1:{cloud.serve_port}") as channel:  # around the proxy, forged identity
+        code, details = _refusal(lambda: fleet_pb2_grpc.FleetStub(channel).GetRoutes(
+            fleet_pb2.GetRoutesRequest(), metadata=[*FLEET_APP, (DEVICE_METADATA, "kiosk-7")], timeout=30))
+    assert code == grpc.StatusCode.UNAUTHENTICATED and "did not come through the TLS proxy" in details
+
+
+def test_tls_a_revoked_certificate_is_refused_while_others_still_work(cloud: Cloud) -> None:
+    routes = fleet_pb2.GetRoutesRequest()
+    for device in ("kiosk-lost", "kiosk-kept"):
+        with cloud.channel(device) as channel:
+            assert fleet_pb2_grpc.FleetStub(channel).GetRoutes(routes, metadata=FLEET_APP, timeout=30).applications
+    pki.revoke(cloud.ca_dir, "kiosk-lost")
+    deadline = time.monotonic() + 15
+    while True:  # the proxy reloads its CRL within about a second
+        with cloud.channel("kiosk-lost") as channel:
+            try:
+                fleet_pb2_grpc.FleetStub(channel).GetRoutes(routes, metadata=FLEET_APP, timeout=30)
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAUTHENTICATED and "revoked" in exc.details()
+                break
+        assert time.monotonic() < deadline, "the revoked certificate was still accepted"
+        time.sleep(1)
+    with cloud.channel("kiosk-kept") as channel:
+        assert fleet_pb2_grpc.FleetStub(channel).GetRoutes(routes, metadata=FLEET_APP, timeout=30).applications
+
+
+def test_tls_a_device_cannot_write_as_another_nor_send_expert_labels(cloud: Cloud, cloud_dir: Path) -> None:
+    def record(record_id: str, **fields: object) -> fleet_pb2.FeedbackRecord:
+        return fleet_pb2.FeedbackRecord(**{"record_id": record_id, "task": "banking77", "kind": fleet_pb2.CORRECTION,
+                                           "text": "card still not here", "label": "card_arrival",
+                                           "created_unix_ms": 1_700_000_000_000, **fields})
+
+    with cloud.channel("kiosk-a") as channel:
+        fleet = fleet_pb2_grpc.FleetStub(channel)
+
+        def report(r: fleet_pb2.FeedbackRecord, metadata: list[tuple[str, str]] = FLEET_APP) -> object:
+            return lambda: fleet.ReportFeedback(fleet_pb2.ReportFeedbackRequest(records=[r]), metadata=metadata, timeout=30)
+
+        code, details = _refusal(report(record("as-b", device_id="kiosk-b")))
+        assert code == grpc.StatusCode.PERMISSION_DENIED and details.startswith("records[0].device_id")
+        code, details = _refusal(report(record("forged-label", kind=fleet_pb2.ESCALATION, expert="classifier")))
+        assert code == grpc.StatusCode.PERMISSION_DENIED and details.startswith("records[0].kind")
+        # Identity headers a client sets are replaced by the proxy's.
+        report(record("headers", device_id=""), [*FLEET_APP, (DEVICE_METADATA, "kiosk-b"), (PROXY_TOKEN_METADATA, "x")])()
+    rows = FeedbackStore(str(cloud_dir / "feedback")).read("banking77").to_pylist()
+    assert [r["record_id"] for r in rows if r["record_id"].endswith("/headers")] == ["dev/kiosk-a/headers"]
+    assert not [r for r in rows if r["record_id"].endswith(("/as-b", "/forged-label"))]
+
+
+def test_concurrent_escalations_are_batched_in_the_engine(cloud: Cloud, stub: expert_pb2_grpc.ExpertStub,
                                                          banking_texts: list[str]) -> None:
     async def burst() -> list[expert_pb2.EscalateResponse]:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{cloud[0].port}") as channel:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{cloud.serve_port}") as channel:
             aio_stub = expert_pb2_grpc.ExpertStub(channel)
             calls = [aio_stub.Escalate(expert_pb2.EscalateRequest(task="banking77", text=t), metadata=_metadata("banking77"), timeout=60)
                      for t in banking_texts[:48]]
@@ -140,7 +240,7 @@ def test_concurrent_escalations_are_batched_in_the_engine(cloud: tuple[Server, i
     answers = asyncio.run(burst())
     assert all(a.label in LABELS for a in answers)
     # Ray exports the replica's histogram of requests in flight when each one started.
-    url = f"http://127.0.0.1:{cloud[1]}/metrics"
+    url = f"http://127.0.0.1:{cloud.metrics_port}/metrics"
     # Ray prefixes application metrics with "ray_".
     pattern = re.compile(r'^ray_tandem_expert_concurrent_requests_bucket\{.*expert="classifier".*le="1.0".*\} (\S+)$', re.M)
     count = re.compile(r'^ray_tandem_expert_concurrent_requests_count\{.*expert="classifier".*\} (\S+)$', re.M)
@@ -190,7 +290,7 @@ def test_the_fleet_routes_each_task_to_its_expert_application(fleet: fleet_pb2_g
     assert dict(fleet.GetRoutes(fleet_pb2.GetRoutesRequest(), metadata=FLEET, timeout=30).applications) == APPLICATION
 
 
-def test_feedback_reported_through_the_proxy_is_stored_once(cloud: tuple[Server, int], fleet: fleet_pb2_grpc.FleetStub,
+def test_feedback_reported_through_the_proxy_is_stored_once(cloud: Cloud, fleet: fleet_pb2_grpc.FleetStub,
                                                             cloud_dir: Path) -> None:
     records = [fleet_pb2.FeedbackRecord(record_id=f"fix-{i}", task="banking77", kind=fleet_pb2.CORRECTION,
                                         text="card still not here", label="card_arrival", created_unix_ms=1_700_000_000_000,
@@ -204,7 +304,7 @@ def test_feedback_reported_through_the_proxy_is_stored_once(cloud: tuple[Server,
     assert stored.count("dev/kiosk-7/fix-0") == stored.count("dev/kiosk-7/fix-1") == 1
     pattern = re.compile(r'^ray_tandem_feedback_records_total\{(?=.*kind="CORRECTION")(?=.*outcome="duplicate").*\} (\S+)$', re.M)
     deadline = time.monotonic() + 60
-    while not ((m := pattern.search(urllib.request.urlopen(f"http://127.0.0.1:{cloud[1]}/metrics", timeout=5).read().decode()))
+    while not ((m := pattern.search(urllib.request.urlopen(f"http://127.0.0.1:{cloud.metrics_port}/metrics", timeout=5).read().decode()))
                and float(m.group(1)) >= 2):
         assert time.monotonic() < deadline, "the fleet's duplicate count never reached Prometheus"
         time.sleep(2)
@@ -223,9 +323,9 @@ def test_bad_feedback_is_invalid_argument_and_a_task_without_a_promoted_model_no
     assert info.value.code() == grpc.StatusCode.NOT_FOUND and "task 'banking77' has no promoted model" in info.value.details()
 
 
-def test_overload_is_refused_with_resource_exhausted_before_queued_work_finishes(cloud: tuple[Server, int]) -> None:
+def test_overload_is_refused_with_resource_exhausted_before_queued_work_finishes(cloud: Cloud) -> None:
     async def flood() -> list[tuple[float, grpc.StatusCode]]:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{cloud[0].port}") as channel:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{cloud.serve_port}") as channel:
             aio_stub = expert_pb2_grpc.ExpertStub(channel)
             start = time.perf_counter()
 

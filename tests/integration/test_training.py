@@ -11,7 +11,7 @@ from cloud.training.base_model import build_classifier
 from cloud.training.data import tokenizer
 from cloud.training.export import export_onnx, onnx_logits, quantize_int8
 from cloud.training.loop import encode, predict_logits
-from tandem.contract import LABELS_FILE, MANIFEST_FILE, MODEL_FILE, STUDENT_FILES, Manifest
+from tandem.contract import LABELS_FILE, MANIFEST_FILE, MODEL_FILE, SIGNATURE_FILE, STUDENT_FILES, Manifest
 
 pytestmark = pytest.mark.integration
 
@@ -41,7 +41,7 @@ def test_int8_model_mostly_agrees_with_fp32(exported: tuple, tmp_path: Path) -> 
 
 
 def test_student_artifact_is_complete_and_pinned(student_dir: Path) -> None:
-    assert sorted(p.name for p in student_dir.iterdir()) == sorted(STUDENT_FILES)
+    assert sorted(p.name for p in student_dir.iterdir()) == sorted([*STUDENT_FILES, SIGNATURE_FILE])  # signed
     assert Manifest.read(student_dir).kind == "student"  # what the edge reads
     manifest = json.loads((student_dir / MANIFEST_FILE).read_text())
     labels = json.loads((student_dir / LABELS_FILE).read_text())
