@@ -9,7 +9,7 @@ import shutil
 import time
 import urllib.request
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -292,5 +292,3 @@ def audit_attack(t: Target, work: Path) -> Attack:
         return Attack("audit log entry altered", "detected", f"detected: {exc}")
     return Attack("audit log entry altered", "detected", "not detected")
 
-
-Run = Callable[[], Awaitable[list[Attack]]]

@@ -49,6 +49,7 @@ INT_RANGES = {
 # far beyond every field limit and well under the 4 MiB message limit.
 REPEAT_MAX_BYTES = 256 << 10
 MAX_DEPTH = 3
+TRAILERS_TOO_LARGE = "received metadata size exceeds"
 FIELD_PREFIX = re.compile(r"^\s*([A-Za-z_]\w*)(?:\[[^\]]*\]|\.\w+)*\s*:")
 
 
@@ -85,13 +86,15 @@ async def fuzz_rpc(
     concurrency: int = 16,
     timeout_s: float = 10.0,
     seed: int = 0,
+    valid: Mapping[str, Any] | None = None,
 ) -> FuzzResult:
     """Sends `n` inputs to `method` ("/package.Service/Method", any streaming kind) over
     `channel` with `metadata`, `concurrency` at a time. `known`: field name (at any depth) →
-    values that the field is often given. Stops at the first crash."""
+    values that the field is often given. `valid`: a valid request's fields, which some inputs
+    keep but one, so that they reach the checks behind the first. Stops at the first crash."""
     result = FuzzResult(method)
     started = time.perf_counter()
-    bodies = await asyncio.to_thread(generate, request_class, n, known or {}, corrupt_share, seed)
+    bodies = await asyncio.to_thread(generate, request_class, n, known or {}, corrupt_share, seed, valid)
     result.generate_s = time.perf_counter() - started
     call = _caller(channel, method, metadata, timeout_s)
     roots = {field.name for field in request_class.DESCRIPTOR.fields} | {request_class.DESCRIPTOR.name}
@@ -120,7 +123,9 @@ def _judge(result: FuzzResult, roots: set[str], body: bytes, code: grpc.StatusCo
     if code in BUG_CODES:
         result.internal_or_unknown += 1
         result._sample("internal_or_unknown", body, code, details)
-    elif code in FIELD_CODES and not names_field(details, roots):
+    elif (code in FIELD_CODES and not names_field(details, roots)) or TRAILERS_TOO_LARGE in details:
+        # The second: a refusal whose message was too long for the client's trailer limit,
+        # which gRPC turns into RESOURCE_EXHAUSTED: the caller never learns the field.
         result.unnamed_rejections += 1
         result._sample("unnamed_rejection", body, code, details)
 
@@ -161,14 +166,25 @@ def _caller(
 
 def generate(
     request_class: type[Message], n: int, known: Mapping[str, Sequence[Any]] | None = None,
-    corrupt_share: float = 0.2, seed: int = 0,
+    corrupt_share: float = 0.2, seed: int = 0, valid: Mapping[str, Any] | None = None,
 ) -> list[bytes]:
-    """`n` request bodies: about `corrupt_share` of them not valid messages, the rest random ones."""
-    structured = message_strategy(request_class.DESCRIPTOR, known or {}).map(_build(request_class))
+    """`n` request bodies: about `corrupt_share` of them not valid messages, the rest random ones
+    (with `valid`, half of those are `valid` with one field drawn at random)."""
+    build = _build(request_class)
+    structured = message_strategy(request_class.DESCRIPTOR, known or {}).map(build)
+    if valid:
+        structured = st.one_of(structured, _near(request_class.DESCRIPTOR, dict(valid), known or {}).map(build))
     corrupt = st.one_of(st.binary(max_size=256), st.tuples(structured, st.integers(0, 2**16), _DAMAGE).map(_damage))
     # A message without fields has one structured form (empty): every other input is raw bytes.
     n_corrupt = round(n * corrupt_share) if request_class.DESCRIPTOR.fields else n
     return _draw(structured, n - n_corrupt, seed) + _draw(corrupt, n_corrupt, seed + 1)
+
+
+def _near(descriptor: Descriptor, valid: dict[str, Any], known: Mapping[str, Sequence[Any]]) -> st.SearchStrategy[dict]:
+    """`valid` (the fields this message has) with one of its fields replaced by a random value."""
+    valid = {name: value for name, value in valid.items() if name in descriptor.fields_by_name}
+    fields = st.sampled_from(list(descriptor.fields))
+    return fields.flatmap(lambda field: _field(field, known, 0).map(lambda value: {**valid, field.name: value}))
 
 
 def _draw(strategy: st.SearchStrategy[bytes], n: int, seed: int) -> list[bytes]:
@@ -208,8 +224,17 @@ def _field(field: FieldDescriptor, known: Mapping[str, Sequence[Any]], depth: in
 
 def _single(field: FieldDescriptor, known: Mapping[str, Sequence[Any]], depth: int) -> st.SearchStrategy[Any]:
     random = _random_value(field, known, depth)
-    values = known.get(field.name)
-    return st.one_of(st.sampled_from(list(values)), random) if values else random
+    values = [_typed(field, v) for v in known.get(field.name, ())]
+    return st.one_of(st.sampled_from(values), random) if values else random
+
+
+def _typed(field: FieldDescriptor, value: Any) -> Any:
+    """A known value as the field takes it: one list of texts serves string and bytes fields."""
+    if field.type == FieldDescriptor.TYPE_BYTES and isinstance(value, str):
+        return value.encode()
+    if field.type == FieldDescriptor.TYPE_STRING and isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value
 
 
 def _random_value(field: FieldDescriptor, known: Mapping[str, Sequence[Any]], depth: int) -> st.SearchStrategy[Any]:

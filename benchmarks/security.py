@@ -17,7 +17,6 @@ import asyncio
 import json
 import logging
 import os
-import re
 import secrets
 import tempfile
 import time
@@ -25,14 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import yaml
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from benchmarks.attacks import FLEET, Attack, Target, audit_attack, supply_chain_attacks, transport_attacks, write_attacks
+from benchmarks.attacks import FLEET, Target, audit_attack, supply_chain_attacks, transport_attacks, write_attacks
 from benchmarks.fuzz import fuzz_rpc
 from benchmarks.latency import LatencyRecorder
-from benchmarks.system import ROOT, Cloud, cloud, cloud_config, edge_config, edge_daemon
+from benchmarks.system import Cloud, cloud, cloud_config, edge_config, edge_daemon
+from cloud.registry import ModelRegistry
 from tandem.settings import TandemSettings
 from tandem.tasks import banking77
 from tandem.v1 import edge_pb2, edge_pb2_grpc, expert_pb2, expert_pb2_grpc, fleet_pb2
@@ -40,6 +39,7 @@ from tandem.v1 import edge_pb2, edge_pb2_grpc, expert_pb2, expert_pb2_grpc, flee
 log = logging.getLogger(__name__)
 
 EXPERT = "banking77-classifier"
+TEXT = "my card has not arrived"  # a valid text, which the fuzzers' near-valid inputs keep
 
 
 class SecurityBenchConfig(TandemSettings):
@@ -107,22 +107,31 @@ async def _run(cfg: SecurityBenchConfig, work: Path) -> dict[str, Any]:
 
 async def _fuzz(cfg: SecurityBenchConfig, c: Cloud, t: Target, student: Path, work: Path) -> dict[str, Any]:
     known = {"task": [t.task], "label": t.labels, "version": [""], "application": [EXPERT],
+             "text": [TEXT, "I can't find my PIN \U0001f600"],
              "kind": [fleet_pb2.FALLBACK, fleet_pb2.AUDIT, fleet_pb2.CORRECTION]}
     results = {}
     edge = edge_config(t.task, student, c, "fuzz-edge", feedback={"outbox": str(work / "fuzz-outbox.sqlite3")})
     with edge_daemon(edge) as daemon:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{daemon.port}") as channel:
+            valid = {"task": t.task, "text": TEXT.encode(), "label": t.labels[0]}
             for method, request in (("Infer", edge_pb2.InferRequest), ("Correct", edge_pb2.CorrectRequest)):
                 results[f"Edge.{method}"] = await fuzz_rpc(channel, f"/tandem.v1.Edge/{method}", request,
-                                                           cfg.fuzz_inputs, known=known)
-    cloud_rpcs = [("Fleet", name, getattr(fleet_pb2, request), FLEET) for name, request in (
-        ("ReportFeedback", "ReportFeedbackRequest"), ("GetManifest", "GetManifestRequest"),
-        ("FetchModel", "FetchModelRequest"), ("GetRoutes", "GetRoutesRequest"), ("AckRollout", "AckRolloutRequest"))]
-    cloud_rpcs.append(("Expert", "Escalate", expert_pb2.EscalateRequest, (("application", EXPERT),)))
+                                                           cfg.fuzz_inputs, known=known, valid=valid)
+    record = {"record_id": "fuzz-1", "task": t.task, "kind": fleet_pb2.FALLBACK, "text": TEXT,
+              "created_unix_ms": int(time.time() * 1000)}
+    promoted = ModelRegistry(t.registry_dir).promoted(t.task) or ""
+    cloud_rpcs = [("Fleet", name, getattr(fleet_pb2, request), FLEET, valid) for name, request, valid in (
+        ("ReportFeedback", "ReportFeedbackRequest", {"records": [record]}),
+        ("GetManifest", "GetManifestRequest", {"task": t.task}),
+        ("FetchModel", "FetchModelRequest", {"task": t.task}),
+        ("GetRoutes", "GetRoutesRequest", {}),
+        ("AckRollout", "AckRolloutRequest", {"task": t.task, "version": promoted}))]
+    cloud_rpcs.append(("Expert", "Escalate", expert_pb2.EscalateRequest, (("application", EXPERT),),
+                       {"task": t.task, "text": TEXT}))
     async with t.channel("fuzzer") as channel:
-        for service, name, request, metadata in cloud_rpcs:
+        for service, name, request, metadata, valid in cloud_rpcs:
             results[f"{service}.{name}"] = await fuzz_rpc(channel, f"/tandem.v1.{service}/{name}", request,
-                                                          cfg.fuzz_inputs, metadata=metadata, known=known)
+                                                          cfg.fuzz_inputs, metadata=metadata, known=known, valid=valid)
     for name, r in results.items():
         log.info("fuzz %s: %d inputs, %d crashes, %d INTERNAL/UNKNOWN, %d unnamed rejections; %s", name, r.inputs,
                  r.crashes, r.internal_or_unknown, r.unnamed_rejections, dict(r.codes))

@@ -51,10 +51,18 @@ ONNX_INPUTS = ("input_ids", "attention_mask")
 ONNX_OUTPUT = "logits"
 
 
+# A refusal's message travels in gRPC trailers, which clients cap (8 KiB soft, 16 KiB hard: a
+# longer one reaches the caller as RESOURCE_EXHAUSTED instead): what a problem quotes of the
+# input is cut to this.
+PROBLEM_MAX_CHARS = 1024
+
+
 class FieldError(ValueError):
     """A field breaks its documented limit; the message names the field and the limit."""
 
     def __init__(self, field: str, problem: str) -> None:
+        if len(problem) > PROBLEM_MAX_CHARS:
+            problem = problem[:PROBLEM_MAX_CHARS] + "..."
         super().__init__(f"{field}: {problem}")
         self.field = field
 

@@ -17,19 +17,19 @@ import contextlib
 import functools
 import json
 import logging
-import math
-import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping, Sequence
-from datetime import date, datetime, timezone
+from datetime import date
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import grpc
 from google.protobuf.message import Message
 
+from cloud.audit.throttle import AuditThrottle
 from cloud.errors import (FleetError, FleetTimeout, InvalidFeedback, InvalidRequest, NotFound, PermissionDenied,
                           QuotaExceeded, StoreUnavailable, UnauthenticatedFleetCall)
+from cloud.feedback.quota import DEVICE_QUOTA_PER_DAY, DeviceQuota
 from cloud.feedback.records import KINDS, check
 from cloud.feedback.store import READ_ERRORS, FeedbackStore
 from cloud.identity import Unauthenticated, caller_device
@@ -42,7 +42,6 @@ log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 256 << 10
 REQUEST_TIMEOUT_S = 30.0
-DEVICE_QUOTA_PER_DAY = 20_000
 # What devices may send. ESCALATION records carry an expert's labels, which train students as
 # ground truth: only the experts write them, through `store` (Fleet.store_feedback).
 DEVICE_KINDS = frozenset({fleet_pb2.FALLBACK, fleet_pb2.AUDIT, fleet_pb2.CORRECTION})
@@ -100,13 +99,9 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         self._chunk_bytes = chunk_bytes
         self._timeout_s = request_timeout_s
         self._insecure = insecure
-        self._quota = device_quota_per_day
         self._audit = audit
-        # Records each device stored on `_quota_day` (UTC), read from the store on the first
-        # batch of each day, so that a restart neither forgets nor double-counts them.
-        self._quota_day: date | None = None
-        self._used: Counter[str] = Counter()
-        self._refusals: dict[tuple[str, str], tuple[float, int]] = {}  # (device, code) -> (last entry, refusals since)
+        self._quota = DeviceQuota(self._device_counts, device_quota_per_day)
+        self._refusals = AuditThrottle(AUDIT_REFUSALS_EVERY_S)  # keyed by (device, status code)
         self._acked: dict[tuple[str, str], str] = {}  # (device, task) -> the version last audited
         if insecure:
             log.warning("fleet: insecure, development only: device ids are whatever the messages claim, unverified")
@@ -121,13 +116,13 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
                 raise InvalidFeedback("records", f"{len(records)} records exceed the batch limit of {self._max_batch}")
             check(records, self._tasks)
             _authorise(records, device)
-            day = await self._charge(device, len(records))
+            day = await self._quota.charge(device, len(records))
             try:
                 stored, duplicates = await self.store(records)
             except FleetError:
-                self._refund(device, len(records), day)
+                self._quota.refund(device, len(records), day)
                 raise
-            self._refund(device, duplicates, day)  # the quota counts what is stored
+            self._quota.refund(device, duplicates, day)  # the quota counts what is stored
         except FleetError as exc:
             self._refuse("ReportFeedback", exc, grpc_context)
             if isinstance(exc, REFUSALS):
@@ -207,38 +202,20 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         except FieldError as exc:  # insecure: the id a message claims
             raise InvalidFeedback.of(exc) from None
 
-    async def _charge(self, device: str, count: int) -> date:
-        """Counts `count` records against `device`'s quota of today (UTC), which it returns,
-        or QuotaExceeded. Charged before storing, so that concurrent batches cannot both pass."""
-        today = datetime.now(timezone.utc).date()
-        if self._quota_day != today:
-            try:
-                counts = await self._bounded("counting today's feedback", self._feedback.device_counts, today)
-            except READ_ERRORS as exc:
-                raise StoreUnavailable(f"feedback store failed: {type(exc).__name__}: {exc}") from exc
-            if self._quota_day != today:  # not loaded by a concurrent batch meanwhile
-                self._quota_day, self._used = today, counts
-        used = self._used[device]
-        if used + count > self._quota:
-            raise QuotaExceeded(f"device {device!r} stored {used} feedback records today (UTC): {count} more would pass "
-                                f"its quota of {self._quota} records per day (fleet.device_quota_per_day)")
-        self._used[device] += count
-        return today
-
-    def _refund(self, device: str, count: int, day: date) -> None:
-        if day == self._quota_day:
-            self._used[device] -= count
+    async def _device_counts(self, day: date) -> Counter[str]:
+        """The quota's loader: records each device stored on `day`, bounded like every store
+        read, its failures StoreUnavailable."""
+        try:
+            return await self._bounded("counting today's feedback", self._feedback.device_counts, day)
+        except READ_ERRORS as exc:
+            raise StoreUnavailable(f"feedback store failed: {type(exc).__name__}: {exc}") from exc
 
     async def _audit_refusal(self, device: str, exc: FleetError, count: int) -> None:
         """A `feedback_refused` entry, at most one per device and status per AUDIT_REFUSALS_EVERY_S.
         A failed append is logged, not answered: the caller's status is the refusal."""
-        key = (device, exc.code.name)
-        now = time.monotonic()
-        last, suppressed = self._refusals.get(key, (-math.inf, 0))
-        if now - last < AUDIT_REFUSALS_EVERY_S:
-            self._refusals[key] = (last, suppressed + 1)
+        suppressed = self._refusals.admit((device, exc.code.name))
+        if suppressed is None:
             return
-        self._refusals[key] = (now, 0)
         try:
             await self._append("feedback_refused", device=device, code=exc.code.name, field=getattr(exc, "field", ""),
                                count=count, suppressed=suppressed)

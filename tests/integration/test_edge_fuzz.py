@@ -17,6 +17,7 @@ from .conftest import running_daemon
 pytestmark = pytest.mark.integration
 
 INPUTS = 300
+TEXTS = ["my card has not arrived", "I can't find my PIN \U0001f600"]  # valid: some inputs get past the checks
 
 
 @pytest.mark.parametrize(("method", "request_class"), [("Infer", edge_pb2.InferRequest), ("Correct", edge_pb2.CorrectRequest)])
@@ -29,7 +30,8 @@ async def test_fuzzed_rpc_keeps_answering_and_names_every_refused_field(
     async with running_daemon(student_dir, **fields) as (daemon, _):
         async with grpc.aio.insecure_channel(f"127.0.0.1:{daemon.port}") as channel:
             result = await fuzz_rpc(channel, f"/tandem.v1.Edge/{method}", request_class, INPUTS,
-                                    known={"task": ["banking77"], "label": labels[:3]}, seed=7)
+                                    known={"task": ["banking77"], "label": labels[:3], "text": TEXTS}, seed=7,
+                                    valid={"task": "banking77", "text": TEXTS[0].encode(), "label": labels[0]})
     assert result.inputs == INPUTS
     assert (result.crashes, result.internal_or_unknown, result.unnamed_rejections) == (0, 0, 0), result.samples
     assert result.codes["OK"] > 0 and result.codes["INVALID_ARGUMENT"] > 0, result.codes

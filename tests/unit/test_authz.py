@@ -8,7 +8,6 @@ from pathlib import Path
 import grpc
 import pytest
 
-import cloud.registry.service
 from cloud.audit.log import AuditLog
 from cloud.feedback.recorder import escalation_record
 from cloud.feedback.store import FeedbackStore
@@ -261,10 +260,11 @@ async def test_refused_batches_reach_a_real_audit_log_without_flooding_it(tmp_pa
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     log = AuditLog(str(tmp_path / "feedback" / "_audit"))
     forged = [_record("e1", kind=fleet_pb2.ESCALATION)]
-    async with serving(_servicer(tmp_path, log)) as stub:
+    servicer = _servicer(tmp_path, log)
+    async with serving(servicer) as stub:
         for _ in range(3):  # a device retrying a refused batch in a loop
             assert (await _report(stub, forged))[0] == grpc.StatusCode.PERMISSION_DENIED
-        monkeypatch.setattr(cloud.registry.service, "AUDIT_REFUSALS_EVERY_S", 0.0)
+        monkeypatch.setattr(servicer._refusals, "every_s", 0.0)  # as if AUDIT_REFUSALS_EVERY_S had passed
         assert (await _report(stub, forged))[0] == grpc.StatusCode.PERMISSION_DENIED
     assert log.verify() == 2
     assert [(e["event"], e["actor"], e["data"]["suppressed"]) for e in log.entries()] == [
