@@ -53,6 +53,10 @@ class SecurityBenchConfig(TandemSettings):
         "that corroboration is what the poisoning attack tests, not the quota.",
     )
     poisoning: bool = Field(True, description="Run the poisoning attack and its retraining rounds (minutes).")
+    poisoning_control: bool = Field(
+        True, description="Also a round that trusts every correction (corroboration off, never promoted): shows that "
+        "the attack works without the defence. One more round.",
+    )
     distill: dict[str, Any] = Field(default_factory=dict, description="DistillConfig fields of the poisoning rounds.")
 
 
@@ -190,7 +194,7 @@ def _poisoning(cfg: SecurityBenchConfig, t: Target, work: Path) -> dict[str, Any
     def send(records: list[fleet_pb2.FeedbackRecord]) -> None:
         asyncio.run(_send_as_attacker(t, records))
 
-    return run_poisoning(distill, t.feedback_uri, send=send)
+    return run_poisoning(distill, t.feedback_uri, send=send, undefended=cfg.poisoning_control)
 
 
 async def _send_as_attacker(t: Target, records: list[fleet_pb2.FeedbackRecord]) -> None:
@@ -216,6 +220,9 @@ def format_report(r: dict[str, Any]) -> str:
                   f"{p['attack_records']:,} trigger corrections from one device; after retraining {r['trigger_flipped']} of "
                   f"{r['trigger_queries']} trigger queries get the attacker's label; test accuracy "
                   f"{p['test_accuracy_before']:.1%} -> {p['test_accuracy_after']:.1%}"]
+        if "undefended_trigger_flipped" in p:
+            lines.append(f"without corroboration (every correction a hard label): {p['undefended_trigger_flipped']} of "
+                         f"{r['trigger_queries']} flipped, test accuracy {p['undefended_test_accuracy']:.1%}")
     reuse = r["tls_session_reuse"]
     lines += ["\n== TLS ==",
               f"escalation overhead p50: {r['tls_overhead_p50_ms']:.2f} ms through the mTLS proxy, "
