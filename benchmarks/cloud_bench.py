@@ -102,7 +102,7 @@ async def offline(expert: Any, texts: list[str], labels: list[str], sequential_r
         if expert.kind == "classify":
             from cloud.experts.classify import ClassifyRunner, checkpoint_labels
 
-            runner = ClassifyRunner(engine, checkpoint_labels(expert.model_path()))
+            runner = ClassifyRunner(engine, checkpoint_labels(expert.model_path()), expert.max_model_len)
         else:
             from cloud.experts.generate import GenerateRunner
 

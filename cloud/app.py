@@ -109,7 +109,7 @@ class Expert:
         for task, labels in self._tasks.items():
             if sorted(labels) != sorted(model_labels):
                 raise ValueError(f"expert {self._cfg.name}: checkpoint labels differ from task {task}'s label set")
-        return ClassifyRunner(engine, model_labels)
+        return ClassifyRunner(engine, model_labels, self._cfg.max_model_len)
 
     async def Escalate(self, body: expert_pb2.EscalateRequest | Undecodable,
                        grpc_context: RayServegRPCContext) -> expert_pb2.EscalateResponse:

@@ -52,9 +52,9 @@ ONNX_OUTPUT = "logits"
 
 
 # A refusal's message travels in gRPC trailers, which clients cap (8 KiB soft, 16 KiB hard: a
-# longer one reaches the caller as RESOURCE_EXHAUSTED instead): what a problem quotes of the
-# input is cut to this.
-PROBLEM_MAX_CHARS = 1024
+# longer one reaches the caller as RESOURCE_EXHAUSTED instead), percent-encoded (a 4-byte
+# character takes 12): what a problem quotes of the input is cut to this.
+PROBLEM_MAX_CHARS = 256
 
 
 class FieldError(ValueError):

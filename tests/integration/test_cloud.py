@@ -144,6 +144,12 @@ def test_classify_expert_answers_with_a_label_distribution(stub: expert_pb2_grpc
         assert r.expert_ms > 0
 
 
+def test_a_text_longer_than_the_classifiers_context_is_classified_on_its_first_tokens(
+        stub: expert_pb2_grpc.ExpertStub, banking_texts: list[str]) -> None:
+    text = " ".join(banking_texts)[:TEXT_MAX_BYTES]  # far more tokens than the classifier's max_model_len of 128
+    assert _escalate(stub, "banking77", text).label in LABELS
+
+
 def test_generate_expert_answers_within_the_label_set(stub: expert_pb2_grpc.ExpertStub, banking_texts: list[str]) -> None:
     for text in banking_texts[:3]:
         r = _escalate(stub, "banking77-llm", text)
