@@ -46,17 +46,21 @@ class Cloud:
     metrics_port: int
     ca_dir: Path
 
-    def channel(self, device: str | None) -> grpc.Channel:
-        """A channel to the proxy with `device`'s certificate (enrolled now), or none."""
+    def credentials(self, device: str | None) -> grpc.ChannelCredentials:
+        """`device`'s certificate (enrolled at its first use; enrolling again would renew a
+        revoked one), or none."""
         ca = (self.ca_dir / "ca.crt").read_bytes()
-        options = [("grpc.use_local_subchannel_pool", 1)]  # a connection of its own, verified afresh
         if device is None:
-            return grpc.secure_channel(f"127.0.0.1:{self.server.port}", grpc.ssl_channel_credentials(ca), options)
+            return grpc.ssl_channel_credentials(ca)
         folder = self.ca_dir / "devices" / device
         if not (folder / "device.crt").is_file():
             folder = pki.enroll(self.ca_dir, device)
-        creds = grpc.ssl_channel_credentials(ca, (folder / "device.key").read_bytes(), (folder / "device.crt").read_bytes())
-        return grpc.secure_channel(f"127.0.0.1:{self.server.port}", creds, options)
+        return grpc.ssl_channel_credentials(ca, (folder / "device.key").read_bytes(), (folder / "device.crt").read_bytes())
+
+    def channel(self, device: str | None) -> grpc.Channel:
+        """A channel to the proxy as `device` (None: without a certificate)."""
+        options = [("grpc.use_local_subchannel_pool", 1)]  # a connection of its own, verified afresh
+        return grpc.secure_channel(f"127.0.0.1:{self.server.port}", self.credentials(device), options)
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +136,35 @@ def _metadata(task: str) -> list[tuple[str, str]]:
 
 def _escalate(stub: expert_pb2_grpc.ExpertStub, task: str, text: str, timeout: float = 60, **kw: str) -> expert_pb2.EscalateResponse:
     return stub.Escalate(expert_pb2.EscalateRequest(task=task, text=text, **kw), metadata=_metadata(task), timeout=timeout)
+
+
+FUZZ_INPUTS = 150  # per RPC here; `tandem bench security` sends 10,000
+
+
+@pytest.mark.parametrize(("service", "method", "request_class", "application", "valid"), [
+    ("Fleet", "ReportFeedback", fleet_pb2.ReportFeedbackRequest, FLEET_APPLICATION,
+     {"records": [{"record_id": "fuzz-1", "task": "banking77", "kind": fleet_pb2.FALLBACK, "text": "card stuck",
+                   "created_unix_ms": 1_700_000_000_000}]}),
+    ("Fleet", "GetManifest", fleet_pb2.GetManifestRequest, FLEET_APPLICATION, {"task": "banking77"}),
+    ("Fleet", "FetchModel", fleet_pb2.FetchModelRequest, FLEET_APPLICATION, {"task": "banking77"}),
+    ("Fleet", "GetRoutes", fleet_pb2.GetRoutesRequest, FLEET_APPLICATION, {}),
+    ("Fleet", "AckRollout", fleet_pb2.AckRolloutRequest, FLEET_APPLICATION, {"task": "banking77", "version": "v1"}),
+    ("Expert", "Escalate", expert_pb2.EscalateRequest, "classifier", {"task": "banking77", "text": "card stuck"}),
+])
+def test_tls_fuzzed_cloud_rpcs_answer_every_input_and_name_every_refused_field(
+        cloud: Cloud, service: str, method: str, request_class: type, application: str, valid: dict) -> None:
+    from benchmarks.fuzz import fuzz_rpc
+
+    async def fuzz() -> object:
+        async with grpc.aio.secure_channel(f"127.0.0.1:{cloud.server.port}", cloud.credentials("fuzzer")) as channel:
+            return await fuzz_rpc(channel, f"/tandem.v1.{service}/{method}", request_class, FUZZ_INPUTS,
+                                  metadata=[("application", application)], known={"task": ["banking77"], "label": LABELS[:3]},
+                                  valid=valid, seed=3)
+
+    result = asyncio.run(fuzz())
+    assert result.inputs == FUZZ_INPUTS
+    assert (result.crashes, result.internal_or_unknown, result.unnamed_rejections) == (0, 0, 0), result.samples
+    assert result.codes["INVALID_ARGUMENT"] > 0, result.codes
 
 
 def test_classify_expert_answers_with_a_label_distribution(stub: expert_pb2_grpc.ExpertStub, banking_texts: list[str]) -> None:
