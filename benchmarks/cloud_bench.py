@@ -106,7 +106,7 @@ async def offline(expert: Any, texts: list[str], labels: list[str], sequential_r
         else:
             from cloud.experts.generate import GenerateRunner
 
-            runner = GenerateRunner(engine)
+            runner = GenerateRunner(engine, expert.max_model_len)
         await runner.answer("warm up", labels, "warm-0")  # grammar compile, first batch
 
         async def one(i: int) -> None:

@@ -102,7 +102,7 @@ class Expert:
         if self._cfg.kind == "generate":
             from cloud.experts.generate import GenerateRunner
 
-            return GenerateRunner(engine)
+            return GenerateRunner(engine, self._cfg.max_model_len)
         from cloud.experts.classify import ClassifyRunner, checkpoint_labels
 
         model_labels = checkpoint_labels(self._cfg.model_path())

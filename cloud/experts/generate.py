@@ -22,15 +22,19 @@ def system_prompt(labels: tuple[str, ...]) -> str:
 
 
 class GenerateRunner:
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, engine: Any, max_tokens: int) -> None:
+        """`max_tokens`: the engine's max_model_len."""
         self._engine = engine
+        self._max_tokens = max_tokens
         self._tokenizer = engine.get_tokenizer()
         # One SamplingParams per label set: vLLM caches the compiled grammar across requests.
         self._params_by_labels: dict[tuple[str, ...], Any] = {}
 
     async def answer(self, text: str, labels: list[str], request_id: str) -> Answer:
         final = None
-        async for output in self._engine.generate(self._prompt(text, tuple(labels)), self._params(tuple(labels)), request_id=request_id):
+        params = self._params(tuple(labels))
+        async for output in self._engine.generate(self._fitted_prompt(text, tuple(labels), params.max_tokens), params,
+                                                  request_id=request_id):
             final = output
         completion = final.outputs[0]
         if completion.finish_reason == "length":
@@ -42,6 +46,17 @@ class GenerateRunner:
         label = completion.text.strip()
         confidence = math.exp(completion.cumulative_logprob or 0.0)
         return Answer(label, confidence, [(label, confidence)])
+
+    def _fitted_prompt(self, text: str, labels: tuple[str, ...], answer_tokens: int) -> str:
+        """The prompt, with the text cut to its first tokens if prompt and answer would not fit
+        in max_model_len: vLLM refuses a longer prompt outright, which would turn a valid
+        escalation into a failure of the expert (the classify expert truncates likewise)."""
+        prompt = self._prompt(text, labels)
+        excess = len(self._tokenizer.encode(prompt, add_special_tokens=False)) + answer_tokens - self._max_tokens
+        if excess <= 0:
+            return prompt
+        ids = self._tokenizer.encode(text, add_special_tokens=False)
+        return self._prompt(self._tokenizer.decode(ids[: max(0, len(ids) - excess)]), labels)
 
     def _prompt(self, text: str, labels: tuple[str, ...]) -> str:
         messages = [{"role": "system", "content": system_prompt(labels)}, {"role": "user", "content": text}]

@@ -183,6 +183,11 @@ def test_a_text_longer_than_the_classifiers_context_is_classified_on_its_first_t
     assert _escalate(stub, "banking77", text).label in LABELS
 
 
+def test_a_text_longer_than_the_llms_context_is_answered_on_its_first_tokens(stub: expert_pb2_grpc.ExpertStub) -> None:
+    text = "\U0001f600" * (TEXT_MAX_BYTES // 4)  # 512 emoji: with the 77 labels' prompt, past max_model_len 2048
+    assert _escalate(stub, "banking77-llm", text, timeout=120).label in LABELS
+
+
 def test_generate_expert_answers_within_the_label_set(stub: expert_pb2_grpc.ExpertStub, banking_texts: list[str]) -> None:
     for text in banking_texts[:3]:
         r = _escalate(stub, "banking77-llm", text)
