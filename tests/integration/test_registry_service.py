@@ -1,7 +1,6 @@
 """FleetServicer on a plain grpc.aio server: a FeedbackStore and a ModelRegistry on temporary
 directories, as an edge's tests run it (no Ray)."""
 
-import contextlib
 import itertools
 import os
 import threading
@@ -27,6 +26,7 @@ from tandem.signing import (
     verify_promotion,
 )
 from tandem.v1 import fleet_pb2, fleet_pb2_grpc
+from tests.fleet_server import serving
 
 pytestmark = pytest.mark.integration
 
@@ -41,19 +41,6 @@ def key_path(tmp_path: Path) -> Path:
     path = tmp_path / "keys" / "signing.pem"
     generate_key(path)
     return path
-
-
-@contextlib.asynccontextmanager
-async def serving(servicer: FleetServicer) -> AsyncIterator[fleet_pb2_grpc.FleetStub]:
-    server = grpc.aio.server()
-    fleet_pb2_grpc.add_FleetServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            yield fleet_pb2_grpc.FleetStub(channel)
-    finally:
-        await server.stop(0)
 
 
 @pytest_asyncio.fixture()

@@ -1,8 +1,7 @@
 """Authorisation in the cloud: the Fleet servicer on a plain grpc.aio server (no Serve), called
 with the metadata the TLS proxy sets (its token, and the device its client certificate names)."""
 
-import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -17,6 +16,7 @@ from cloud.registry.service import FleetServicer
 from cloud.training.artifact import write_manifest
 from tandem.signing import generate_key, load_private_key, sign_artifact
 from tandem.v1 import common_pb2, expert_pb2, fleet_pb2, fleet_pb2_grpc
+from tests.fleet_server import serving
 
 TOKEN = "proxy-secret"
 TASKS = {"t": ["card_arrival", "lost_card"]}
@@ -45,19 +45,6 @@ class Audit:
 @pytest.fixture(autouse=True)
 def _proxy_token(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TANDEM_PROXY_TOKEN", TOKEN)
-
-
-@contextlib.asynccontextmanager
-async def serving(servicer: FleetServicer) -> AsyncIterator[fleet_pb2_grpc.FleetStub]:
-    server = grpc.aio.server()
-    fleet_pb2_grpc.add_FleetServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            yield fleet_pb2_grpc.FleetStub(channel)
-    finally:
-        await server.stop(0)
 
 
 def _servicer(tmp_path: Path, audit: object = None, quota: int = 1000) -> FleetServicer:

@@ -91,14 +91,20 @@ async def test_after_open_s_one_probe_goes_through_its_success_closes_its_failur
     assert transitions == {"open": 2, "half_open": 2, "closed": 1}
 
 
-async def test_while_the_probe_is_out_other_escalations_answer_locally() -> None:
-    breaker, cloud, clock, _ = _breaker(threshold=1, open_s=1)
+async def _probe_held(breaker: CircuitBreaker, cloud: ScriptedEscalator, clock: Clock) -> asyncio.Future[str]:
+    """Opens the breaker with one failure, then lets its probe out and holds it in the cloud."""
     cloud.script = [grpc.StatusCode.UNAVAILABLE]
     await _outcome(breaker)
     clock.now = 1
     cloud.hold.clear()
     probe = asyncio.ensure_future(_outcome(breaker))
     await asyncio.sleep(0)
+    return probe
+
+
+async def test_while_the_probe_is_out_other_escalations_answer_locally() -> None:
+    breaker, cloud, clock, _ = _breaker(threshold=1, open_s=1)
+    probe = await _probe_held(breaker, cloud, clock)
     assert breaker.state == State.HALF_OPEN
     assert await _outcome(breaker) == OPEN_REASON and cloud.calls == 2
     cloud.hold.set()
@@ -107,12 +113,7 @@ async def test_while_the_probe_is_out_other_escalations_answer_locally() -> None
 
 async def test_a_cancelled_probe_lets_the_next_call_probe_again() -> None:
     breaker, cloud, clock, _ = _breaker(threshold=1, open_s=1)
-    cloud.script = [grpc.StatusCode.UNAVAILABLE]
-    await _outcome(breaker)
-    clock.now = 1
-    cloud.hold.clear()
-    probe = asyncio.ensure_future(_outcome(breaker))
-    await asyncio.sleep(0)
+    probe = await _probe_held(breaker, cloud, clock)
     probe.cancel()
     with pytest.raises(asyncio.CancelledError):
         await probe
