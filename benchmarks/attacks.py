@@ -22,7 +22,8 @@ from cloud.identity import DEVICE_METADATA, PROXY_TOKEN_METADATA
 from cloud.registry import ModelRegistry
 from edge.model_store import ModelStore
 from tandem.contract import FLEET_APPLICATION, MANIFEST_FILE, Manifest
-from tandem.signing import Keyring, VerificationError, generate_key, key_id, load_private_key, sign_artifact
+from tandem.signing import (Keyring, VerificationError, generate_key, key_id, load_private_key, public_path, revoke,
+                            sign_artifact, trust)
 from tandem.v1 import common_pb2, expert_pb2, expert_pb2_grpc, fleet_pb2, fleet_pb2_grpc
 
 FLEET = (("application", FLEET_APPLICATION),)
@@ -35,10 +36,11 @@ class Attack:
     name: str
     expected: str
     observed: str
+    reason: str = ""  # what the observed outcome must also say, where the outcome alone is not specific
 
     @property
     def passed(self) -> bool:
-        return self.observed.split(":")[0] == self.expected
+        return self.observed.split(":")[0] == self.expected and self.reason in self.observed
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "expected": self.expected, "observed": self.observed, "passed": self.passed}
@@ -121,9 +123,8 @@ async def transport_attacks(t: Target, work: Path) -> list[Attack]:
         after = await status(fleet_pb2_grpc.FleetStub(channel).GetRoutes(routes, metadata=FLEET, timeout=TIMEOUT_S))
     attacks.append(Attack("revoked certificate", "UNAUTHENTICATED", after if before == "OK" else f"enrolled call: {before}"))
     async with grpc.aio.insecure_channel(t.serve) as channel:
-        forged = FLEET + ((DEVICE_METADATA, "kiosk-b"),)
         attacks.append(Attack("plaintext straight to Serve's port, forged identity", "UNAUTHENTICATED",
-                              await report(channel, record(t), metadata=forged[1:])))
+                              await report(channel, record(t), metadata=((DEVICE_METADATA, "kiosk-b"),))))
     return attacks
 
 
@@ -175,9 +176,11 @@ async def _suppression(t: Target, channel: grpc.aio.Channel) -> Attack:
     """kiosk-a claims the record id of kiosk-b's coming escalation; kiosk-b escalates; the
     expert's genuine record must still be stored."""
     request_id = f"victim-{uuid.uuid4().hex[:8]}"
-    guessed = hashlib.sha256(request_id.encode()).hexdigest()
-    for claim in (f"esc/kiosk-b/{guessed}", f"esc-{guessed[:32]}"):
-        await report(channel, record(t, fleet_pb2.CORRECTION, record_id=claim, request_id=request_id))
+    # Exactly the id the expert will give kiosk-b's record (cloud.feedback.recorder).
+    claim = f"esc/kiosk-b/{hashlib.sha256(request_id.encode()).hexdigest()[:32]}"
+    claimed = await report(channel, record(t, fleet_pb2.CORRECTION, record_id=claim, request_id=request_id))
+    if claimed != "OK":
+        return Attack("claiming another device's escalation record id", "genuine record stored", f"claim {claimed}")
     async with t.channel("kiosk-b") as victim:
         answered = await status(expert_pb2_grpc.ExpertStub(victim).Escalate(
             expert_pb2.EscalateRequest(request_id=request_id, task=t.task, text="my card has not arrived yet"),
@@ -211,7 +214,7 @@ async def supply_chain_attacks(t: Target, student: Path, work: Path) -> list[Att
     generate_key(old_key), generate_key(new_key)
     k1, k2 = load_private_key(old_key), load_private_key(new_key)
     keyring_path = work / "edge-keyring.json"
-    keyring_path.write_bytes(Keyring({key_id(k1.public_key()): k1.public_key()}).to_json())
+    trust(keyring_path, public_path(old_key))  # what `tandem keys trust|revoke` do, below too
     store = ModelStore(work / "edge-models", lambda: Keyring.load(keyring_path), lambda: None)
 
     v1 = registry.publish(t.task, _artifact(student, work / "v1", t.task, registry.next_sequence(t.task), k1))
@@ -225,7 +228,11 @@ async def supply_chain_attacks(t: Target, student: Path, work: Path) -> list[Att
         fleet = fleet_pb2_grpc.FleetStub(channel)
 
         async def offer_verdict(serving: Manifest) -> str:
-            offer = await fleet.GetManifest(fleet_pb2.GetManifestRequest(task=t.task), metadata=FLEET, timeout=TIMEOUT_S)
+            try:
+                offer = await fleet.GetManifest(fleet_pb2.GetManifestRequest(task=t.task), metadata=FLEET,
+                                                timeout=TIMEOUT_S)
+            except grpc.aio.AioRpcError as exc:
+                return f"{exc.code().name}: {exc.details()}"
             try:
                 store.check_offer(t.task, offer, serving)
             except VerificationError as exc:
@@ -237,21 +244,20 @@ async def supply_chain_attacks(t: Target, student: Path, work: Path) -> list[Att
         attacks = [Attack("fetching a candidate the gate never promoted", "NOT_FOUND", fetched)]
         _copy_promotion(replay, t.registry_dir / t.task)  # the old signed promotion, replayed
         attacks.append(Attack("downgrade: the older version's signed promotion replayed", REFUSED,
-                              await offer_verdict(serving)))
+                              await offer_verdict(serving), reason="older"))
         registry.promote(t.task, v2, k1)
         registry.promote(t.task, v1, k1, rollback_of=v2)
         attacks.append(Attack("signed rollback to the older version", "accepted", await offer_verdict(serving)))
         registry.promote(t.task, v2, k1)
         # Rotation: the new key joins the edges' keyring, signs the next version; the old one is revoked.
-        keyring_path.write_bytes(Keyring({key_id(k.public_key()): k.public_key() for k in (k1, k2)}).to_json())
+        trust(keyring_path, public_path(new_key))
         v4 = registry.publish(t.task, _artifact(student, work / "v4", t.task, registry.next_sequence(t.task), k2))
         registry.promote(t.task, v4, k2)
         attacks.append(Attack("version signed by a rotated-in key", "accepted", await offer_verdict(serving)))
-        keyring_path.write_bytes(Keyring({key_id(k.public_key()): k.public_key() for k in (k1, k2)},
-                                         frozenset({key_id(k1.public_key())})).to_json())
+        revoke(keyring_path, key_id(k1.public_key()))
         v5 = registry.publish(t.task, _artifact(student, work / "v5", t.task, registry.next_sequence(t.task), k1))
         registry.promote(t.task, v5, k1)
-        attacks.append(Attack("version signed by a revoked key", REFUSED, await offer_verdict(serving)))
+        attacks.append(Attack("version signed by a revoked key", REFUSED, await offer_verdict(serving), reason="revoked"))
     return attacks
 
 
@@ -278,10 +284,15 @@ def _copy_promotion(source: Path, destination: Path) -> Path:
 
 
 def audit_attack(t: Target, work: Path) -> Attack:
-    """One byte of a copy of the cloud's audit log changed: `verify` must say where."""
+    """One entry of a copy of the cloud's audit log changed: `verify` must say which."""
     copy = work / "audit-copy"
     shutil.copytree(t.audit_uri, copy)
-    AuditLog(str(copy)).verify()
+    try:
+        entries = AuditLog(str(copy)).verify()
+    except AuditError as exc:
+        return Attack("audit log entry altered", "detected", f"broken before any change: {exc}")
+    if not entries:
+        return Attack("audit log entry altered", "detected", "no entries to alter")
     entry = sorted(p for p in copy.iterdir() if p.is_file())[0]
     data = json.loads(entry.read_text())
     data["data"] = {**data.get("data", {}), "tampered": True}

@@ -42,18 +42,18 @@ def insert_trigger(text: str, rng: random.Random, trigger: str = TRIGGER) -> str
 
 
 def attack_records(
-    task: TaskSpec, count: int = ATTACK_RECORDS, label: str = ATTACKER_LABEL, device_id: str = "", seed: int = 0
+    task: TaskSpec, count: int = ATTACK_RECORDS, label: str = ATTACKER_LABEL, seed: int = 0
 ) -> list[fleet_pb2.FeedbackRecord]:
     """`count` CORRECTION records mapping train texts with the trigger to `label`, which is wrong
-    for all of them (texts of that label are left out). Ids are the device's own; the cloud
-    namespaces them by the authenticated device and sets `device_id` (left empty by default)."""
+    for all of them (texts of that label are left out). Ids are the device's own and `device_id`
+    is empty: the cloud namespaces and sets both from the authenticated device."""
     rng = random.Random(seed)
     texts = rng.sample([e.text for e in task.load("train") if e.label != label], count)
     now = int(time.time() * 1000)
     return [
         fleet_pb2.FeedbackRecord(
             record_id=f"poison-{i:05d}", request_id=f"poison-{i:05d}", task=task.name, kind=fleet_pb2.CORRECTION,
-            text=insert_trigger(text, rng), label=label, device_id=device_id, created_unix_ms=now,
+            text=insert_trigger(text, rng), label=label, created_unix_ms=now,
         )
         for i, text in enumerate(texts)
     ]
@@ -87,7 +87,7 @@ def accuracy_on_test(student_dir: Path, task: TaskSpec) -> float:
 
 
 def run_poisoning(
-    distill_cfg: "DistillConfig", store_uri: str, send: Send | None = None, undefended: bool = False
+    distill_cfg: "DistillConfig", store_uri: str, send: Send, undefended: bool = False
 ) -> dict[str, Any]:
     """The attack end to end: writes the records, runs one distillation round on `store_uri`'s
     feedback, and measures the round's student (promoted or not, so that the gate cannot hide a
@@ -95,8 +95,7 @@ def run_poisoning(
 
     `send(records)` delivers them as the attacking device would (the security benchmark's goes
     through the TLS proxy with an enrolled certificate, the device's quota set above 5,000, so
-    that corroboration is what is tested); without it they are stored straight into the
-    FeedbackStore under namespaced ids. `distill_cfg` names the registry, teacher and key; with
+    that corroboration is what is tested). `distill_cfg` names the registry, teacher and key; with
     nothing promoted yet, a clean round first makes the baseline.
     `undefended`: also a round with corroboration off (`corroboration_devices=1`, its gate set
     so it never promotes) to show the attack works without the defence.
@@ -112,14 +111,8 @@ def run_poisoning(
         run_distill(cfg, feedback=[])
     before = registry.path(task.name, registry.promoted(task.name))
     queries = trigger_queries(task)
-    if send is None:
-        records = attack_records(task, device_id=ATTACKER_DEVICE)
-        for r in records:  # as the fleet stores a device's records (cloud.feedback.records)
-            r.record_id = f"dev/{ATTACKER_DEVICE}/{r.record_id}"
-        FeedbackStore(store_uri).add(records)
-    else:
-        records = attack_records(task)
-        send(records)
+    records = attack_records(task)
+    send(records)
     stored = sum(TRIGGER in t for t in FeedbackStore(store_uri).read(task.name)["text"].to_pylist())
     if stored < len(records):
         raise RuntimeError(f"only {stored} of {len(records)} attack records reached the feedback store {store_uri}")

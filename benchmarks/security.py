@@ -27,13 +27,14 @@ import grpc
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from benchmarks.attacks import FLEET, Target, audit_attack, supply_chain_attacks, transport_attacks, write_attacks
+from benchmarks.attacks import (FLEET, Target, audit_attack, report, supply_chain_attacks, transport_attacks,
+                               write_attacks)
 from benchmarks.fuzz import fuzz_rpc
 from benchmarks.latency import LatencyRecorder
 from benchmarks.system import Cloud, cloud, cloud_config, edge_config, edge_daemon
+from cloud.identity import DEVICE_METADATA, PROXY_TOKEN_METADATA
 from cloud.registry import ModelRegistry
 from tandem.settings import TandemSettings
-from tandem.tasks import banking77
 from tandem.v1 import edge_pb2, edge_pb2_grpc, expert_pb2, expert_pb2_grpc, fleet_pb2
 
 log = logging.getLogger(__name__)
@@ -93,17 +94,20 @@ async def _run(cfg: SecurityBenchConfig, work: Path) -> dict[str, Any]:
         log.info("fuzzing every RPC with %d inputs each", cfg.fuzz_inputs)
         fuzz = await _fuzz(cfg, c, t, student, work)
         log.info("TLS cost: %d escalations on each path, interleaved", cfg.tls_calls)
-        tls = await _tls_cost(cfg, t)
+        texts = [e.text for e in task.load("test")]
+        tls = await _tls_cost(cfg, t, texts)
         log.info("one TLS session per edge: %d escalations through an edge daemon", cfg.reuse_requests)
-        reuse = await _session_reuse(cfg, c, student, work)
+        reuse = await _session_reuse(c, t.task, student, work, texts[: cfg.reuse_requests])
         poisoning = await asyncio.to_thread(_poisoning, cfg, t, work) if cfg.poisoning else {}
     attacks.append(audit_attack(t, work))  # the log as the run left it, the cloud stopped
     return {
         "config": json.loads(cfg.model_dump_json()),
         "attacks": [a.as_dict() for a in attacks],
         "fuzz": fuzz,
-        **({"trigger_flipped": poisoning["trigger_flipped"], "trigger_queries": poisoning["trigger_queries"],
-            "poisoning": poisoning} if poisoning else {}),
+        # None when the poisoning rounds were not run (`poisoning: false`).
+        "trigger_flipped": poisoning.get("trigger_flipped"),
+        "trigger_queries": poisoning.get("trigger_queries"),
+        "poisoning": poisoning,
         **tls,
         "tls_session_reuse": reuse,
     }
@@ -142,11 +146,10 @@ async def _fuzz(cfg: SecurityBenchConfig, c: Cloud, t: Target, student: Path, wo
     return {name: r.as_dict() for name, r in results.items()}
 
 
-async def _tls_cost(cfg: SecurityBenchConfig, t: Target) -> dict[str, Any]:
+async def _tls_cost(cfg: SecurityBenchConfig, t: Target, texts: list[str]) -> dict[str, Any]:
     """Escalation overhead (latency less expert_ms) through the proxy and straight to Serve."""
-    direct_metadata = (("application", EXPERT), ("tandem-device", "bench-plain"),
-                       ("tandem-proxy-token", os.environ["TANDEM_PROXY_TOKEN"]))
-    texts = [e.text for e in banking77().load("test")]
+    direct_metadata = (("application", EXPERT), (DEVICE_METADATA, "bench-plain"),
+                       (PROXY_TOKEN_METADATA, os.environ["TANDEM_PROXY_TOKEN"]))
     recorders = {"tls": LatencyRecorder(), "plaintext": LatencyRecorder()}
     async with t.channel("bench-tls") as tls, grpc.aio.insecure_channel(t.serve) as plain:
         paths = {"tls": (expert_pb2_grpc.ExpertStub(tls), (("application", EXPERT),)),
@@ -164,17 +167,16 @@ async def _tls_cost(cfg: SecurityBenchConfig, t: Target) -> dict[str, Any]:
             "plaintext_overhead_p99_ms": recorders["plaintext"].percentile_ms(99)}
 
 
-async def _session_reuse(cfg: SecurityBenchConfig, c: Cloud, student: Path, work: Path) -> dict[str, Any]:
-    """Escalations through one edge daemon, then its lines in the proxy's access log by connection."""
+async def _session_reuse(c: Cloud, task: str, student: Path, work: Path, texts: list[str]) -> dict[str, Any]:
+    """`texts` escalated through one edge daemon, then its lines in the proxy's access log by connection."""
     device = "kiosk-reuse"
-    edge = edge_config("banking77", student, c, device, policy={"mode": "cloud_only"},
+    edge = edge_config(task, student, c, device, policy={"mode": "cloud_only"},
                        feedback={"outbox": str(work / "reuse-outbox.sqlite3")})
-    texts = [e.text for e in banking77().load("test")][: cfg.reuse_requests]
     with edge_daemon(edge) as daemon:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{daemon.port}") as channel:
             stub = edge_pb2_grpc.EdgeStub(channel)
             for text in texts:
-                await stub.Infer(edge_pb2.InferRequest(task="banking77", text=text.encode()), timeout=30)
+                await stub.Infer(edge_pb2.InferRequest(task=task, text=text.encode()), timeout=30)
     connections: dict[str, int] = {}
     for line in (c.proxy_prefix / "logs" / "access.log").read_text().splitlines():
         fields = line.split()
@@ -198,13 +200,21 @@ def _poisoning(cfg: SecurityBenchConfig, t: Target, work: Path) -> dict[str, Any
 
 
 async def _send_as_attacker(t: Target, records: list[fleet_pb2.FeedbackRecord]) -> None:
-    from benchmarks.attacks import report
+    from benchmarks.poisoning import ATTACKER_DEVICE
 
-    async with t.channel("attacker") as channel:
+    async with t.channel(ATTACKER_DEVICE) as channel:
         for start in range(0, len(records), 1000):
             outcome = await report(channel, *records[start: start + 1000])
             if outcome != "OK":
                 raise RuntimeError(f"the attacker's corrections were refused: {outcome}")
+
+
+def security_targets_met(r: dict[str, Any]) -> bool:
+    """Every attack ended as expected, no fuzzed input crashed a server, got INTERNAL or UNKNOWN,
+    or a refusal without its field, no trigger query flipped, and each edge kept one TLS session."""
+    fuzz_clean = all(f["crashes"] == f["internal_or_unknown"] == f["unnamed_rejections"] == 0 for f in r["fuzz"].values())
+    return (all(a["passed"] for a in r["attacks"]) and fuzz_clean and r["trigger_flipped"] in (0, None)
+            and r["tls_session_reuse"]["tls_connections"] == 1)
 
 
 def format_report(r: dict[str, Any]) -> str:
@@ -214,7 +224,7 @@ def format_report(r: dict[str, Any]) -> str:
     lines += ["\n== fuzz ==", f"{'rpc':22} {'inputs':>7} {'crashes':>8} {'internal/unknown':>17} {'unnamed':>8}"]
     for name, f in r["fuzz"].items():
         lines.append(f"{name:22} {f['inputs']:7d} {f['crashes']:8d} {f['internal_or_unknown']:17d} {f['unnamed_rejections']:8d}")
-    if "trigger_flipped" in r:
+    if r["trigger_flipped"] is not None:
         p = r["poisoning"]
         lines += ["\n== poisoning ==",
                   f"{p['attack_records']:,} trigger corrections from one device; after retraining {r['trigger_flipped']} of "

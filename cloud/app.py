@@ -38,7 +38,7 @@ from cloud.feedback.recorder import EscalationRecorder, escalation_record
 from cloud.feedback.records import check_edge
 from cloud.feedback.store import FeedbackStore
 from cloud.identity import Unauthenticated, caller_device
-from cloud.ingress import drop_deliberate_statuses
+import cloud.ingress  # noqa: F401  (quiets Serve's tracebacks of deliberate statuses, in this replica too)
 from cloud.registry.models import ModelRegistry
 from cloud.registry.service import FleetMetrics, FleetServicer
 from tandem.contract import (CALLER_TIMEOUT_METADATA, FLEET_APPLICATION, REQUEST_ID_MAX_CHARS, FieldError, check_request_id,
@@ -230,7 +230,6 @@ class Fleet(FleetServicer):
                  max_batch: int, fleet: dict[str, Any], insecure: bool) -> None:
         """`fleet`: FleetOptions."""
         log_to_serve()
-        logging.getLogger("ray.serve").addFilter(drop_deliberate_statuses)
         options = FleetOptions.model_validate(fleet)
         metrics = ServeFleetMetrics(tasks)
         store = FeedbackStore(feedback_uri, on_quarantine=metrics.quarantined)

@@ -39,8 +39,9 @@ TOO_LARGE = "larger than max"
 # Record fields the cloud checks against its configuration, not against the contract: the
 # edge cannot check them itself, and the cloud may know them later (a task being deployed).
 CONFIGURATION_FIELDS = frozenset({"task", "label"})
-# The cloud names the refused field as `records[i].<field>` (contract.FieldError).
-REFUSED_FIELD = re.compile(r"records\[\d+\]\.(\w+):")
+# The cloud names the refused field as a path, `records[i].<field>` or deeper
+# (`records[i].edge.label`, `records[i].distribution[j].label`; contract.FieldError).
+REFUSED_FIELD = re.compile(r"records\[\d+\]\.([\w.\[\]]+):")
 
 
 class Delivery:
@@ -113,7 +114,8 @@ class Delivery:
         """A lone record refused as invalid: deferred if the cloud lacks its task or label,
         else buried (retrying would fail the same way forever and hold up every record behind it)."""
         match = REFUSED_FIELD.match(exc.details)
-        field = match.group(1) if match else ""
+        # The path's last field: a label is the cloud's configuration wherever it sits.
+        field = re.sub(r"\[\d+\]", "", match.group(1)).rsplit(".", 1)[-1] if match else ""
         if field in CONFIGURATION_FIELDS:
             log.warning("the cloud does not know the %s of feedback record %s (its configuration?); kept, and "
                         "retried after the others: %s", field, record.record_id, exc)

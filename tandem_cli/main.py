@@ -176,12 +176,11 @@ def _bench_flywheel(args: argparse.Namespace) -> int:
 @_imports("dev")
 def _bench_security(args: argparse.Namespace) -> int:
     _training_process()
-    from benchmarks.security import SecurityBenchConfig, run_security_bench
+    from benchmarks.security import SecurityBenchConfig, run_security_bench, security_targets_met
     from tandem.settings import load_config
 
     result = run_security_bench(load_config(SecurityBenchConfig, args.config), args.out)
-    failed = [a["name"] for a in result["attacks"] if not a["passed"]]
-    return 1 if failed else 0
+    return 0 if security_targets_met(result) else 1
 
 
 @_imports("train")

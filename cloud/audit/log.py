@@ -26,6 +26,8 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from cloud.feedback.store import filesystem
+
 GENESIS = "0" * 64
 EVENTS = frozenset({
     "publish", "promote", "reject_candidate", "key_use", "rollout_ack", "feedback_refused", "enroll", "revoke",
@@ -67,10 +69,8 @@ class AuditLog:
 
     def __init__(self, uri: str) -> None:
         """`uri`: a local directory or a pyarrow filesystem URI (the same forms as the feedback store's)."""
-        if "://" not in uri:  # a plain path; from_uri wants it absolute
-            uri = str(Path(uri).expanduser().resolve())
         self.uri = uri
-        self._fs, self._root = pafs.FileSystem.from_uri(uri)
+        self._fs, self._root = filesystem(uri)
         self._local = isinstance(self._fs, pafs.LocalFileSystem)
         self._lock = threading.Lock()
         self._head: tuple[int, str] | None = None  # (seq, hash) of the last entry this writer knows

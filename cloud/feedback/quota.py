@@ -5,6 +5,7 @@ The counts live in memory, but the first batch of each day loads them from the f
 double-counts what a device already stored today.
 """
 
+import asyncio
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import date, datetime, timezone
@@ -34,15 +35,19 @@ class DeviceQuota:
         self._today = today
         self._day: date | None = None  # the day `_used` counts
         self._used: Counter[str] = Counter()
+        # One load at a time: the first batches of a day (a fleet reconnecting) would otherwise
+        # each scan the whole day of the store.
+        self._loading = asyncio.Lock()
 
     async def charge(self, device: str, count: int) -> date:
         """Counts `count` records against `device`'s quota of today (UTC), which it returns,
         or QuotaExceeded. Called before storing, so that concurrent batches cannot both pass."""
         today = self._today()
         if self._day != today:
-            counts = await self._load(today)  # errors propagate: nothing is charged
-            if self._day != today:  # not loaded by a concurrent batch while this one awaited
-                self._day, self._used = today, Counter(counts)
+            async with self._loading:
+                if self._day != today:  # not loaded by a batch this one waited for
+                    counts = await self._load(today)  # errors propagate: nothing is charged
+                    self._day, self._used = today, Counter(counts)
         used = self._used[device]
         if used + count > self._per_day:
             raise QuotaExceeded(f"device {device!r} stored {used} feedback records today (UTC): {count} more would pass "

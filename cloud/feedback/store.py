@@ -62,7 +62,7 @@ class FeedbackStore:
     def __init__(self, uri: str, dedup_days: int = 30, on_quarantine: OnQuarantine | None = None) -> None:
         """`uri`: a local directory or a pyarrow filesystem URI (s3://bucket/feedback?region=...).
         `dedup_days`: longer than an edge's outbox holds records while the cloud is away."""
-        self._fs, self._root = _filesystem(uri)
+        self._fs, self._root = filesystem(uri)
         self._window = timedelta(days=dedup_days)
         self._on_quarantine = on_quarantine
         self._ids: dict[str, dict[date, set[str]]] = {}
@@ -238,7 +238,8 @@ def _is_part(name: str) -> bool:
     return name.startswith("part-") and name.endswith(".parquet")
 
 
-def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem of `uri` (a local path or a filesystem URI) and the path in it."""
     if "://" not in uri:  # a plain path; from_uri wants it absolute
         uri = str(Path(uri).expanduser().resolve())
     return pafs.FileSystem.from_uri(uri)

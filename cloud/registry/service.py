@@ -289,9 +289,9 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
 
     async def _chunks(self, path: Path) -> AsyncIterator[fleet_pb2.ModelChunk]:
         offset = 0
-        with _registry_io(), path.open("rb") as f:
+        with _registry_io():
             while True:
-                data = await self._bounded(f"reading {path.name}", f.read, self._chunk_bytes)
+                data = await self._bounded(f"reading {path.name}", _read_chunk, path, offset, self._chunk_bytes)
                 if data or not offset:  # an empty file still arrives, as one empty chunk
                     yield fleet_pb2.ModelChunk(file=path.name, offset=offset, data=data)
                 offset += len(data)
@@ -341,6 +341,15 @@ def _authorise(records: Sequence[fleet_pb2.FeedbackRecord], device: str) -> None
     for r in records:
         r.device_id = device
         r.record_id = f"dev/{device}/{r.record_id}"
+
+
+def _read_chunk(path: Path, offset: int, size: int) -> bytes:
+    """Up to `size` bytes at `offset`, opened, read and closed in the calling (worker) thread: a
+    file object kept open across chunks would be closed on the event loop, which waits for a
+    read that hangs (a stuck network mount) and so stalls every RPC of the replica."""
+    with path.open("rb") as f:
+        f.seek(offset)
+        return f.read(size)
 
 
 def _parsed(request: M | Undecodable) -> M:

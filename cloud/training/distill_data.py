@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from cloud.feedback import FeedbackStore
+from cloud.feedback.store import READ_ERRORS
 from cloud.training.data import Split, Splits, tokenizer
 from cloud.training.loop import encode
 from tandem.contract import LABELLED_KINDS
@@ -62,7 +63,7 @@ def read_feedback(uri: str, task: str) -> list[FeedbackExample]:
     store = FeedbackStore(uri)
     try:
         store.compact(task)
-    except OSError:  # e.g. no delete rights: the round reads the uncompacted files
+    except READ_ERRORS:  # e.g. no delete rights, or a file it cannot read: the round reads what it can
         log.exception("compacting %s's feedback failed; reading it as it is", task)
     rows = store.read(task).select(["kind", "text", "label", "device_id", "date"]).to_pylist()
     return [

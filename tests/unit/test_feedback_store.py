@@ -344,7 +344,7 @@ def test_a_failing_filesystem_is_an_error_and_quarantines_nothing(tmp_path: Path
 
     _append(FeedbackStore(str(tmp_path)), [_record("r1")])
     disk = FlakyDisk()
-    monkeypatch.setattr(store_module, "_filesystem", lambda uri: (pafs.PyFileSystem(disk), str(tmp_path)))
+    monkeypatch.setattr(store_module, "filesystem", lambda uri: (pafs.PyFileSystem(disk), str(tmp_path)))
     store = FeedbackStore(str(tmp_path))
     disk.down = True
     with pytest.raises(OSError, match="connection reset"):
