@@ -37,7 +37,7 @@ from cloud.experts.protocol import Runner
 from cloud.feedback.recorder import EscalationRecorder, escalation_record
 from cloud.feedback.records import check_edge
 from cloud.feedback.store import FeedbackStore
-from cloud.identity import Unauthenticated, caller_device
+from cloud.identity import Unauthenticated, caller_device, proxy_token
 import cloud.ingress  # noqa: F401  (quiets Serve's tracebacks of deliberate statuses, in this replica too)
 from cloud.registry.models import ModelRegistry
 from cloud.registry.service import FleetMetrics, FleetServicer
@@ -81,7 +81,7 @@ class Expert:
         self._cfg = ExpertConfig.model_validate(cfg)
         self._tasks = tasks  # task -> labels
         self._timeout_s = timeout_s
-        self._insecure = insecure
+        self._proxy_token = proxy_token(insecure)
         if insecure:
             log.warning("expert %s: insecure, development only: device ids are whatever requests claim, unverified",
                         self._cfg.name)
@@ -145,7 +145,7 @@ class Expert:
         checked (the cloud's only check of them); sets its device id to the caller's, and gives
         it an id if it came without one."""
         try:
-            request.device_id = caller_device(metadata, request.device_id, self._insecure)
+            request.device_id = caller_device(metadata, request.device_id, self._proxy_token)
         except Unauthenticated as exc:
             raise UnauthenticatedEscalation(str(exc)) from None
         except FieldError as exc:  # insecure: the id the request claims

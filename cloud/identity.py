@@ -24,17 +24,27 @@ class Unauthenticated(Exception):
     """The call did not come through the proxy with a verified device identity."""
 
 
-def caller_device(metadata: Sequence[tuple[str, str]], claimed: str, insecure: bool) -> str:
-    """The calling device's id, a `contract.NAME` (ids name store partitions and record-id
-    namespaces). Through the proxy: the verified identity, whatever the message claims. With
-    `insecure` (a development cloud without the proxy): the id the message claims, if any."""
+def proxy_token(insecure: bool) -> bytes | None:
+    """The proxy's token, read once when a deployment starts; None for an insecure development
+    cloud. ValueError if it is unset: that cloud would refuse every call, and its callers, not
+    its operator, would see why."""
     if insecure:
+        return None
+    if not envs.TANDEM_PROXY_TOKEN:
+        raise ValueError("TANDEM_PROXY_TOKEN is not set: the deployments cannot tell calls through the TLS proxy "
+                         "from direct ones (`tandem cloud serve` sets it; in Kubernetes, a Secret)")
+    return envs.TANDEM_PROXY_TOKEN.encode()
+
+
+def caller_device(metadata: Sequence[tuple[str, str]], claimed: str, token: bytes | None) -> str:
+    """The calling device's id, a `contract.NAME` (ids name store partitions and record-id
+    namespaces). Through the proxy (`token`, from `proxy_token`): the verified identity,
+    whatever the message claims. Without a token (an insecure development cloud): the id the
+    message claims, if any."""
+    if token is None:
         return check_name("device_id", claimed) if claimed else ""
     values = dict(metadata)
-    token = envs.TANDEM_PROXY_TOKEN
-    if not token:
-        raise Unauthenticated("the cloud has no TANDEM_PROXY_TOKEN: it cannot tell proxied calls from direct ones")
-    if not hmac.compare_digest(values.get(PROXY_TOKEN_METADATA, "").encode(), token.encode()):
+    if not hmac.compare_digest(values.get(PROXY_TOKEN_METADATA, "").encode(), token):
         raise Unauthenticated("the call did not come through the TLS proxy; connect to its port with a device certificate")
     device = values.get(DEVICE_METADATA, "")
     if not device:

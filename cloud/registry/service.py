@@ -32,7 +32,7 @@ from cloud.errors import (FleetError, FleetTimeout, InvalidFeedback, InvalidRequ
 from cloud.feedback.quota import DEVICE_QUOTA_PER_DAY, DeviceQuota
 from cloud.feedback.records import KINDS, check
 from cloud.feedback.store import READ_ERRORS, FeedbackStore
-from cloud.identity import Unauthenticated, caller_device
+from cloud.identity import Unauthenticated, caller_device, proxy_token
 from cloud.registry.models import ModelNotFound, ModelRegistry
 from tandem.contract import MANIFEST_FILE, SIGNATURE_FILE, FieldError, check_name
 from tandem.v1 import fleet_pb2, fleet_pb2_grpc
@@ -98,7 +98,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         self._max_batch = max_batch
         self._chunk_bytes = chunk_bytes
         self._timeout_s = request_timeout_s
-        self._insecure = insecure
+        self._proxy_token = proxy_token(insecure)
         self._audit = audit
         self._quota = DeviceQuota(self._device_counts, device_quota_per_day)
         self._refusals = AuditThrottle(AUDIT_REFUSALS_EVERY_S)  # keyed by (device, status code)
@@ -196,7 +196,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
     def _caller(self, grpc_context: Any, claimed: str) -> str:
         """The calling device (`cloud.identity.caller_device`)."""
         try:
-            return caller_device(grpc_context.invocation_metadata(), claimed, self._insecure)
+            return caller_device(grpc_context.invocation_metadata(), claimed, self._proxy_token)
         except Unauthenticated as exc:
             raise UnauthenticatedFleetCall(str(exc)) from None
         except FieldError as exc:  # insecure: the id a message claims
