@@ -251,9 +251,10 @@ def run_daemon(cfg: EdgeConfig) -> None:
 async def _serve(cfg: EdgeConfig) -> None:
     daemon = EdgeDaemon(cfg)
     await daemon.start()
+    metrics = None
     if cfg.metrics_port is not None:
         try:
-            serve_metrics(cfg.metrics_port, cfg.metrics_host, daemon.registry)
+            metrics = serve_metrics(cfg.metrics_port, cfg.metrics_host, daemon.registry)
         except OSError:
             await daemon.stop(grace_s=0)
             raise
@@ -267,3 +268,5 @@ async def _serve(cfg: EdgeConfig) -> None:
         loop.add_signal_handler(signal.SIGHUP, daemon.updater.wake)
     await stop.wait()
     await daemon.stop()
+    if metrics is not None:  # scraped until the end: the last scrape sees the stop's counts
+        metrics.shutdown()

@@ -236,12 +236,12 @@ def _keys_revoke(args: argparse.Namespace) -> int:
 
 @_imports("cloud")
 def _registry_rollback(args: argparse.Namespace) -> int:
-    from cloud.audit.log import AuditLog, audit_uri
+    from cloud.audit.log import AuditLog
     from cloud.registry import ModelNotFound, ModelRegistry
-    from tandem import envs
     from tandem.signing import signing_key
 
-    registry = ModelRegistry(args.registry or envs.TANDEM_CACHE_DIR / "registry")
+    cfg = _cloud_config(args)
+    registry = ModelRegistry(args.registry or cfg.registry_dir)
     current = registry.promoted(args.task)
     try:
         if current is None:
@@ -250,7 +250,7 @@ def _registry_rollback(args: argparse.Namespace) -> int:
     except (ValueError, ModelNotFound, FileNotFoundError) as exc:
         print(f"tandem: {exc}", file=sys.stderr)
         return 1
-    audit = AuditLog(args.audit_uri or audit_uri(str(envs.TANDEM_CACHE_DIR / "feedback")))
+    audit = AuditLog(_audit_uri(args.audit_uri, cfg))
     audit.append("rollback", "operator", task=args.task, version=promotion.version, rollback_of=current,
                  sequence=promotion.sequence, key_id=promotion.key_id)
     print(promotion.model_dump_json(indent=2))
@@ -259,10 +259,9 @@ def _registry_rollback(args: argparse.Namespace) -> int:
 
 @_imports("cloud")
 def _audit_verify(args: argparse.Namespace) -> int:
-    from cloud.audit.log import AuditError, AuditLog, audit_uri
-    from tandem import envs
+    from cloud.audit.log import AuditError, AuditLog
 
-    log = AuditLog(args.uri or audit_uri(str(envs.TANDEM_CACHE_DIR / "feedback")))
+    log = AuditLog(_audit_uri(args.uri, _cloud_config(args)))
     try:
         count = log.verify()
     except AuditError as exc:
@@ -277,10 +276,9 @@ def _audit_verify(args: argparse.Namespace) -> int:
 @_imports("cloud")
 def _audit_show(args: argparse.Namespace) -> int:
     from cloud.audit.lineage import show_lineage
-    from cloud.audit.log import AuditLog, audit_uri
-    from tandem import envs
+    from cloud.audit.log import AuditLog
 
-    log = AuditLog(args.uri or audit_uri(str(envs.TANDEM_CACHE_DIR / "feedback")))
+    log = AuditLog(_audit_uri(args.uri, _cloud_config(args)))
     text = show_lineage(log, args.version)
     if text is None:
         print(f"tandem: audit log {log.uri} has no entries about {args.version}", file=sys.stderr)
@@ -300,25 +298,27 @@ def _cloud_proxy_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ca_config(args: argparse.Namespace) -> "CloudConfig":
-    """The cloud config whose proxy.ca_dir and feedback store the `ca` commands default to."""
+def _cloud_config(args: argparse.Namespace) -> "CloudConfig":
+    """The cloud config whose CA folder, registry and feedback store the operator commands
+    (`ca`, `registry`, `audit`) default to."""
     from cloud.config import CloudConfig
     from tandem.settings import load_config
 
     return load_config(CloudConfig, args.config)
 
 
-def _ca_audit_uri(args: argparse.Namespace, cfg: "CloudConfig") -> str:
+def _audit_uri(given: str | None, cfg: "CloudConfig") -> str:
+    """`given`, else the audit log beside the cloud config's feedback store."""
     from cloud.audit.log import audit_uri
 
-    return args.audit_uri or audit_uri(cfg.feedback_uri)
+    return given or audit_uri(cfg.feedback_uri)
 
 
 @_imports("cloud")
 def _ca_init(args: argparse.Namespace) -> int:
     from cloud.pki import init_ca
 
-    ca_dir = args.dir or _ca_config(args).proxy.ca_dir
+    ca_dir = args.dir or _cloud_config(args).proxy.ca_dir
     for path in init_ca(ca_dir, args.host):
         print(f"wrote {path}")
     print(f"fleet CA ready in {ca_dir}; enroll devices with `tandem ca enroll DEVICE --dir {ca_dir}`")
@@ -329,9 +329,9 @@ def _ca_init(args: argparse.Namespace) -> int:
 def _ca_enroll(args: argparse.Namespace) -> int:
     from cloud.pki import DEVICE_DAYS, enroll
 
-    cfg = _ca_config(args)
+    cfg = _cloud_config(args)
     days = DEVICE_DAYS if args.days is None else args.days
-    out = enroll(args.dir or cfg.proxy.ca_dir, args.device, days, _ca_audit_uri(args, cfg))
+    out = enroll(args.dir or cfg.proxy.ca_dir, args.device, days, _audit_uri(args.audit_uri, cfg))
     print(f"wrote {out}/device.key, {out}/device.crt (valid {days} days; enroll again to renew) and {out}/ca.crt")
     print(f"the edge's config: cloud.tls: {{ca: {out}/ca.crt, cert: {out}/device.crt, key: {out}/device.key}}")
     return 0
@@ -341,9 +341,9 @@ def _ca_enroll(args: argparse.Namespace) -> int:
 def _ca_revoke(args: argparse.Namespace) -> int:
     from cloud.pki import revoke
 
-    cfg = _ca_config(args)
+    cfg = _cloud_config(args)
     ca_dir = args.dir or cfg.proxy.ca_dir
-    serials = revoke(ca_dir, args.device, _ca_audit_uri(args, cfg))
+    serials = revoke(ca_dir, args.device, _audit_uri(args.audit_uri, cfg))
     print(f"revoked {args.device}: {len(serials)} certificate(s) added to {ca_dir / 'crl.pem'}; "
           "a running proxy reloads it within seconds")
     return 0
@@ -353,7 +353,7 @@ def _ca_revoke(args: argparse.Namespace) -> int:
 def _ca_crl(args: argparse.Namespace) -> int:
     from cloud.pki import CRL_DAYS, write_crl
 
-    path = write_crl(args.dir or _ca_config(args).proxy.ca_dir)
+    path = write_crl(args.dir or _cloud_config(args).proxy.ca_dir)
     print(f"wrote {path}, valid {CRL_DAYS} days: re-issue it before then, or the proxy refuses every device")
     return 0
 
@@ -436,23 +436,21 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_keys_revoke)
 
     registry = groups.add_parser("registry", help="the model registry").add_subparsers(required=True)
-    p = registry.add_parser("rollback", help="promote an older version as a signed rollback of the promoted one")
+    p = command(registry, "rollback", _registry_rollback,
+                "promote an older version as a signed rollback of the promoted one")
     p.add_argument("task")
     p.add_argument("--to", required=True, help="the published version to roll back to")
     p.add_argument("--key", type=Path, required=True, help="the registry's signing key (private PEM)")
-    p.add_argument("--registry", type=Path, help="registry root (default: TANDEM_CACHE_DIR/registry)")
-    p.add_argument("--audit-uri", help="audit log (default: the default feedback store's _audit)")
-    p.set_defaults(run=_registry_rollback)
+    p.add_argument("--registry", type=Path, help="registry root (default: the cloud config's registry_dir)")
+    p.add_argument("--audit-uri", help="audit log (default: the cloud config's feedback store's _audit)")
 
     audit = groups.add_parser("audit", help="the hash-chained audit trail").add_subparsers(required=True)
-    uri_help = "audit log: a directory or pyarrow filesystem URI (default: TANDEM_CACHE_DIR/feedback/_audit)"
-    p = audit.add_parser("verify", help="recompute the chain; fails at the first changed, missing or moved entry")
+    uri_help = "audit log: a directory or pyarrow filesystem URI (default: the cloud config's feedback store's _audit)"
+    p = command(audit, "verify", _audit_verify, "recompute the chain; fails at the first changed, missing or moved entry")
     p.add_argument("--uri", help=uri_help)
-    p.set_defaults(run=_audit_verify)
-    p = audit.add_parser("show", help="a model version's lineage: its data, gate, signer, promotions, rollout")
+    p = command(audit, "show", _audit_show, "a model version's lineage: its data, gate, signer, promotions, rollout")
     p.add_argument("version", help="the model version")
     p.add_argument("--uri", help=uri_help)
-    p.set_defaults(run=_audit_show)
 
     ca = groups.add_parser(
         "ca", help="the fleet's certificate authority: device certificates for mTLS to the cloud's proxy (files "

@@ -15,7 +15,6 @@ the keyword `grpc_context`; see `cloud.app.Fleet`).
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping, Sequence
@@ -34,7 +33,7 @@ from cloud.feedback.records import KINDS, check
 from cloud.feedback.store import READ_ERRORS, FeedbackStore
 from cloud.identity import Unauthenticated, caller_device, proxy_token
 from cloud.registry.models import ModelNotFound, ModelRegistry
-from tandem.contract import MANIFEST_FILE, SIGNATURE_FILE, FieldError, check_name
+from tandem.contract import MANIFEST_FILE, SIGNATURE_FILE, FieldError, Manifest, Promotion, check_name
 from tandem.v1 import fleet_pb2, fleet_pb2_grpc
 from tandem.wire import Undecodable, parsed
 
@@ -249,7 +248,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
             if promotion is None:
                 raise NotFound(f"task {task!r} has no promoted model")
             promotion_json, signature = promotion
-            version = json.loads(promotion_json)["version"]
+            version = Promotion.model_validate_json(promotion_json).version
         try:
             return version, self._models.path(task, version), promotion_json, signature
         except ModelNotFound as exc:
@@ -261,19 +260,19 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         if version and version != promoted:
             raise NotFound(f"task {task!r} version {version!r} is not promoted; devices fetch only the promoted version")
         with _registry_io():
-            return directory, [MANIFEST_FILE, SIGNATURE_FILE, *json.loads((directory / MANIFEST_FILE).read_bytes())["files"]]
+            return directory, [MANIFEST_FILE, SIGNATURE_FILE, *Manifest.read(directory).files]
 
     def _manifest(self, task: str) -> fleet_pb2.ModelManifest:
         version, directory, promotion_json, promotion_signature = self._promoted(task)
         with _registry_io():
             manifest_json = (directory / MANIFEST_FILE).read_bytes()
-            files = json.loads(manifest_json)["files"]
+            files = Manifest.model_validate_json(manifest_json).files
             return fleet_pb2.ModelManifest(
                 task=task,
                 version=version,
                 manifest_json=manifest_json,
                 signature=(directory / SIGNATURE_FILE).read_bytes(),
-                files=[fleet_pb2.ModelFile(name=name, size=f["size"], sha256=f["sha256"]) for name, f in files.items()],
+                files=[fleet_pb2.ModelFile(name=name, size=f.size, sha256=f.sha256) for name, f in files.items()],
                 promotion_json=promotion_json,
                 promotion_signature=promotion_signature,
             )
