@@ -336,7 +336,8 @@ async def test_a_pulled_version_survives_a_restart_and_the_previous_one_is_kept(
         await daemon.updater.poll()
     async with contextlib.AsyncExitStack() as stack:
         # Restarted with the cloud unreachable: only what is on disk can make it serve v3.
-        async with serving(FleetServicer(FeedbackStore(str(tmp_path / "f2")), ModelRegistry(tmp_path / "r2"))) as t:
+        empty = FleetServicer(FeedbackStore(str(tmp_path / "f2")), ModelRegistry(tmp_path / "r2"), insecure=True)
+        async with serving(empty) as t:
             dead = t
         _, stub = await stack.enter_async_context(running_daemon(student_dir, **_updating(cloud, models_dir, dead)))
         answer = await _infer(stub)
