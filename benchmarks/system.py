@@ -4,6 +4,7 @@ enrolled with a device certificate of the cloud's fleet CA), each from the shipp
 with a few fields changed."""
 
 import contextlib
+import dataclasses
 import logging
 import tempfile
 from collections.abc import Iterator
@@ -20,21 +21,27 @@ from tandem.subprocesses import Server, announced_server, free_port
 
 log = logging.getLogger(__name__)
 
+CLOUD_START_TIMEOUT_S = 900
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
-class Cloud:
-    server: Server
+class CloudFiles:
+    """What a cloud process runs from, kept across restarts: its config file, and its fleet CA
+    and proxy folder (None for an insecure cloud)."""
+
+    config: Path
+    port: int  # the edges' port: the TLS proxy's (Serve's own for an insecure cloud)
     metrics_url: str
-    ca_dir: Path | None  # the fleet CA in front of the cloud; None for an insecure cloud
-    proxy_prefix: Path | None  # the TLS proxy's folder (its logs/access.log); None for an insecure cloud
+    ca_dir: Path | None
+    proxy_prefix: Path | None  # the TLS proxy's folder (its logs/access.log)
     audit_uri: str
 
     @property
     def target(self) -> str:
-        """The edges' target: the TLS proxy's port (Serve's own for an insecure cloud)."""
-        return f"127.0.0.1:{self.server.port}"
+        """The edges' target."""
+        return f"127.0.0.1:{self.port}"
 
     def link(self, device_id: str) -> dict[str, Any]:
         """The `cloud` section of an edge config for `device_id`, enrolled with the fleet CA."""
@@ -43,6 +50,16 @@ class Cloud:
         device = pki.enroll(self.ca_dir, device_id, audit_uri=self.audit_uri)
         return {"target": self.target, "tls": {"ca": str(device / "ca.crt"), "cert": str(device / "device.crt"),
                                                "key": str(device / "device.key")}}
+
+    def serve_args(self) -> list[str]:
+        return ["-m", "tandem_cli", "cloud", "serve", "--config", str(self.config)]
+
+
+@dataclass(frozen=True)
+class Cloud(CloudFiles):
+    """A running cloud and the files it runs from."""
+
+    server: Server
 
 
 def cloud_config(experts: set[str] | None = None, **fields: Any) -> dict[str, Any]:
@@ -66,19 +83,27 @@ def cloud(cfg: dict[str, Any]) -> Iterator[Cloud]:
     scratch folder that the block's edges enrol with (`Cloud.link`)."""
     log.info("starting the cloud (Ray Serve + vLLM behind the mTLS proxy; it takes a minute or two)")
     with tempfile.TemporaryDirectory(prefix="tandem-ca-") as tmp:
-        secure = not cfg.get("insecure")
-        ca_dir, prefix = (Path(tmp) / "ca", Path(tmp) / "proxy") if secure else (None, None)
-        if secure:
-            pki.init_ca(ca_dir)
-            cfg = {**cfg, "proxy": {**cfg.get("proxy", {}), "ca_dir": str(ca_dir), "prefix": str(prefix)}}
-        audit = audit_uri(cfg.get("feedback_uri") or CloudConfig.model_validate({}).feedback_uri)
-        with _config_file(cfg) as path, announced_server(
-            ["-m", "tandem_cli", "cloud", "serve", "--config", str(path)], timeout_s=900, stop_timeout_s=120
-        ) as server:
-            yield Cloud(server, f"http://127.0.0.1:{cfg['ray_metrics_port']}/metrics", ca_dir, prefix, audit)
+        files = cloud_files(cfg, Path(tmp))
+        with announced_server(files.serve_args(), timeout_s=CLOUD_START_TIMEOUT_S, stop_timeout_s=120) as server:
+            yield Cloud(server=server, **dataclasses.asdict(files))
 
 
-def edge_config(task: str, student: Path, c: Cloud | None, device_id: str = "edge-1", **fields: Any) -> dict[str, Any]:
+def cloud_files(cfg: dict[str, Any], work: Path) -> CloudFiles:
+    """Writes `cfg` as a config file in `work`; unless `cfg` says `insecure`, with a new fleet
+    CA (`tandem ca init`) and the TLS proxy's folder there too."""
+    secure = not cfg.get("insecure")
+    ca_dir, prefix = (work / "ca", work / "proxy") if secure else (None, None)
+    if secure:
+        pki.init_ca(ca_dir)
+        cfg = {**cfg, "proxy": {**cfg.get("proxy", {}), "ca_dir": str(ca_dir), "prefix": str(prefix)}}
+    path = work / "cloud.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    port = cfg["proxy"]["port"] if secure else cfg["grpc_port"]
+    return CloudFiles(path, port, f"http://127.0.0.1:{cfg['ray_metrics_port']}/metrics", ca_dir, prefix,
+                      audit_uri(cfg.get("feedback_uri") or CloudConfig.model_validate({}).feedback_uri))
+
+
+def edge_config(task: str, student: Path, c: CloudFiles | None, device_id: str = "edge-1", **fields: Any) -> dict[str, Any]:
     """edge/edge.yaml serving `student` for `task` on a free port, metrics off, as `device_id`
     escalating to `c` (None: edge only), with top-level `fields` merged in (dicts one level deep)."""
     cfg = yaml.safe_load((ROOT / "edge" / "edge.yaml").read_text())
@@ -97,8 +122,13 @@ def edge_config(task: str, student: Path, c: Cloud | None, device_id: str = "edg
 @contextlib.contextmanager
 def edge_daemon(cfg: dict[str, Any]) -> Iterator[Server]:
     """`tandem edge serve` with `cfg` until the block ends (SIGTERM)."""
-    with _config_file(cfg) as path, announced_server(["-m", "tandem_cli", "edge", "serve", "--config", str(path)]) as server:
+    with _config_file(cfg) as path, announced_server(edge_args(path)) as server:
         yield server
+
+
+def edge_args(config: Path) -> list[str]:
+    """`tandem edge serve` with the config file `config`, as arguments of `python`."""
+    return ["-m", "tandem_cli", "edge", "serve", "--config", str(config)]
 
 
 @contextlib.contextmanager

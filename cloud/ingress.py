@@ -8,7 +8,7 @@ Serve imports this module in its proxy actor, which makes it the place to quiet 
 
 import logging
 
-from ray.serve.exceptions import gRPCStatusError
+from ray.serve.exceptions import RequestCancelledError, gRPCStatusError
 
 from tandem.v1 import expert_pb2_grpc, fleet_pb2_grpc
 from tandem.wire import lenient
@@ -18,11 +18,16 @@ add_fleet_servicer = lenient(fleet_pb2_grpc.add_FleetServicer_to_server)
 
 
 def drop_deliberate_statuses(record: logging.LogRecord) -> bool:
-    """A logging filter for Serve's logger: Serve logs a traceback in the replica and another in
-    the proxy for every status a deployment sets and then raises. Tandem's deployments raise
-    only to carry a refused stream's status out (`cloud.app.Fleet.FetchModel`), and log each
-    refusal once themselves, so a fuzzer or a misbehaving client would otherwise fill the log."""
-    return not (record.exc_info and isinstance(record.exc_info[1], gRPCStatusError))
+    """A logging filter for Serve's and asyncio's loggers, against a traceback per request for
+    what is no fault of the cloud:
+    - Serve logs one in the replica and another in the proxy for every status a deployment sets
+      and then raises. Tandem's deployments raise only to carry a refused stream's status out
+      (`cloud.app.Fleet.FetchModel`), and log each refusal once themselves.
+    - A client whose deadline passes cancels its call; Serve's proxy leaves the cancelled
+      response task's RequestCancelledError unretrieved, which asyncio logs.
+    A fuzzer, a misbehaving client or an overload would otherwise fill the log."""
+    return not (record.exc_info and isinstance(record.exc_info[1], (gRPCStatusError, RequestCancelledError)))
 
 
 logging.getLogger("ray.serve").addFilter(drop_deliberate_statuses)
+logging.getLogger("asyncio").addFilter(drop_deliberate_statuses)

@@ -208,8 +208,11 @@ def running_proxy(options: ProxyOptions, upstream_port: int, token: str) -> Iter
     atomic_write(conf, render_nginx_conf(options, upstream_port, token).encode(), mode=0o600)
     (prefix / "nginx.pid").unlink(missing_ok=True)  # written anew once this nginx has bound its port
     process = subprocess.Popen(
-        [str(options.nginx), "-p", str(prefix), "-e", str(prefix / "logs" / "error.log"), "-c", str(conf),
-         "-g", "daemon off; master_process on;"],
+        # SIGTERM (nginx's fast shutdown, workers included) when this process dies, however it
+        # dies: nginx is in a process group of its own, which a kill of the cloud's group misses,
+        # and a proxy left running would hold the port and send the next cloud the old token.
+        ["setpriv", "--pdeathsig", "TERM", str(options.nginx), "-p", str(prefix), "-e",
+         str(prefix / "logs" / "error.log"), "-c", str(conf), "-g", "daemon off; master_process on;"],
         stdin=subprocess.DEVNULL,
         # Its own process group, so that stopping takes the workers with it.
         process_group=0,

@@ -31,9 +31,17 @@ def free_port() -> int:
 @contextlib.contextmanager
 def announced_server(args: list[str], env: dict[str, str] | None = None, timeout_s: float = 120,
                      stop_timeout_s: float = 15) -> Iterator[Server]:
-    """Runs `python args...` until it prints 'listening on port N'; SIGTERM on exit, SIGKILL
-    if it has not stopped within `stop_timeout_s` (a killed cloud orphans Ray's and vLLM's
-    processes, so give it time)."""
+    """`start_server` for the block; `stop_server` on exit."""
+    server = start_server(args, env, timeout_s)
+    try:
+        yield server
+    finally:
+        stop_server(server, stop_timeout_s)
+
+
+def start_server(args: list[str], env: dict[str, str] | None = None, timeout_s: float = 120) -> Server:
+    """Runs `python args...` until it prints 'listening on port N'; the child is stopped (and
+    its output drained) if it does not."""
     process = subprocess.Popen(
         [sys.executable, *args],
         stdout=subprocess.PIPE,
@@ -45,15 +53,27 @@ def announced_server(args: list[str], env: dict[str, str] | None = None, timeout
         process_group=0,
     )
     try:
-        port = _wait_for_port(process, timeout_s)
-        yield Server(process, port)
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=stop_timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        return Server(process, _wait_for_port(process, timeout_s))
+    except BaseException:
+        kill_server(process)
+        raise
+
+
+def stop_server(server: Server, timeout_s: float = 15) -> None:
+    """SIGTERM, then SIGKILL to its process group: at once to whatever the stopped process
+    left in it, or to all of it if the process has not stopped within `timeout_s` (a killed
+    cloud orphans Ray's and vLLM's processes, so give it time)."""
+    server.process.send_signal(signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        server.process.wait(timeout=timeout_s)
+    kill_server(server.process)
+
+
+def kill_server(process: subprocess.Popen[str]) -> None:
+    """SIGKILL to the process's whole group (what it started with it), then reaps it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
 
 
 def _wait_for_port(process: subprocess.Popen[str], timeout_s: float) -> int:

@@ -183,6 +183,20 @@ def _bench_security(args: argparse.Namespace) -> int:
     return 0 if security_targets_met(result) else 1
 
 
+@_imports("dev")
+def _bench_chaos(args: argparse.Namespace) -> int:
+    _training_process()
+    from benchmarks.chaos.config import SHORT, ChaosConfig
+    from benchmarks.chaos.figures import format_report, targets
+    from benchmarks.chaos.run import run_chaos
+    from tandem.settings import load_config
+
+    cfg = load_config(ChaosConfig, args.config)
+    result = run_chaos(cfg.model_copy(update=SHORT) if args.short else cfg, args.out)
+    print(format_report(result) + f"\n\n{args.out / 'chaos.json'}")
+    return 0 if all(targets(result).values()) else 1
+
+
 @_imports("train")
 def _train_distill(args: argparse.Namespace) -> int:
     _training_process()
@@ -421,6 +435,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="JSON results file (the plot goes beside it)")
     p = command(bench, "security", _bench_security, "attacks, fuzzers, poisoning and the cost of mTLS on the real system")
     p.add_argument("--out", type=Path, required=True, help="JSON results file")
+    p = command(bench, "chaos", _bench_chaos, "faults injected into the running system: nothing lost, hung or left behind")
+    p.add_argument("--out", type=Path, required=True, help="results folder (chaos.json)")
+    p.add_argument("--short", action="store_true", help="one of each fault, briefly (the run `make test` includes)")
 
     keys = groups.add_parser("keys", help="model signing keys and the edges' keyrings").add_subparsers(required=True)
     p = keys.add_parser("new", help="create an Ed25519 signing key (private 0600, public beside it); prints its id")

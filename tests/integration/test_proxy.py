@@ -2,6 +2,7 @@
 small real gRPC server that echoes the metadata it receives."""
 
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent import futures
@@ -159,6 +160,36 @@ def test_the_proxy_stops_whole_and_reports_a_failed_start(ca_dir: Path, tmp_path
                 pass
     assert not any(p.is_running() for p in workers)
     assert not psutil.pid_exists(master)
+
+
+def test_the_proxy_stops_when_its_owner_is_killed(ca_dir: Path, tmp_path: Path) -> None:
+    """SIGKILL of the process running the proxy (a cloud killed whole) ends nginx too: its
+    port is free for the next cloud."""
+    port = free_port()
+    owner = subprocess.Popen(
+        [sys.executable, "-c", OWNER, str(port), str(ca_dir), str(tmp_path / "proxy"), TOKEN], stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout is not None and owner.stdout.readline().strip() == "ready"
+        master = psutil.Process(int((tmp_path / "proxy" / "nginx.pid").read_text()))
+        procs = [master, *master.children()]
+    finally:
+        owner.kill()
+        owner.wait()
+    _, alive = psutil.wait_procs(procs, timeout=10)
+    assert not alive
+
+
+# Runs the proxy until killed.
+OWNER = """
+import sys, time
+from pathlib import Path
+from cloud.proxy import ProxyOptions, running_proxy
+from tandem.subprocesses import free_port
+options = ProxyOptions(port=int(sys.argv[1]), ca_dir=Path(sys.argv[2]), prefix=Path(sys.argv[3]))
+with running_proxy(options, free_port(), sys.argv[4]):
+    print("ready", flush=True)
+    time.sleep(600)
+"""
 
 
 def test_proxy_config_renders_a_valid_conf_with_the_token_left_to_the_deployment(

@@ -1,0 +1,2 @@
+"""`tandem bench chaos`: faults injected into the whole running system, and the proof that
+nothing was lost, duplicated, hung or left behind (`run.run_chaos`)."""
