@@ -3,7 +3,6 @@ mTLS proxy) or on the model supply chain, what must happen, and what did."""
 
 import asyncio
 import dataclasses
-import hashlib
 import json
 import shutil
 import time
@@ -18,6 +17,7 @@ import grpc
 from cloud import pki
 from cloud.audit.log import AuditError, AuditLog
 from cloud.feedback import FeedbackStore
+from cloud.feedback.receipts import escalation_record
 from cloud.identity import DEVICE_METADATA, PROXY_TOKEN_METADATA
 from cloud.registry import ModelRegistry
 from edge.model_store import ModelStore
@@ -140,7 +140,9 @@ async def write_attacks(t: Target) -> list[Attack]:
         attacks.append(Attack("record naming another device", "PERMISSION_DENIED",
                               await report(channel, record(t, device_id="kiosk-b"))))
         attacks.append(Attack("client-sent ESCALATION record (forged expert label)", "PERMISSION_DENIED",
-                              await report(channel, record(t, fleet_pb2.ESCALATION, expert=t.expert))))
+                              await report(channel, record(t, fleet_pb2.ESCALATION, expert=t.expert)),
+                              reason="records[0].receipt"))
+        attacks.extend(await _receipt_attacks(t, channel))
         attacks.append(Attack("request_id of 5 MB", "RESOURCE_EXHAUSTED",
                               await report(channel, record(t, request_id="x" * (5 << 20)))))
         attacks.append(Attack("request_id of 129 characters", "INVALID_ARGUMENT",
@@ -172,26 +174,63 @@ async def _unknown_task(t: Target, channel: grpc.aio.Channel) -> Attack:
     return Attack("unknown task name (metric series)", "INVALID_ARGUMENT", observed)
 
 
+async def _escalated(t: Target, channel: grpc.aio.Channel, request_id: str) -> expert_pb2.EscalateResponse | str:
+    """The expert's answer, with its receipt, to an escalation over `channel`; else the refusal."""
+    try:
+        return await expert_pb2_grpc.ExpertStub(channel).Escalate(
+            expert_pb2.EscalateRequest(request_id=request_id, task=t.task, text="my card has not arrived yet"),
+            metadata=(("application", t.expert),), timeout=TIMEOUT_S)
+    except grpc.aio.AioRpcError as exc:
+        return f"escalation {exc.code().name}: {exc.details()}"
+
+
+def delivered(t: Target, receipt: common_pb2.Receipt) -> fleet_pb2.FeedbackRecord:
+    """The ESCALATION record an edge delivers for `receipt` (edge.feedback.FeedbackRecorder)."""
+    inner = fleet_pb2.FeedbackRecord.FromString(receipt.record)
+    return fleet_pb2.FeedbackRecord(record_id=inner.record_id, request_id=inner.request_id, task=t.task,
+                                    kind=fleet_pb2.ESCALATION, created_unix_ms=int(time.time() * 1000), receipt=receipt)
+
+
+async def _receipt_attacks(t: Target, channel: grpc.aio.Channel) -> list[Attack]:
+    """kiosk-a's own genuine receipt, its label altered; the same receipt sent by kiosk-b."""
+    answer = await _escalated(t, channel, f"receipt-{uuid.uuid4().hex[:8]}")
+    if isinstance(answer, str):
+        return [Attack("ESCALATION receipt with its label altered", "PERMISSION_DENIED", answer),
+                Attack("another device's ESCALATION receipt replayed", "PERMISSION_DENIED", answer)]
+    altered = common_pb2.Receipt()
+    altered.CopyFrom(answer.receipt)
+    inner = fleet_pb2.FeedbackRecord.FromString(altered.record)
+    other = next(label for label in t.labels if label != inner.label)
+    # The same bytes, but for the label: the MAC was over the original ones.
+    altered.record = altered.record.replace(inner.label.encode(), other.encode(), 1)
+    attacks = [Attack("ESCALATION receipt with its label altered", "PERMISSION_DENIED",
+                      await report(channel, delivered(t, altered)), reason="MAC")]
+    async with t.channel("kiosk-b") as thief:
+        attacks.append(Attack("another device's ESCALATION receipt replayed", "PERMISSION_DENIED",
+                              await report(thief, delivered(t, answer.receipt)), reason="receipt.device_id"))
+    return attacks
+
+
 async def _suppression(t: Target, channel: grpc.aio.Channel) -> Attack:
-    """kiosk-a claims the record id of kiosk-b's coming escalation; kiosk-b escalates; the
-    expert's genuine record must still be stored."""
+    """kiosk-a claims the record id of kiosk-b's coming escalation; kiosk-b escalates and
+    delivers the expert's receipt, as its edge would; the genuine record must be stored."""
     request_id = f"victim-{uuid.uuid4().hex[:8]}"
-    # Exactly the id the expert will give kiosk-b's record (cloud.feedback.recorder).
-    claim = f"esc/kiosk-b/{hashlib.sha256(request_id.encode()).hexdigest()[:32]}"
+    # Exactly the id the expert will give kiosk-b's record (cloud.feedback.receipts).
+    claim = escalation_record(expert_pb2.EscalateRequest(request_id=request_id, device_id="kiosk-b"),
+                              expert_pb2.EscalateResponse(), 0).record_id
     claimed = await report(channel, record(t, fleet_pb2.CORRECTION, record_id=claim, request_id=request_id))
     if claimed != "OK":
         return Attack("claiming another device's escalation record id", "genuine record stored", f"claim {claimed}")
     async with t.channel("kiosk-b") as victim:
-        answered = await status(expert_pb2_grpc.ExpertStub(victim).Escalate(
-            expert_pb2.EscalateRequest(request_id=request_id, task=t.task, text="my card has not arrived yet"),
-            metadata=(("application", t.expert),), timeout=TIMEOUT_S))
-    if answered != "OK":
-        return Attack("claiming another device's escalation record id", "genuine record stored", f"escalation {answered}")
-    for _ in range(30):  # the expert sends its records every feedback_flush_s
-        rows = FeedbackStore(t.feedback_uri).read(t.task).select(["request_id", "kind", "device_id"]).to_pylist()
-        if any(r["request_id"] == request_id and r["kind"] == "ESCALATION" and r["device_id"] == "kiosk-b" for r in rows):
-            return Attack("claiming another device's escalation record id", "genuine record stored", "genuine record stored")
-        await asyncio.sleep(1)
+        answer = await _escalated(t, victim, request_id)
+        if isinstance(answer, str):
+            return Attack("claiming another device's escalation record id", "genuine record stored", answer)
+        sent = await report(victim, delivered(t, answer.receipt))
+    if sent != "OK":
+        return Attack("claiming another device's escalation record id", "genuine record stored", f"receipt {sent}")
+    rows = FeedbackStore(t.feedback_uri).read(t.task).select(["record_id", "kind", "device_id"]).to_pylist()
+    if any(r["record_id"] == claim and r["kind"] == "ESCALATION" and r["device_id"] == "kiosk-b" for r in rows):
+        return Attack("claiming another device's escalation record id", "genuine record stored", "genuine record stored")
     return Attack("claiming another device's escalation record id", "genuine record stored", "genuine record missing")
 
 

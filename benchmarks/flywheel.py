@@ -2,7 +2,7 @@
 
 Round 0 distils a cold student from a 10% labelled seed of banking77 train. Then, each
 round: the next slice of the rest of train streams through a real edge daemon into the real
-cloud (escalations are recorded there, fallbacks and audit samples arrive from the edge's
+cloud (the experts' signed answers, fallbacks and audit samples arrive from the edge's
 outbox), a distillation round retrains, gates and promotes, and the edge pulls and swaps
 the new version. After every round, on the test split: the student's accuracy, the
 cascade's accuracy at the default policy, and the escalation rate the cascade needs to
@@ -191,7 +191,7 @@ async def _stream(daemon: Server, task: str, chunk: list[Any], rate: float, r: i
 
 
 async def _settle(uri: str, task: str, quiet_s: float = 5.0, limit_s: float = 120.0) -> int:
-    """Waits until the feedback store stops growing (the experts and the edge outbox flush)."""
+    """Waits until the feedback store stops growing (the edge's outbox has drained)."""
     from cloud.feedback.store import FeedbackStore
 
     deadline = time.monotonic() + limit_s

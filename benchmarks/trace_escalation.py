@@ -4,7 +4,8 @@ through, from `Edge.Infer` on the device to the expert and back.
 The edge daemon and the classify expert's deployment class run in this process, the expert
 behind a plain grpc.aio server where Serve's proxy would be (Ray's code, not ours), with the
 Fleet service beside it for the routes. The daemon escalates every request (policy
-`cloud_only`) and keeps no feedback. After a warm-up escalation, a profile hook in every
+`cloud_only`) and keeps no feedback (so the receipt the expert signs is not kept either).
+After a warm-up escalation, a profile hook in every
 thread records the files whose functions run during one more. Generated stubs, error classes,
 config models and metrics declarations are left out of the count. Prints JSON.
 """
@@ -24,6 +25,7 @@ import ray
 
 from cloud.app import Expert, expert_args
 from cloud.config import CloudConfig
+from cloud.feedback.receipts import create_key
 from cloud.feedback.store import FeedbackStore
 from cloud.registry.models import ModelRegistry
 from cloud.registry.service import FleetServicer
@@ -58,9 +60,9 @@ class _Trace:
 
 async def _trace(trace: _Trace, scratch: Path) -> dict[str, Any]:
     cloud_cfg = load_config(CloudConfig, ROOT / "cloud" / "cloud.yaml")
-    # The expert's batched feedback sends stay out of the traced window.
     # Insecure: the trace is of the escalation's own path; the TLS proxy (nginx) runs no Python.
-    cloud_cfg = cloud_cfg.model_copy(update={"feedback_flush_s": 3600.0, "feedback_flush_records": 1000, "insecure": True})
+    cloud_cfg = cloud_cfg.model_copy(update={"receipt_key": scratch / "receipt.key", "insecure": True})
+    create_key(cloud_cfg.receipt_key)
     expert_cfg = next(e for e in cloud_cfg.experts if e.name == EXPERT)
     os.environ.update(expert_cfg.env)  # what Serve gives the replica (vLLM reads it)
     expert = Expert.func_or_class(*expert_args(cloud_cfg, expert_cfg))

@@ -7,9 +7,9 @@ each escalation takes one Serve hop: an ingress deployment in front of the exper
 add a second hop to every escalation (`tandem bench cloud` measures the overhead). Edges
 learn each task's expert application from Fleet.GetRoutes.
 
-Each expert records the escalations it answers as feedback, sent in the background to the
-fleet application's deployment through a DeploymentHandle (one Serve hop, off the request
-path).
+An expert records nothing: it answers each escalation with a receipt, the escalation's
+feedback record signed with the cloud's receipt key (`cloud.feedback.receipts`), which the
+edge keeps in its outbox and delivers to the fleet application like its other feedback.
 
 `cloud/topology.py` names the builders below (`expert_app`, `fleet_app`) in the Serve
 config; `tandem cloud serve` and `serve run cloud/serve_config.yaml` both call them.
@@ -26,7 +26,6 @@ from typing import Any
 import grpc
 from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext
-from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Histogram
 
 from cloud.audit.log import AuditLog, audit_uri
@@ -34,15 +33,14 @@ from cloud.config import CloudConfig, ExpertConfig, FleetOptions
 from cloud.errors import (EscalationError, ExpertTimeout, ExpertUnavailable, FleetError, InvalidAnswer,
                           InvalidEscalation, NotAuthenticated, UnauthenticatedEscalation)
 from cloud.experts.protocol import Runner
-from cloud.feedback.recorder import EscalationRecorder, escalation_record
+from cloud.feedback.receipts import escalation_record, issue, load_key
 from cloud.feedback.records import check_edge
 from cloud.feedback.store import FeedbackStore
 from cloud.identity import Unauthenticated, caller_device, proxy_token
 import cloud.ingress  # noqa: F401  (quiets Serve's tracebacks of deliberate statuses, in this replica too)
 from cloud.registry.models import ModelRegistry
 from cloud.registry.service import FleetMetrics, FleetServicer
-from tandem.contract import (CALLER_TIMEOUT_METADATA, FLEET_APPLICATION, REQUEST_ID_MAX_CHARS, FieldError, check_request_id,
-                             check_text)
+from tandem.contract import CALLER_TIMEOUT_METADATA, REQUEST_ID_MAX_CHARS, FieldError, check_request_id, check_text
 from tandem.settings import load_config
 from tandem.v1 import common_pb2, expert_pb2, fleet_pb2
 from tandem.wire import Undecodable, parsed
@@ -71,9 +69,9 @@ class Expert:
     """One vLLM engine answering the tasks routed to it. Concurrent calls share the engine:
     vLLM batches them continuously. Method names are the RPC names."""
 
-    def __init__(self, cfg: dict[str, Any], tasks: dict[str, list[str]], timeout_s: float,
-                 recorder: dict[str, Any], insecure: bool) -> None:
-        """`recorder`: EscalationRecorder options (batch_size, interval_s, retries). `insecure`
+    def __init__(self, cfg: dict[str, Any], tasks: dict[str, list[str]], timeout_s: float, receipt_key: str,
+                 insecure: bool) -> None:
+        """`receipt_key`: the file of the key that signs receipts, read once here. `insecure`
         (development only): the caller is the device its request names."""
         from cloud.experts.engine import build_engine
 
@@ -82,11 +80,10 @@ class Expert:
         self._tasks = tasks  # task -> labels
         self._timeout_s = timeout_s
         self._proxy_token = proxy_token(insecure)
+        self._receipt_key = load_key(Path(receipt_key))
         if insecure:
             log.warning("expert %s: insecure, development only: device ids are whatever requests claim, unverified",
                         self._cfg.name)
-        self._fleet: DeploymentHandle | None = None
-        self._recorder = EscalationRecorder(self._send_feedback, **recorder)
         self._engine = build_engine(self._cfg)
         self._runner = self._build_runner(self._engine)
         self._in_flight = 0
@@ -123,8 +120,9 @@ class Expert:
             budget_s = caller_budget_s(grpc_context.invocation_metadata(), self._timeout_s)
             response = await self._escalate(request, labels, budget_s)
             if time.monotonic() - received > budget_s:
-                # The caller has answered without this: recording it would store the request twice.
-                raise ExpertTimeout(f"expert {self._cfg.name} answered after the caller's deadline; not recorded")
+                # The caller has answered without this and would drop the reply, receipt and
+                # all: counted as what it was for the caller, DEADLINE_EXCEEDED.
+                raise ExpertTimeout(f"expert {self._cfg.name} answered after the caller's deadline; answer dropped")
         except EscalationError as exc:
             # A refused request is the caller's business (counted, and logged at INFO, so that a
             # misbehaving client cannot fill the log); a server-side failure gets a traceback.
@@ -137,7 +135,8 @@ class Expert:
             return expert_pb2.EscalateResponse(request_id=request.request_id[:REQUEST_ID_MAX_CHARS])
         self._escalations.inc(tags={**tags, "code": "OK"})
         log.debug("escalation %s task=%s label=%s %.1f ms", request.request_id, request.task, response.label, response.expert_ms)
-        self._recorder.add(escalation_record(request, response, int(time.time() * 1000)))
+        record = escalation_record(request, response, int(time.time() * 1000))
+        response.receipt.CopyFrom(issue(record, self._receipt_key))
         return response
 
     def _validate(self, request: expert_pb2.EscalateRequest, metadata: Sequence[tuple[str, str]]) -> list[str]:
@@ -195,21 +194,11 @@ class Expert:
             expert_ms=elapsed * 1e3,
         )
 
-    async def _send_feedback(self, records: list[fleet_pb2.FeedbackRecord]) -> None:
-        if self._fleet is None:
-            # Looked up on first use, not at start: an expert answers even while the fleet
-            # application is missing (its records are retried, then dropped, with logs).
-            self._fleet = await asyncio.to_thread(serve.get_deployment_handle, FLEET_DEPLOYMENT, FLEET_APPLICATION)
-        await self._fleet.store_feedback.remote(fleet_pb2.ReportFeedbackRequest(records=records))
-
     async def __del__(self) -> None:
         # Serve awaits `__del__` when it stops a replica gracefully, after in-flight requests
-        # finish: the hook for sending the escalations still pending, and for stopping the
-        # engine, whose EngineCore process otherwise outlives the replica.
-        try:
-            await self._recorder.close()
-        finally:
-            self._engine.shutdown()
+        # finish: the hook for stopping the engine, whose EngineCore process otherwise outlives
+        # the replica.
+        self._engine.shutdown()
 
     async def check_health(self) -> None:
         # A real, tiny inference: vLLM's engine can hang while its process stays up.
@@ -223,19 +212,20 @@ class Expert:
 # be stored twice, which FeedbackStore.read hides.
 @serve.deployment(name=FLEET_DEPLOYMENT, num_replicas=1)
 class Fleet(FleetServicer):
-    """`tandem.v1.Fleet` behind Serve's gRPC proxy, and the escalations the experts record
-    (`store_feedback`, through a DeploymentHandle)."""
+    """`tandem.v1.Fleet` behind Serve's gRPC proxy."""
 
-    def __init__(self, feedback_uri: str, registry_dir: str, tasks: dict[str, list[str]], routes: dict[str, str],
-                 max_batch: int, fleet: dict[str, Any], insecure: bool) -> None:
-        """`fleet`: FleetOptions."""
+    def __init__(self, feedback_uri: str, registry_dir: str, receipt_key: str, tasks: dict[str, list[str]],
+                 routes: dict[str, str], max_batch: int, fleet: dict[str, Any], insecure: bool) -> None:
+        """`receipt_key`: the file of the key that checks escalation receipts, read once here.
+        `fleet`: FleetOptions."""
         log_to_serve()
         options = FleetOptions.model_validate(fleet)
         metrics = ServeFleetMetrics(tasks)
         store = FeedbackStore(feedback_uri, on_quarantine=metrics.quarantined)
         super().__init__(store, ModelRegistry(Path(registry_dir)), tasks, routes, metrics, max_batch,
                          request_timeout_s=options.request_timeout_s, insecure=insecure,
-                         device_quota_per_day=options.device_quota_per_day, audit=AuditLog(audit_uri(feedback_uri)))
+                         device_quota_per_day=options.device_quota_per_day, audit=AuditLog(audit_uri(feedback_uri)),
+                         receipt_key=load_key(Path(receipt_key)))
 
     async def FetchModel(self, request: fleet_pb2.FetchModelRequest,
                          grpc_context: RayServegRPCContext) -> AsyncIterator[fleet_pb2.ModelChunk]:
@@ -245,12 +235,6 @@ class Fleet(FleetServicer):
             # Serve carries a stream's context to the client only with a message; an exception
             # carries the status the servicer set.
             raise StreamRefusal(grpc_context.details())
-
-    async def store_feedback(self, request: fleet_pb2.ReportFeedbackRequest) -> None:
-        """The experts' escalation records, built from escalations the expert checked, with the
-        verified device: the internal path, which no gRPC client reaches (Serve's proxy routes
-        only the methods of tandem.v1's services)."""
-        await self.store(request.records)
 
 
 class StreamRefusal(FleetError):
@@ -288,9 +272,9 @@ def fleet_app(args: dict[str, str]) -> serve.Application:
     """Builder of the fleet application (`serve run` / `serve deploy`, `tandem cloud serve`):
     args.config is the cloud YAML."""
     cfg = load_config(CloudConfig, Path(args["config"]))
-    return Fleet.options(**fleet_options(cfg.fleet)).bind(cfg.feedback_uri, str(cfg.registry_dir), _labels(cfg), cfg.routes(),
-                                                          cfg.feedback_max_batch, cfg.fleet.model_dump(mode="json"),
-                                                          cfg.insecure)
+    return Fleet.options(**fleet_options(cfg.fleet)).bind(cfg.feedback_uri, str(cfg.registry_dir), str(cfg.receipt_key),
+                                                          _labels(cfg), cfg.routes(), cfg.feedback_max_batch,
+                                                          cfg.fleet.model_dump(mode="json"), cfg.insecure)
 
 
 def fleet_options(fleet: FleetOptions) -> dict[str, Any]:
@@ -316,15 +300,14 @@ def expert_app(args: dict[str, str]) -> serve.Application:
     return Expert.options(**_deployment_options(expert)).bind(*expert_args(cfg, expert))
 
 
-def expert_args(cfg: CloudConfig, expert: ExpertConfig) -> tuple[dict[str, Any], dict[str, list[str]], float, dict[str, Any], bool]:
+def expert_args(cfg: CloudConfig, expert: ExpertConfig) -> tuple[dict[str, Any], dict[str, list[str]], float, str, bool]:
     """What `Expert.__init__` takes for `expert` of `cfg`."""
     labels = _labels(cfg)
-    recorder = {"batch_size": cfg.feedback_flush_records, "interval_s": cfg.feedback_flush_s, "retries": cfg.feedback_retries}
     return (
         expert.model_dump(mode="json"),
         {task: labels[task] for task, t in cfg.tasks.items() if t.expert == expert.name},
         cfg.expert_timeout_s,
-        recorder,
+        str(cfg.receipt_key),
         cfg.insecure,
     )
 

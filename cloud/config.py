@@ -51,11 +51,11 @@ class DeploymentOptions(Section):
 
 class FleetOptions(Section):
     """Ray Serve options and bounds of the fleet application's one deployment (one replica:
-    the feedback store's one writer). Every edge's feedback, model downloads and routes, and
-    every expert's escalation records, share its slots."""
+    the feedback store's one writer). Every edge's feedback (escalation receipts included),
+    model downloads and routes share its slots."""
 
     max_ongoing_requests: int = Field(
-        64, ge=1, description="Concurrent Fleet RPCs and expert record batches in the replica. Serve's default is "
+        64, ge=1, description="Concurrent Fleet RPCs in the replica. Serve's default is "
         "small enough that a few slow FetchModel readers would hold every slot and starve ReportFeedback.",
     )
     max_queued_requests: int = Field(
@@ -68,7 +68,8 @@ class FleetOptions(Section):
     )
     device_quota_per_day: int = Field(
         20_000, ge=1, description="Feedback records one device may store per UTC day; a batch that would pass it is "
-        "refused with RESOURCE_EXHAUSTED. Counted from the store's records of the day at start, so a restart resets nothing.",
+        "refused with RESOURCE_EXHAUSTED. Escalation receipts do not count: they are the cloud's own answers, "
+        "as many as its experts gave. Counted from the store's records of the day at start, so a restart resets nothing.",
     )
     ray_resources: dict[str, float] = Field(
         default_factory=dict, description="Custom Ray resources the replica needs, to pin it to the nodes that offer "
@@ -148,7 +149,7 @@ class CloudConfig(TandemSettings):
     expert_timeout_s: float = Field(
         30.0, gt=0, description="Longest an expert may take before DEADLINE_EXCEEDED. A caller that sends its "
         "remaining deadline (the `tandem-timeout-ms` metadata) bounds the work further, and an answer after it is "
-        "neither returned nor recorded.",
+        "not returned.",
     )
     fleet: FleetOptions = Field(default_factory=FleetOptions, description="The fleet application's deployment.")
     insecure: bool = Field(
@@ -170,16 +171,12 @@ class CloudConfig(TandemSettings):
     feedback_max_batch: int = Field(
         1000, ge=1, description="Most records one ReportFeedback may carry; more are refused with INVALID_ARGUMENT."
     )
-    feedback_flush_records: int = Field(
-        64, ge=1, description="An expert sends its answered escalations to the fleet application once this many are pending..."
-    )
-    feedback_flush_s: float = Field(
-        1.0, gt=0, description="...or this long after its last send, whichever comes first. Each send is a store file "
-        "per task, which compaction merges; a longer wait holds more records in a replica's memory, where a dying "
-        "replica loses them.",
-    )
-    feedback_retries: int = Field(
-        3, ge=1, description="Attempts to send a batch of escalation records before it is dropped (with an error log)."
+    receipt_key: Path = Field(
+        default_factory=lambda: envs.TANDEM_CACHE_DIR / "receipt.key",
+        description="The secret (at least 32 bytes) under which experts sign the receipts of their answers and the "
+        "fleet checks them when edges deliver them (cloud/feedback/receipts.py). Read where every expert and the "
+        "fleet replica run; `tandem cloud serve` creates it (mode 0600) if missing. Keep it: a new key makes the "
+        "receipts edges still hold undeliverable. In Kubernetes, a Secret.",
     )
 
     tasks: dict[str, CloudTask] = Field(

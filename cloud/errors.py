@@ -13,7 +13,7 @@
         ├── InvalidFeedback      bad feedback record or batch → INVALID_ARGUMENT
         ├── InvalidRequest       bad field of another Fleet request → INVALID_ARGUMENT
         ├── UnauthenticatedFleetCall  not through the proxy, or no device certificate → UNAUTHENTICATED
-        ├── PermissionDenied     a device writing as another device, or a record kind only experts send → PERMISSION_DENIED
+        ├── PermissionDenied     a device writing as another, or an ESCALATION record without a valid receipt of its own → PERMISSION_DENIED
         ├── QuotaExceeded        a device's records today would pass fleet.device_quota_per_day → RESOURCE_EXHAUSTED
         ├── NotFound             unknown task, no promoted or no such version → NOT_FOUND
         ├── FleetTimeout         a step of the RPC's work outlasted fleet.request_timeout_s → DEADLINE_EXCEEDED (edges retry later)

@@ -21,6 +21,7 @@ from ray.serve.config import gRPCOptions, HTTPOptions
 
 from cloud import proxy
 from cloud.config import CloudConfig
+from cloud.feedback import receipts
 from cloud.topology import serve_config
 from tandem.contract import MESSAGE_MAX_BYTES
 from tandem.settings import load_config
@@ -36,8 +37,8 @@ def serve_forever(config: Path) -> None:
     with running_cloud(config) as cfg:
         stop = threading.Event()
         # Installed after ray.init, which installs its own SIGTERM handler (exit at once, with
-        # a traceback, skipping the experts' flush). These only set the event: a signal must
-        # not interrupt Ray's code mid-call.
+        # a traceback, skipping the orderly stop below). These only set the event: a signal
+        # must not interrupt Ray's code mid-call.
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
         # One parseable line: scripts and tests wait for it before sending traffic. The edges'
@@ -49,13 +50,15 @@ def serve_forever(config: Path) -> None:
 @contextlib.contextmanager
 def running_cloud(config: Path) -> Iterator[CloudConfig]:
     """The cloud of `config` on a local Ray cluster for the block, behind the TLS proxy unless
-    `insecure`; on exit the proxy stops first, then the experts (sending their pending
-    escalation records to the fleet application), then Serve and Ray, then every process
-    started meanwhile that is still alive."""
+    `insecure`, its receipt key created if missing; on exit the proxy stops first, then the
+    experts (each stopping its engine), then Serve and Ray, then every process started
+    meanwhile that is still alive."""
     cfg = load_config(CloudConfig, config)
     topology = serve_config(cfg, str(config))
     if not cfg.insecure:
         proxy.check_ready(cfg.proxy)  # before the slow start of Ray and the experts
+    if receipts.create_key(cfg.receipt_key):
+        log.info("created the receipt key %s (receipt_key): keep it, edges hold receipts signed with it", cfg.receipt_key)
     # Set before ray.init: the local Ray workers, and so the replicas, inherit the environment.
     # A token the environment already holds is kept (a benchmark that also calls Serve's port
     # directly sets one); otherwise a fresh one, which only this process and its children know.
@@ -74,7 +77,7 @@ def running_cloud(config: Path) -> Iterator[CloudConfig]:
             grpc_options=gRPCOptions(**topology["grpc_options"]),
             logging_config=topology["logging_config"],
         )
-        for app in topology["applications"]:  # the fleet application first: experts send it feedback
+        for app in topology["applications"]:
             serve.run(_build(app), name=app["name"], route_prefix=app["route_prefix"],
                       logging_config=topology["logging_config"])
         with contextlib.nullcontext() if cfg.insecure else proxy.running_proxy(cfg.proxy, cfg.grpc_port, token):

@@ -28,7 +28,7 @@ def serve_config(cfg: CloudConfig, config_ref: str) -> dict[str, Any]:
         "http_options": {"host": "0.0.0.0", "port": cfg.http_port},
         "grpc_options": {"port": cfg.grpc_port, "grpc_servicer_functions": SERVICERS},
         "logging_config": cfg.logging_config(),
-        # The fleet application first: the experts send it their escalations.
+        # The fleet application first: edges ask it for the experts' routes.
         "applications": [
             _application(FLEET_APPLICATION, FLEET_BUILDER, {"config": config_ref}),
             *(_application(e.name, EXPERT_BUILDER, {"config": config_ref, "expert": e.name}) for e in cfg.experts),

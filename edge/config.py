@@ -148,6 +148,11 @@ class FeedbackConfig(Section):
         200, ge=1, le=1000, description="Records per ReportFeedback call, oldest first; at most the cloud's "
         "feedback_max_batch (1000: 2 KB texts stay under gRPC's 4 MB message limit).",
     )
+    linger_s: float = Field(
+        2.0, ge=0, description="Delivery waits until `batch_size` records wait or the oldest has waited this "
+        "long, so that the store gets few large files rather than one per record (each ReportFeedback call is "
+        "a file per task). Records wait in the outbox, on disk, meanwhile; stopping the daemon sends them at once.",
+    )
     min_backoff_s: float = Field(0.5, gt=0, description="First wait after a failed delivery.")
     max_backoff_s: float = Field(60.0, gt=0, description="Longest wait between deliveries; doubles up to this.")
     deadline_ms: float = Field(10_000.0, gt=0, description="Deadline of one ReportFeedback call.")

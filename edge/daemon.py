@@ -55,6 +55,7 @@ class EdgeDaemon:
         self._tasks: dict[str, TaskRuntime] = {}
         self._outbox: Outbox | None = None
         self._feedback: FeedbackRecorder | None = None
+        self._delivery: Delivery | None = None
         self._background: list[asyncio.Task[None]] = []
         self.updater: Updater | None = None
         self.port = 0
@@ -136,7 +137,7 @@ class EdgeDaemon:
         self._outbox = outbox
         self.metrics.outbox_depth.set_function(lambda: outbox.depth)
         self.metrics.dead_records.set_function(lambda: outbox.dead_count)
-        delivery = Delivery(outbox, cloud, self.cfg.feedback, self.metrics, health)
+        self._delivery = delivery = Delivery(outbox, cloud, self.cfg.feedback, self.metrics, health)
         redact = Redactor(self.cfg.redaction)
         self._feedback = FeedbackRecorder(
             outbox, redact, self.cfg.device_id, self.cfg.feedback.audit_rate, self.metrics, delivery.wake
@@ -174,8 +175,9 @@ class EdgeDaemon:
         self._background.append(task)
 
     async def stop(self, grace_s: float = 5.0) -> None:
-        """Reports NOT_SERVING, finishes in-flight requests, then releases everything.
-        Undelivered feedback stays in the outbox for the next start."""
+        """Reports NOT_SERVING, finishes in-flight requests, sends the feedback that waits
+        (for at most `grace_s` more), then releases everything. Undelivered feedback stays in
+        the outbox for the next start."""
         await self._health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(grace_s)
@@ -184,6 +186,8 @@ class EdgeDaemon:
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        if self._delivery is not None and grace_s > 0:
+            await self._delivery.flush(grace_s)
         for runtime in self._tasks.values():
             await runtime.close()
         if self._outbox is not None:

@@ -1,6 +1,8 @@
 """Recording feedback: redact, stamp, commit to the outbox, wake the delivery loop.
 
-The recorder is the only writer of the outbox, so redaction here covers everything stored.
+The recorder is the only writer of the outbox, so redaction here covers everything stored,
+but for the cloud's receipts: the text inside one is what the edge escalated, redacted
+before it left the device, and a receipt is kept exactly as the cloud signed it.
 """
 
 import asyncio
@@ -14,6 +16,8 @@ from collections.abc import Callable
 from edge.metrics import EdgeMetrics
 from edge.outbox import Outbox
 from edge.redact import Redactor
+from google.protobuf.message import DecodeError
+
 from tandem.v1 import common_pb2, fleet_pb2
 
 log = logging.getLogger(__name__)
@@ -38,6 +42,7 @@ class FeedbackRecorder:
         self._on_added = on_added
         self._chance = chance
         self._full = False
+        self._receiptless = False
         self._pending: set[asyncio.Task[str | None]] = set()
 
     def audit_due(self) -> bool:
@@ -55,7 +60,7 @@ class FeedbackRecorder:
     ) -> str | None:
         """Commits a redacted record; its record_id, or None if the outbox refused it
         (full, or a storage error), which is counted and logged here."""
-        record = fleet_pb2.FeedbackRecord(
+        return await self._commit(fleet_pb2.FeedbackRecord(
             record_id=uuid.uuid4().hex,
             request_id=request_id,
             task=task,
@@ -65,8 +70,35 @@ class FeedbackRecorder:
             label=label,
             device_id=self._device_id,
             created_unix_ms=int(time.time() * 1000),
-        )
-        kind_name = fleet_pb2.FeedbackKind.Name(kind)
+        ))
+
+    async def record_receipt(self, task: str, request_id: str, receipt: common_pb2.Receipt) -> str | None:
+        """Commits the ESCALATION record that carries the cloud's `receipt` for its answer to
+        `request_id`, under the id of the record inside (the cloud stores that one, once); its
+        record_id, or None if the answer came without a receipt (an empty one) or the outbox
+        refused it (counted and logged here)."""
+        record_id = _receipt_record_id(receipt)
+        if record_id is None:
+            self._metrics.feedback_refused.labels(task, "ESCALATION", "no_receipt").inc()
+            if not self._receiptless:  # once: a cloud without receipts answers every escalation so
+                log.warning("the cloud answered an escalation (request_id=%s) without a receipt: no ESCALATION "
+                            "record kept; counted in tandem_edge_feedback_refused_total{reason=\"no_receipt\"}",
+                            request_id)
+            self._receiptless = True
+            return None
+        return await self._commit(fleet_pb2.FeedbackRecord(
+            record_id=record_id,
+            request_id=request_id,
+            task=task,
+            kind=fleet_pb2.ESCALATION,
+            device_id=self._device_id,
+            created_unix_ms=int(time.time() * 1000),
+            receipt=receipt,
+        ))
+
+    async def _commit(self, record: fleet_pb2.FeedbackRecord) -> str | None:
+        task = record.task
+        kind_name = fleet_pb2.FeedbackKind.Name(record.kind)
         try:
             accepted = await asyncio.to_thread(self._outbox.add, record)
         except sqlite3.Error:
@@ -103,3 +135,12 @@ class FeedbackRecorder:
         self._pending.discard(pending)
         if not pending.cancelled() and pending.exception() is not None:
             log.error("background feedback record failed", exc_info=pending.exception())
+
+
+def _receipt_record_id(receipt: common_pb2.Receipt) -> str | None:
+    """The id of the record inside `receipt`, or None if it holds none. The receipt is
+    otherwise opaque here: only the cloud can check it."""
+    try:
+        return fleet_pb2.FeedbackRecord.FromString(receipt.record).record_id or None
+    except DecodeError:
+        return None

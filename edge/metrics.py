@@ -42,7 +42,8 @@ class EdgeMetrics:
             ["task", "kind"], registry=registry,
         )
         self.feedback_refused = Counter(
-            "tandem_edge_feedback_refused", "Feedback records not accepted: outbox full, or storage error.",
+            "tandem_edge_feedback_refused", "Feedback records not kept, by reason: full (the outbox), error (its "
+            "storage), no_receipt (a cloud answer without the receipt an ESCALATION record needs).",
             ["task", "kind", "reason"], registry=registry,
         )
         self.outbox_depth = Gauge(
@@ -53,7 +54,8 @@ class EdgeMetrics:
             "tandem_edge_feedback_delivered", "Feedback records the cloud acknowledged.", registry=registry
         )
         self.feedback_dead = Counter(
-            "tandem_edge_feedback_dead", "Feedback records the cloud refused as invalid, moved aside.",
+            "tandem_edge_feedback_dead", "Feedback records the cloud refused for good (invalid, or a receipt it "
+            "does not verify), moved aside.",
             registry=registry,
         )
         self.delivery_failures = Counter(

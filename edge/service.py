@@ -42,6 +42,7 @@ class Answer:
     label: str
     confidence: float
     expert: str = ""
+    receipt: common_pb2.Receipt | None = None  # the cloud's, with its answer (CLOUD)
 
 
 class EdgeService(edge_pb2_grpc.EdgeServicer):
@@ -112,7 +113,7 @@ class EdgeService(edge_pb2_grpc.EdgeServicer):
         else:
             answer, cloud_s = Answer(edge_pb2.EDGE, decision.reason, local.label, confidence), 0.0
         if self._feedback is not None:
-            await self._keep(self._feedback, answer.source, request.task, text, request_id, local)
+            await self._keep(self._feedback, answer, request.task, text, request_id, local)
         elapsed = time.perf_counter() - started
         self._count(request.task, answer, elapsed, result.inference_s, result.batch_size)
         return edge_pb2.InferResponse(
@@ -169,24 +170,27 @@ class EdgeService(edge_pb2_grpc.EdgeServicer):
             log.log(level, "escalation failed, answering locally (request_id=%s): %s", request.request_id, exc)
             answer = Answer(edge_pb2.EDGE_FALLBACK, exc.reason, request.edge.label, request.edge.confidence)
         else:
-            answer = Answer(edge_pb2.CLOUD, reason, reply.label, reply.confidence, reply.expert)
+            answer = Answer(edge_pb2.CLOUD, reason, reply.label, reply.confidence, reply.expert, reply.receipt)
         return answer, time.perf_counter() - started
 
     @staticmethod
     async def _keep(
         feedback: FeedbackRecorder,
-        source: "edge_pb2.Source.ValueType",
+        answer: Answer,
         task: str,
         text: str,
         request_id: str,
         local: common_pb2.EdgePrediction,
     ) -> None:
-        """Every fallback is recorded (its answer waits for the commit, so an answered fallback
-        is never lost); an `audit_rate` sample of local answers is recorded in the background,
-        sparing their latency a disk write."""
-        if source == edge_pb2.EDGE_FALLBACK:
+        """Every cloud answer's receipt and every fallback is recorded, its answer waiting for
+        the commit (so an answered escalation or fallback is never lost, and a request is
+        recorded once: the cloud records nothing itself); an `audit_rate` sample of local
+        answers is recorded in the background, sparing their latency a disk write."""
+        if answer.receipt is not None:
+            await feedback.record_receipt(task, request_id, answer.receipt)
+        elif answer.source == edge_pb2.EDGE_FALLBACK:
             await feedback.record(fleet_pb2.FALLBACK, task, text, request_id, local)
-        elif source == edge_pb2.EDGE and feedback.audit_due():
+        elif answer.source == edge_pb2.EDGE and feedback.audit_due():
             feedback.record_soon(fleet_pb2.AUDIT, task, text, request_id, local)
 
     def _count(self, task: str, answer: Answer, elapsed: float, inference_s: float, batch: int) -> None:

@@ -71,7 +71,7 @@ class FeedbackStore:
     def add(self, records: Sequence[fleet_pb2.FeedbackRecord]) -> list[fleet_pb2.FeedbackRecord]:
         """Stores the records whose id is neither stored yet nor earlier in the batch, one file
         per task, and returns them. The records are valid: the Fleet boundary checked them
-        (`cloud.feedback.records.check`), and the experts build theirs from checked escalations."""
+        (`cloud.feedback.records.check`), escalation records once their receipts verified."""
         with self._lock:
             now = time.time()
             day = datetime.fromtimestamp(now, timezone.utc).date()
@@ -90,8 +90,9 @@ class FeedbackStore:
         return _first_copies(self._scan(task))
 
     def device_counts(self, day: date) -> Counter[str]:
-        """Records stored on the UTC `day` per device id, of every task, less the experts'
-        escalation records: what the devices themselves sent (the fleet's per-device quota)."""
+        """Records stored on the UTC `day` per device id, of every task, less the escalation
+        records (the experts' answers, which devices deliver as signed receipts): the devices'
+        own records (the fleet's per-device quota)."""
         if self._fs.get_file_info(self._root).type == pafs.FileType.NotFound:
             return Counter()
         infos = self._fs.get_file_info(pafs.FileSelector(self._root))

@@ -2,9 +2,10 @@
 edges' acknowledgements of the versions they serve.
 
 Every RPC first identifies its caller (`cloud.identity.caller_device`: the device that the
-TLS proxy verified). A device writes feedback only as itself, only of the kinds devices
-send, under its own record ids (`dev/<device>/<record_id>`), within its daily quota; it
-fetches only promoted versions. Refusals and rollouts are appended to the audit log.
+TLS proxy verified). A device writes feedback only as itself: its own records under its own
+ids (`dev/<device>/<record_id>`) within its daily quota, and the expert's records of its own
+escalations only as the receipts the expert signed (`cloud.feedback.receipts`); it fetches
+only promoted versions. Refusals and rollouts are appended to the audit log.
 
 The methods take `(request, grpc_context)` and touch the context only through `set_code`
 and `set_details`, so one class serves both on a plain grpc.aio server (which passes the
@@ -29,6 +30,7 @@ from cloud.audit.throttle import AuditThrottle
 from cloud.errors import (FleetError, FleetTimeout, InvalidFeedback, InvalidRequest, NotFound, PermissionDenied,
                           QuotaExceeded, StoreUnavailable, UnauthenticatedFleetCall)
 from cloud.feedback.quota import DEVICE_QUOTA_PER_DAY, DeviceQuota
+from cloud.feedback.receipts import ReceiptKey, verify
 from cloud.feedback.records import KINDS, check
 from cloud.feedback.store import READ_ERRORS, FeedbackStore
 from cloud.identity import Unauthenticated, caller_device, proxy_token
@@ -41,9 +43,6 @@ log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 256 << 10
 REQUEST_TIMEOUT_S = 30.0
-# What devices may send. ESCALATION records carry an expert's labels, which train students as
-# ground truth: only the experts write them, through `store` (Fleet.store_feedback).
-DEVICE_KINDS = frozenset({fleet_pb2.FALLBACK, fleet_pb2.AUDIT, fleet_pb2.CORRECTION})
 # Refusals that a caller's input earned (not the cloud's failures): audited.
 REFUSALS = (InvalidFeedback, PermissionDenied, QuotaExceeded)
 # At most one feedback_refused entry per device and status this often: a device that retries a
@@ -82,13 +81,15 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
     def __init__(self, feedback: FeedbackStore, models: ModelRegistry, tasks: Mapping[str, Collection[str]] | None = None,
                  routes: Mapping[str, str] | None = None, metrics: FleetMetrics | None = None, max_batch: int = 1000,
                  chunk_bytes: int = CHUNK_BYTES, request_timeout_s: float = REQUEST_TIMEOUT_S, *, insecure: bool = False,
-                 device_quota_per_day: int = DEVICE_QUOTA_PER_DAY, audit: Audit | None = None) -> None:
+                 device_quota_per_day: int = DEVICE_QUOTA_PER_DAY, audit: Audit | None = None,
+                 receipt_key: ReceiptKey | None = None) -> None:
         """`tasks` (task -> labels), where given, refuses feedback of other tasks or labels.
         `routes`: task -> the Serve application of its expert. `request_timeout_s`: the longest
         one step of an RPC's server-side work may take (storing a batch, reading a manifest or
         a chunk) before DEADLINE_EXCEEDED. `insecure` (development only): callers are who
         their messages say. `audit`, where given, receives refused feedback batches and
-        acknowledged rollouts."""
+        acknowledged rollouts. `receipt_key` checks the receipts of ESCALATION records; without
+        it, every ESCALATION record is refused."""
         self._feedback = feedback
         self._models = models
         self._tasks = tasks
@@ -99,6 +100,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         self._timeout_s = request_timeout_s
         self._proxy_token = proxy_token(insecure)
         self._audit = audit
+        self._receipt_key = receipt_key
         self._quota = DeviceQuota(self._device_counts, device_quota_per_day)
         self._refusals = AuditThrottle(AUDIT_REFUSALS_EVERY_S)  # keyed by (device, status code)
         self._acked: dict[tuple[str, str], str] = {}  # (device, task) -> the version last audited
@@ -113,22 +115,23 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
             device = self._caller(grpc_context, records[0].device_id if records else "")
             if len(records) > self._max_batch:
                 raise InvalidFeedback("records", f"{len(records)} records exceed the batch limit of {self._max_batch}")
+            records = _receipts_opened(records, device, self._receipt_key)
             check(records, self._tasks)
             _authorise(records, device)
-            day = await self._quota.charge(device, len(records))
+            day = await self._quota.charge(device, _own(records))
             try:
-                stored, duplicates = await self.store(records)
+                new = await self._store(records)
             except FleetError:
-                self._quota.refund(device, len(records), day)
+                self._quota.refund(device, _own(records), day)
                 raise
-            self._quota.refund(device, duplicates, day)  # the quota counts what is stored
+            self._quota.refund(device, _own(records) - _own(new), day)  # the quota counts what is stored
         except FleetError as exc:
             self._refuse("ReportFeedback", exc, grpc_context)
             if isinstance(exc, REFUSALS):
                 await self._audit_refusal(device, exc, len(records))
             return fleet_pb2.ReportFeedbackResponse()
         self._metrics.request("ReportFeedback", grpc.StatusCode.OK)
-        return fleet_pb2.ReportFeedbackResponse(stored=stored, duplicates=duplicates)
+        return fleet_pb2.ReportFeedbackResponse(stored=len(new), duplicates=len(records) - len(new))
 
     async def GetRoutes(self, request: fleet_pb2.GetRoutesRequest, grpc_context: Any) -> fleet_pb2.Routes:
         try:
@@ -277,14 +280,15 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
                 promotion_signature=promotion_signature,
             )
 
-    async def store(self, records: Sequence[fleet_pb2.FeedbackRecord]) -> tuple[int, int]:
-        """(stored, duplicates) of valid, authorised records, or StoreUnavailable."""
+    async def _store(self, records: Sequence[fleet_pb2.FeedbackRecord]) -> list[fleet_pb2.FeedbackRecord]:
+        """The records newly stored of valid, authorised `records` (the others were stored
+        before), or StoreUnavailable."""
         try:
             new = await self._bounded("storing feedback", self._feedback.add, records)
         except READ_ERRORS as exc:  # the store quarantines files it cannot parse: these are I/O failures
             raise StoreUnavailable(f"feedback store failed: {type(exc).__name__}: {exc}") from exc
         self._count(records, new)
-        return len(new), len(records) - len(new)
+        return new
 
     async def _chunks(self, path: Path) -> AsyncIterator[fleet_pb2.ModelChunk]:
         offset = 0
@@ -327,17 +331,48 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
                 self._metrics.feedback(task, kind, outcome, count)
 
 
-def _authorise(records: Sequence[fleet_pb2.FeedbackRecord], device: str) -> None:
-    """PermissionDenied unless every record is of a kind devices send and names no other
-    device; then makes each the caller's: its device id, and its id under `dev/<device>/`,
-    where no other device's ids and no expert's (`esc/...`) can be."""
+def _own(records: Sequence[fleet_pb2.FeedbackRecord]) -> int:
+    """The device's own records, which count against its quota: escalation records are the
+    cloud's answers, as many as its experts gave."""
+    return sum(r.kind != fleet_pb2.ESCALATION for r in records)
+
+
+def _receipts_opened(records: Sequence[fleet_pb2.FeedbackRecord], device: str,
+                     key: ReceiptKey | None) -> list[fleet_pb2.FeedbackRecord]:
+    """`records`, each ESCALATION record replaced by the record its receipt carries: an
+    ESCALATION record trains students as ground truth, so a device sends one only as the
+    receipt the expert answered it with. PermissionDenied naming `records[i].receipt` unless
+    the receipt verifies under `key` and its record is the escalation of the calling device,
+    under the calling device's escalation ids (`esc/<device>/`)."""
+    opened = []
     for i, r in enumerate(records):
-        if r.kind not in DEVICE_KINDS:
-            raise PermissionDenied(f"records[{i}].kind", f"devices may send only "
-                                   f"{', '.join(KINDS[k] for k in sorted(DEVICE_KINDS))} records, not {KINDS[r.kind]}")
+        if r.kind != fleet_pb2.ESCALATION:
+            opened.append(r)
+            continue
+        at = f"records[{i}].receipt"
+        if key is None:
+            raise PermissionDenied(at, "this fleet holds no receipt key: it takes no ESCALATION records")
+        record = verify(r.receipt, key, at)
+        if record.device_id != device:
+            raise PermissionDenied(f"{at}.device_id", f"the escalation of {record.device_id[:128]!r}, not of the "
+                                                      f"calling device {device!r}")
+        if not record.record_id.startswith(f"esc/{device}/"):
+            raise PermissionDenied(f"{at}.record_id", f"{record.record_id[:128]!r} is not an escalation id of the "
+                                                      f"calling device (esc/{device}/...)")
+        opened.append(record)
+    return opened
+
+
+def _authorise(records: Sequence[fleet_pb2.FeedbackRecord], device: str) -> None:
+    """PermissionDenied if a record of the device's own (not an escalation, which
+    `_receipts_opened` authorised) names another device; then makes each the caller's: its
+    device id, and its id under `dev/<device>/`, where no other device's ids and no expert's
+    (`esc/...`) can be."""
+    own = [(i, r) for i, r in enumerate(records) if r.kind != fleet_pb2.ESCALATION]
+    for i, r in own:
         if r.device_id and r.device_id != device:
             raise PermissionDenied(f"records[{i}].device_id", f"{r.device_id!r} is not the calling device {device!r}")
-    for r in records:
+    for _, r in own:
         r.device_id = device
         r.record_id = f"dev/{device}/{r.record_id}"
 

@@ -21,3 +21,13 @@ class EdgePrediction(_message.Message):
     confidence: float
     model_version: str
     def __init__(self, label: _Optional[str] = ..., confidence: _Optional[float] = ..., model_version: _Optional[str] = ...) -> None: ...
+
+class Receipt(_message.Message):
+    __slots__ = ("record", "mac", "key_id")
+    RECORD_FIELD_NUMBER: _ClassVar[int]
+    MAC_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    record: bytes
+    mac: bytes
+    key_id: str
+    def __init__(self, record: _Optional[bytes] = ..., mac: _Optional[bytes] = ..., key_id: _Optional[str] = ...) -> None: ...

@@ -22,17 +22,19 @@ class EscalateRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., task: _Optional[str] = ..., text: _Optional[str] = ..., edge: _Optional[_Union[_common_pb2.EdgePrediction, _Mapping]] = ..., device_id: _Optional[str] = ...) -> None: ...
 
 class EscalateResponse(_message.Message):
-    __slots__ = ("request_id", "label", "confidence", "distribution", "expert", "expert_ms")
+    __slots__ = ("request_id", "label", "confidence", "distribution", "expert", "expert_ms", "receipt")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     DISTRIBUTION_FIELD_NUMBER: _ClassVar[int]
     EXPERT_FIELD_NUMBER: _ClassVar[int]
     EXPERT_MS_FIELD_NUMBER: _ClassVar[int]
+    RECEIPT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     label: str
     confidence: float
     distribution: _containers.RepeatedCompositeFieldContainer[_common_pb2.LabelScore]
     expert: str
     expert_ms: float
-    def __init__(self, request_id: _Optional[str] = ..., label: _Optional[str] = ..., confidence: _Optional[float] = ..., distribution: _Optional[_Iterable[_Union[_common_pb2.LabelScore, _Mapping]]] = ..., expert: _Optional[str] = ..., expert_ms: _Optional[float] = ...) -> None: ...
+    receipt: _common_pb2.Receipt
+    def __init__(self, request_id: _Optional[str] = ..., label: _Optional[str] = ..., confidence: _Optional[float] = ..., distribution: _Optional[_Iterable[_Union[_common_pb2.LabelScore, _Mapping]]] = ..., expert: _Optional[str] = ..., expert_ms: _Optional[float] = ..., receipt: _Optional[_Union[_common_pb2.Receipt, _Mapping]] = ...) -> None: ...

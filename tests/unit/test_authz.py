@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from cloud.audit.log import AuditLog
-from cloud.feedback.recorder import escalation_record
+from cloud.feedback.receipts import ReceiptKey, escalation_record, issue
 from cloud.feedback.store import FeedbackStore
 from cloud.identity import DEVICE_METADATA, PROXY_TOKEN_METADATA
 from cloud.registry.models import ModelRegistry
@@ -20,6 +20,7 @@ from tests.fleet_server import serving
 
 TOKEN = "proxy-secret"
 TASKS = {"t": ["card_arrival", "lost_card"]}
+KEY = ReceiptKey(b"k" * 32)
 Metadata = tuple[tuple[str, str], ...]
 
 
@@ -47,9 +48,9 @@ def _proxy_token(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TANDEM_PROXY_TOKEN", TOKEN)
 
 
-def _servicer(tmp_path: Path, audit: object = None, quota: int = 1000) -> FleetServicer:
+def _servicer(tmp_path: Path, audit: object = None, quota: int = 1000, key: ReceiptKey | None = KEY) -> FleetServicer:
     return FleetServicer(FeedbackStore(str(tmp_path / "feedback")), ModelRegistry(tmp_path / "registry"), TASKS,
-                         device_quota_per_day=quota, audit=audit)
+                         device_quota_per_day=quota, audit=audit, receipt_key=key)
 
 
 def _record(record_id: str, **fields: object) -> fleet_pb2.FeedbackRecord:
@@ -91,28 +92,107 @@ async def test_a_device_cannot_write_as_another(tmp_path: Path) -> None:
                                                    "field": "records[1].device_id", "count": 2, "suppressed": 0})]
 
 
-async def test_a_device_cannot_send_escalation_records(tmp_path: Path) -> None:
-    """They carry an expert's label, which trains students as ground truth."""
-    forged = _record("e1", kind=fleet_pb2.ESCALATION, expert="classifier",
-                     distribution=[common_pb2.LabelScore(label="lost_card", probability=1.0)])
+def _answered(device: str, request_id: str = "q-1", key: ReceiptKey = KEY) -> common_pb2.Receipt:
+    """The receipt an expert answers `device`'s escalation with (cloud.app.Expert)."""
+    request = expert_pb2.EscalateRequest(request_id=request_id, task="t", text="where is my card", device_id=device)
+    answer = expert_pb2.EscalateResponse(label="card_arrival", expert="classifier",
+                                         distribution=[common_pb2.LabelScore(label="card_arrival", probability=0.9)])
+    return issue(escalation_record(request, answer, 1_700_000_000_000), key)
+
+
+def _escalation(receipt: common_pb2.Receipt, device: str = "kiosk-a") -> fleet_pb2.FeedbackRecord:
+    """The ESCALATION record an edge sends for `receipt` (edge.feedback.FeedbackRecorder)."""
+    inner = fleet_pb2.FeedbackRecord.FromString(receipt.record)
+    return fleet_pb2.FeedbackRecord(record_id=inner.record_id, request_id=inner.request_id, task="t",
+                                    kind=fleet_pb2.ESCALATION, device_id=device, created_unix_ms=1_700_000_000_001,
+                                    receipt=receipt)
+
+
+def _flipped(data: bytes, at: int) -> bytes:
+    return data[:at] + bytes([data[at] ^ 1]) + data[at + 1:]
+
+
+async def test_a_devices_escalation_is_stored_once_as_the_record_its_receipt_carries(tmp_path: Path) -> None:
+    """The expert's label, text and the verified device, as the expert signed them; outside
+    the device's quota (the cloud's own answers)."""
+    receipt = _answered("kiosk-a")
+    async with serving(_servicer(tmp_path, quota=1)) as stub:
+        for _ in range(2):  # an edge re-sending after a lost OK
+            assert await _report(stub, [_escalation(receipt)]) == (grpc.StatusCode.OK, "")
+        answer = await stub.ReportFeedback(fleet_pb2.ReportFeedbackRequest(records=[_escalation(receipt), _record("r1")]),
+                                           metadata=A, timeout=10)
+        assert (answer.stored, answer.duplicates) == (1, 1)
+    (row,) = [r for r in FeedbackStore(str(tmp_path / "feedback")).read("t").to_pylist() if r["kind"] == "ESCALATION"]
+    assert row["record_id"].startswith("esc/kiosk-a/") and row["device_id"] == "kiosk-a"
+    assert (row["request_id"], row["text"], row["label"], row["expert"]) == ("q-1", "where is my card", "card_arrival",
+                                                                            "classifier")
+    assert [d["label"] for d in row["distribution"]] == ["card_arrival"]
+
+
+def _tampered(part: str) -> common_pb2.Receipt:
+    receipt = _answered("kiosk-a")
+    if part == "record":  # a bit of the label's bytes flipped: card_arrival -> card_arrivam
+        receipt.record = receipt.record.replace(b"card_arrival", b"card_arrivam", 1)
+    elif part == "mac":
+        receipt.mac = _flipped(receipt.mac, 5)
+    elif part == "key":
+        receipt.CopyFrom(_answered("kiosk-a", key=ReceiptKey(b"x" * 32)))
+    else:
+        receipt.Clear()
+    return receipt
+
+
+@pytest.mark.parametrize(("part", "details"), [
+    ("none", "records[0].receipt: missing"),
+    ("record", "records[0].receipt: its MAC does not match its record"),
+    ("mac", "records[0].receipt: its MAC does not match its record"),
+    ("key", f"records[0].receipt: signed under key '{ReceiptKey(b'x' * 32).key_id}', not this cloud's"),
+])
+async def test_a_device_cannot_send_an_escalation_record_without_a_valid_receipt(tmp_path: Path, part: str,
+                                                                                 details: str) -> None:
+    """It carries an expert's label, which trains students as ground truth."""
+    forged = _escalation(_tampered(part))
+    if part == "none":  # a whole forged record, as devices could once try
+        forged.MergeFrom(_record(forged.record_id, kind=fleet_pb2.ESCALATION, label="lost_card", expert="classifier"))
     async with serving(_servicer(tmp_path)) as stub:
-        code, details = await _report(stub, [forged])
-    assert code == grpc.StatusCode.PERMISSION_DENIED
-    assert details == "records[0].kind: devices may send only CORRECTION, FALLBACK, AUDIT records, not ESCALATION"
+        code, message = await _report(stub, [_record("r1"), forged])
+    assert code == grpc.StatusCode.PERMISSION_DENIED and message.startswith(details.replace("[0]", "[1]"))
     assert _stored(tmp_path) == []
+
+
+async def test_a_receipt_replayed_by_another_device_is_refused(tmp_path: Path) -> None:
+    async with serving(_servicer(tmp_path)) as stub:
+        code, details = await _report(stub, [_escalation(_answered("kiosk-a"), device="kiosk-b")], metadata=B)
+    assert code == grpc.StatusCode.PERMISSION_DENIED
+    assert details == "records[0].receipt.device_id: the escalation of 'kiosk-a', not of the calling device 'kiosk-b'"
+    assert _stored(tmp_path) == []
+
+
+async def test_a_receipt_must_carry_an_escalation_id_of_the_calling_device(tmp_path: Path) -> None:
+    """Defence in depth: the experts build the id from the verified device (receipts.escalation_record)."""
+    record = fleet_pb2.FeedbackRecord.FromString(_answered("kiosk-a").record)
+    record.record_id = record.record_id.replace("kiosk-a", "kiosk-b")
+    async with serving(_servicer(tmp_path)) as stub:
+        code, details = await _report(stub, [_escalation(issue(record, KEY))])
+    assert code == grpc.StatusCode.PERMISSION_DENIED and details.startswith("records[0].receipt.record_id: ")
+
+
+async def test_a_fleet_without_a_receipt_key_takes_no_escalation_records(tmp_path: Path) -> None:
+    async with serving(_servicer(tmp_path, key=None)) as stub:
+        code, details = await _report(stub, [_escalation(_answered("kiosk-a"))])
+    assert code == grpc.StatusCode.PERMISSION_DENIED and details.startswith("records[0].receipt: this fleet holds no")
 
 
 async def test_a_device_cannot_claim_an_experts_record_id_first(tmp_path: Path) -> None:
     """Before, escalation ids were sha256(device, request) of guessable values: a record sent
     with that id first made the expert's genuine record a duplicate, dropped."""
-    request = expert_pb2.EscalateRequest(request_id="q-1", task="t", text="where is my card", device_id="kiosk-b")
-    genuine = escalation_record(request, expert_pb2.EscalateResponse(label="card_arrival", expert="classifier"), 1)
-    servicer = _servicer(tmp_path)
-    async with serving(servicer) as stub:
-        assert (await _report(stub, [_record(genuine.record_id, kind=fleet_pb2.CORRECTION, label="lost_card")]))[0] \
+    receipt = _answered("kiosk-b")
+    claimed = fleet_pb2.FeedbackRecord.FromString(receipt.record).record_id
+    async with serving(_servicer(tmp_path)) as stub:
+        assert (await _report(stub, [_record(claimed, kind=fleet_pb2.CORRECTION, label="lost_card")]))[0] \
             == grpc.StatusCode.OK
-    assert await servicer.store([genuine]) == (1, 0)  # Fleet.store_feedback, the experts' path
-    assert _stored(tmp_path) == [(f"dev/kiosk-a/{genuine.record_id}", "kiosk-a"), (genuine.record_id, "kiosk-b")]
+        assert (await _report(stub, [_escalation(receipt, device="kiosk-b")], metadata=B))[0] == grpc.StatusCode.OK
+    assert _stored(tmp_path) == [(f"dev/kiosk-a/{claimed}", "kiosk-a"), (claimed, "kiosk-b")]
 
 
 async def test_the_daily_quota_is_resource_exhausted_and_survives_a_restart(tmp_path: Path) -> None:

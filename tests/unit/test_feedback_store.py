@@ -14,7 +14,7 @@ import pytest
 
 from cloud.errors import InvalidFeedback
 from cloud.feedback import FeedbackStore
-from cloud.feedback.recorder import escalation_record
+from cloud.feedback.receipts import escalation_record
 from cloud.feedback.records import SCHEMA, check, to_table
 from tandem.v1 import common_pb2, expert_pb2, fleet_pb2
 
@@ -201,7 +201,7 @@ def test_escalation_record_ids_are_stable_per_device_and_request() -> None:
         check([record], None)  # any request id, even with spaces or 128 characters, gives a valid id
         return record.record_id
 
-    assert record_id("kiosk-1", "1") == record_id("kiosk-1", "1")  # recorded twice: stored once
+    assert record_id("kiosk-1", "1") == record_id("kiosk-1", "1")  # delivered twice: stored once
     assert record_id("kiosk-1", "1") != record_id("kiosk-2", "1")  # two devices' request 1 both kept
     assert record_id("kiosk-1", "a b " * 32).startswith("esc/kiosk-1/")  # under the device, where no device's own ids are
 

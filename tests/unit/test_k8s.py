@@ -22,6 +22,7 @@ KUBERNETES_VERSION = "1.32"
 NOT_RESOURCES = {"kustomization.yaml", "prometheus.yaml"}
 SIGNING_KEY = "tandem-signing-key"
 STORE_CREDENTIALS = "tandem-feedback-s3"
+RECEIPT_KEY = "tandem-receipt-key"
 
 
 def documents(name: str) -> list[dict[str, Any]]:
@@ -150,6 +151,18 @@ def test_every_ray_container_knows_the_proxy_token_and_the_message_limit() -> No
         ray = env(group["template"]["spec"]["containers"][0])
         assert ray["TANDEM_PROXY_TOKEN"] == token
         assert int(ray["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"]) == MESSAGE_MAX_BYTES
+
+
+def test_every_ray_pod_reads_the_receipt_key_where_the_cloud_config_says(cloud: CloudConfig) -> None:
+    """Experts sign their answers' receipts with it and the Fleet replica checks them, wherever
+    Ray places either; no other pod holds it."""
+    held = {name: secrets(pod) for name, pod in pods().items()}
+    assert sorted(n for n, s in held.items() if RECEIPT_KEY in s) == sorted(f"ray-{g}" for g in ray_groups())
+    for group in ray_groups().values():
+        pod = group["template"]["spec"]
+        mount = mounts(pod, pod["containers"][0]["name"])[str(cloud.receipt_key.parent)]
+        assert mount["secret"]["secretName"] == RECEIPT_KEY and mount["readOnly"]
+        assert cloud.receipt_key.name == "receipt.key"  # the key name `--from-file=receipt.key` gives it
 
 
 def test_least_privilege(cloud: CloudConfig) -> None:

@@ -1,6 +1,7 @@
 import asyncio
 import random
 import sqlite3
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from edge.health import DELIVERY, LoopHealth
 from edge.metrics import EdgeMetrics
 from edge.outbox import Outbox
 from edge.redact import DEFAULT_PATTERNS, Redactor
-from tandem.v1 import fleet_pb2
+from tandem.v1 import common_pb2, fleet_pb2
 
 
 def _record(i: int) -> fleet_pb2.FeedbackRecord:
@@ -368,3 +369,118 @@ def test_redrive_from_the_config_moves_the_dead_records_of_the_configured_outbox
     again = Outbox(tmp_path / "o.sqlite3", max_records=10)
     assert _ids(again.oldest(10)) == ["r001"] and again.dead() == []
     again.close()
+
+
+def _fresh(i: int) -> fleet_pb2.FeedbackRecord:
+    """A record created now: it lingers."""
+    record = _record(i)
+    record.created_unix_ms = int(time.time() * 1000)
+    return record
+
+
+async def test_delivery_lingers_until_a_batch_is_full_or_the_oldest_has_waited_linger_s(outbox: Outbox) -> None:
+    """Each call is a file in the cloud's store: a record is not sent alone as soon as it is added."""
+    registry = CollectorRegistry()
+    sink = ScriptedSink([])
+    delivery = _delivery(outbox, sink, registry, batch_size=3, linger_s=0.4)
+    running = asyncio.ensure_future(delivery.run())
+    try:
+        for i in range(4):
+            outbox.add(_fresh(i))
+            delivery.wake()
+            await asyncio.sleep(0.05)
+        assert sink.sent == [["r000", "r001", "r002"]], "a full batch leaves at once"
+        started = time.monotonic()
+        while outbox.depth:
+            await asyncio.sleep(0.01)
+        assert sink.sent[1:] == [["r003"]] and 0.2 < time.monotonic() - started < 1.0, "the rest when it is due"
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+
+
+async def test_a_lingering_delivery_stops_when_cancelled_even_as_a_record_wakes_it(outbox: Outbox) -> None:
+    """The daemon's stop: the last records commit (waking delivery), then it is cancelled."""
+    outbox.add(_fresh(0))
+    delivery = _delivery(outbox, ScriptedSink([]), CollectorRegistry(), batch_size=10, linger_s=60)
+    running = asyncio.ensure_future(delivery.run())
+    await asyncio.sleep(0.05)  # lingering
+    outbox.add(_fresh(1))
+    delivery.wake()
+    running.cancel()
+    await asyncio.wait_for(asyncio.gather(running, return_exceptions=True), 1)
+    assert running.cancelled()
+
+
+async def test_a_record_kept_across_a_restart_is_not_held_again(outbox: Outbox) -> None:
+    outbox.add(_record(0))  # created long ago: it waited its linger_s before the restart
+    registry = CollectorRegistry()
+    sink = ScriptedSink([])
+    await _deliver_until(_delivery(outbox, sink, registry, batch_size=10, linger_s=60), lambda: outbox.depth == 0)
+    assert sink.sent == [["r000"]]
+
+
+async def test_flushing_at_stop_sends_lingering_records_at_once_and_keeps_what_fails(outbox: Outbox) -> None:
+    for i in range(3):
+        outbox.add(_fresh(i))
+    sink = ScriptedSink([])
+    await asyncio.wait_for(_delivery(outbox, sink, CollectorRegistry(), batch_size=2, linger_s=60).flush(5), 1)
+    assert sink.sent == [["r000", "r001"], ["r002"]] and outbox.depth == 0
+    outbox.add(_fresh(4))
+    down = ScriptedSink([grpc.StatusCode.UNAVAILABLE] * 10)
+    await asyncio.wait_for(_delivery(outbox, down, CollectorRegistry(), batch_size=2, linger_s=60).flush(5), 1)
+    assert down.sent == [["r004"]] and _ids(outbox.oldest(10)) == ["r004"], "one try, then kept for the next start"
+
+
+class RefusesReceipt(ScriptedSink):
+    """Refuses any batch holding `invalid`, as the fleet refuses a receipt it cannot verify."""
+
+    async def report_feedback(self, records: list[fleet_pb2.FeedbackRecord], timeout_s: float) -> fleet_pb2.ReportFeedbackResponse:
+        self.sent.append(_ids(records))
+        if self.invalid in _ids(records):
+            at = _ids(records).index(self.invalid)
+            raise CloudCallError(grpc.StatusCode.PERMISSION_DENIED, f"records[{at}].receipt: signed under key 'x'")
+        return fleet_pb2.ReportFeedbackResponse(stored=len(records))
+
+
+async def test_an_escalation_whose_receipt_the_cloud_refuses_is_moved_aside_and_the_others_delivered(
+    outbox: Outbox
+) -> None:
+    """A receipt signed under a key the cloud no longer holds will not verify later either."""
+    for i in range(4):
+        outbox.add(_record(i))
+    registry = CollectorRegistry()
+    await _deliver_until_empty(outbox, RefusesReceipt([], invalid="r002"), registry, batch_size=4)
+    assert [(r.record_id, why) for r, why in outbox.dead()] == [
+        ("r002", "cloud answered PERMISSION_DENIED: records[0].receipt: signed under key 'x'")]
+    assert registry.get_sample_value("tandem_edge_feedback_delivered_total") == 3
+
+
+async def test_any_other_permission_denied_keeps_the_batch_for_a_retry(outbox: Outbox) -> None:
+    outbox.add(_record(0))
+    sink = ScriptedSink([grpc.StatusCode.PERMISSION_DENIED])
+    await _deliver_until(_delivery(outbox, sink, CollectorRegistry(), batch_size=4), lambda: outbox.depth == 0)
+    assert sink.sent == [["r000"]] * 2 and outbox.dead() == []
+
+
+async def test_a_cloud_answer_is_kept_as_its_receipt_under_the_id_of_the_record_inside(outbox: Outbox) -> None:
+    """The text inside is what the edge escalated (redacted then); the receipt stays as signed."""
+    inner = fleet_pb2.FeedbackRecord(record_id="esc/dev-1/abc", kind=fleet_pb2.ESCALATION, text="card 4111 1111 1111 1111")
+    receipt = common_pb2.Receipt(record=inner.SerializeToString(), mac=b"m" * 32, key_id="k")
+    recorder = _recorder(outbox, CollectorRegistry())
+    assert await recorder.record_receipt("t", "req-1", receipt) == "esc/dev-1/abc"
+    (stored,) = outbox.oldest(1)
+    assert (stored.record_id, stored.kind, stored.request_id, stored.task, stored.device_id) == (
+        "esc/dev-1/abc", fleet_pb2.ESCALATION, "req-1", "t", "dev-1")
+    assert stored.receipt == receipt and stored.created_unix_ms > 1_700_000_000_000 and not stored.text
+
+
+async def test_a_cloud_answer_without_a_receipt_is_counted_and_keeps_nothing(outbox: Outbox) -> None:
+    registry = CollectorRegistry()
+    recorder = _recorder(outbox, registry)
+    for request_id in ("a", "b"):
+        assert await recorder.record_receipt("t", request_id, common_pb2.Receipt()) is None
+    assert await recorder.record_receipt("t", "c", common_pb2.Receipt(record=b"\xff not a record")) is None
+    assert outbox.depth == 0
+    assert registry.get_sample_value(
+        "tandem_edge_feedback_refused_total", {"task": "t", "kind": "ESCALATION", "reason": "no_receipt"}) == 3

@@ -67,7 +67,7 @@ def test_serve_config_has_the_fleet_then_one_application_per_expert() -> None:
         "cloud.ingress.add_expert_servicer", "cloud.ingress.add_fleet_servicer"]
     cloud = load_config(CloudConfig, ROOT / "cloud/cloud.yaml")
     fleet, *experts = serve_cfg["applications"]
-    # First: the experts record escalations through a handle to the fleet application.
+    # First: edges ask it which expert application answers each task.
     assert fleet["name"] == FLEET_APPLICATION and fleet["import_path"] == "cloud.app:fleet_app"
     assert [a["name"] for a in experts] == [e.name for e in cloud.experts] == [a["args"]["expert"] for a in experts]
     assert all(a["import_path"] == "cloud.app:expert_app" for a in experts)
