@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 
+from benchmarks.artifacts import signed_copy
 from cloud import pki
 from cloud.audit.log import AuditError, AuditLog
 from cloud.feedback import FeedbackStore
@@ -21,9 +22,9 @@ from cloud.feedback.receipts import escalation_record
 from cloud.identity import DEVICE_METADATA, PROXY_TOKEN_METADATA
 from cloud.registry import ModelRegistry
 from edge.model_store import ModelStore
-from tandem.contract import FLEET_APPLICATION, MANIFEST_FILE, Manifest
+from tandem.contract import FLEET_APPLICATION, Manifest
 from tandem.signing import (Keyring, VerificationError, generate_key, key_id, load_private_key, public_path, revoke,
-                            sign_artifact, trust)
+                            trust)
 from tandem.v1 import common_pb2, expert_pb2, expert_pb2_grpc, fleet_pb2, fleet_pb2_grpc
 
 FLEET = (("application", FLEET_APPLICATION),)
@@ -256,11 +257,11 @@ async def supply_chain_attacks(t: Target, student: Path, work: Path) -> list[Att
     trust(keyring_path, public_path(old_key))  # what `tandem keys trust|revoke` do, below too
     store = ModelStore(work / "edge-models", lambda: Keyring.load(keyring_path), lambda: None)
 
-    v1 = registry.publish(t.task, _artifact(student, work / "v1", t.task, registry.next_sequence(t.task), k1))
+    v1 = registry.publish(t.task, signed_copy(student, work / "v1", t.task, registry.next_sequence(t.task), k1))
     registry.promote(t.task, v1, k1)
     replay = _copy_promotion(t.registry_dir / t.task, work / "v1-promotion")
-    v2 = registry.publish(t.task, _artifact(student, work / "v2", t.task, registry.next_sequence(t.task), k1))
-    candidate = registry.publish(t.task, _artifact(student, work / "v3", t.task, registry.next_sequence(t.task), k1))
+    v2 = registry.publish(t.task, signed_copy(student, work / "v2", t.task, registry.next_sequence(t.task), k1))
+    candidate = registry.publish(t.task, signed_copy(student, work / "v3", t.task, registry.next_sequence(t.task), k1))
     registry.promote(t.task, v2, k1)
     serving = Manifest.read(registry.path(t.task, v2))
     async with t.channel("kiosk-a") as channel:
@@ -290,11 +291,11 @@ async def supply_chain_attacks(t: Target, student: Path, work: Path) -> list[Att
         registry.promote(t.task, v2, k1)
         # Rotation: the new key joins the edges' keyring, signs the next version; the old one is revoked.
         trust(keyring_path, public_path(new_key))
-        v4 = registry.publish(t.task, _artifact(student, work / "v4", t.task, registry.next_sequence(t.task), k2))
+        v4 = registry.publish(t.task, signed_copy(student, work / "v4", t.task, registry.next_sequence(t.task), k2))
         registry.promote(t.task, v4, k2)
         attacks.append(Attack("version signed by a rotated-in key", "accepted", await offer_verdict(serving)))
         revoke(keyring_path, key_id(k1.public_key()))
-        v5 = registry.publish(t.task, _artifact(student, work / "v5", t.task, registry.next_sequence(t.task), k1))
+        v5 = registry.publish(t.task, signed_copy(student, work / "v5", t.task, registry.next_sequence(t.task), k1))
         registry.promote(t.task, v5, k1)
         attacks.append(Attack("version signed by a revoked key", REFUSED, await offer_verdict(serving), reason="revoked"))
     return attacks
@@ -303,16 +304,6 @@ async def supply_chain_attacks(t: Target, student: Path, work: Path) -> list[Att
 async def _drain(stream: Any) -> None:
     async for _ in stream:
         pass
-
-
-def _artifact(student: Path, directory: Path, task: str, sequence: int, key: Any) -> Path:
-    """The student's files as a new version of `task` with `sequence`, signed with `key`."""
-    shutil.copytree(student, directory)
-    fields = Manifest.read(directory).model_dump(mode="json")
-    fields.update(version=f"{task}-bench-{sequence:04d}", sequence=sequence, files={}, key_id=None)
-    (directory / MANIFEST_FILE).write_bytes(Manifest.model_validate(fields).to_json())
-    sign_artifact(directory, key)
-    return directory
 
 
 def _copy_promotion(source: Path, destination: Path) -> Path:

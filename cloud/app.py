@@ -124,11 +124,13 @@ class Expert:
                 # all: counted as what it was for the caller, DEADLINE_EXCEEDED.
                 raise ExpertTimeout(f"expert {self._cfg.name} answered after the caller's deadline; answer dropped")
         except EscalationError as exc:
-            # A refused request is the caller's business (counted, and logged at INFO, so that a
-            # misbehaving client cannot fill the log); a server-side failure gets a traceback.
-            refused = isinstance(exc, (InvalidEscalation, NotAuthenticated))
-            log.log(logging.INFO if refused else logging.WARNING, "escalation %r task=%r failed: %s %s",
-                    request.request_id[:128], request.task[:128], exc.code.name, exc, exc_info=not refused)
+            # A refused request is the caller's business, and a missed deadline happens at the
+            # request rate under overload: both are counted, and logged at INFO without a traceback,
+            # so that neither a misbehaving client nor an overload fills the log. Other failures
+            # get a traceback.
+            routine = isinstance(exc, (InvalidEscalation, NotAuthenticated, ExpertTimeout))
+            log.log(logging.INFO if routine else logging.WARNING, "escalation %r task=%r failed: %s %s",
+                    request.request_id[:128], request.task[:128], exc.code.name, exc, exc_info=not routine)
             self._escalations.inc(tags={**tags, "code": exc.code.name})
             grpc_context.set_code(exc.code)
             grpc_context.set_details(str(exc))

@@ -43,7 +43,10 @@ class FeedbackRecorder:
         self._chance = chance
         self._full = False
         self._receiptless = False
+        self._failing = False
         self._pending: set[asyncio.Task[str | None]] = set()
+        self._queue: list[tuple[fleet_pb2.FeedbackRecord, asyncio.Future[bool]]] = []
+        self._writer: asyncio.Task[None] | None = None
 
     def audit_due(self) -> bool:
         """True for a random `audit_rate` share of calls."""
@@ -97,21 +100,45 @@ class FeedbackRecorder:
         ))
 
     async def _commit(self, record: fleet_pb2.FeedbackRecord) -> str | None:
-        task = record.task
+        """Queues the record for the next group commit and waits for it: concurrent answers
+        share one transaction, and so one sync to disk, which is what bounds how many fallbacks
+        a second an edge can keep while the cloud is down."""
+        committed: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._queue.append((record, committed))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._write())
         kind_name = fleet_pb2.FeedbackKind.Name(record.kind)
         try:
-            accepted = await asyncio.to_thread(self._outbox.add, record)
+            accepted = await committed
         except sqlite3.Error:
-            log.exception("feedback outbox write failed; %s record %s not kept", kind_name, record.record_id)
-            self._metrics.feedback_refused.labels(task, kind_name, "error").inc()
+            self._refuse_failing(record, kind_name)
             return None
+        if self._failing:
+            log.info("feedback outbox writes succeed again")
+        self._failing = False
         if not accepted:
-            self._refuse_full(task, kind_name)
+            self._refuse_full(record.task, kind_name)
             return None
         self._full = False
-        self._metrics.feedback_recorded.labels(task, kind_name).inc()
+        self._metrics.feedback_recorded.labels(record.task, kind_name).inc()
         self._on_added()
         return record.record_id
+
+    async def _write(self) -> None:
+        """Commits what is queued, in one transaction, until nothing is: what arrives during a
+        commit goes in the next one."""
+        while self._queue:
+            batch, self._queue = self._queue, []
+            try:
+                accepted = await asyncio.to_thread(self._outbox.add_many, [record for record, _ in batch])
+            except sqlite3.Error as exc:
+                for _, committed in batch:
+                    if not committed.done():  # a cancelled caller's record is written all the same
+                        committed.set_exception(exc)
+                continue
+            for (_, committed), ok in zip(batch, accepted, strict=True):
+                if not committed.done():
+                    committed.set_result(ok)
 
     def record_soon(self, kind: fleet_pb2.FeedbackKind, task: str, text: str, request_id: str,
                     edge: common_pb2.EdgePrediction) -> None:
@@ -123,6 +150,16 @@ class FeedbackRecorder:
     async def close(self) -> None:
         """Waits for background records to be committed."""
         await asyncio.gather(*self._pending, return_exceptions=True)
+        if self._writer is not None:
+            await self._writer
+
+    def _refuse_failing(self, record: fleet_pb2.FeedbackRecord, kind_name: str) -> None:
+        self._metrics.feedback_refused.labels(record.task, kind_name, "error").inc()
+        if not self._failing:  # once per episode: a failing disk fails every write
+            log.exception("feedback outbox write failed; %s record %s not kept, nor others until writes succeed "
+                          "again (counted in tandem_edge_feedback_refused_total{reason=\"error\"})",
+                          kind_name, record.record_id)
+        self._failing = True
 
     def _refuse_full(self, task: str, kind_name: str) -> None:
         self._metrics.feedback_refused.labels(task, kind_name, "full").inc()

@@ -87,19 +87,25 @@ class Outbox:
         return self._dead
 
     def add(self, record: fleet_pb2.FeedbackRecord) -> bool:
-        """Commits the record durably; False, storing nothing, when the outbox is full (records
-        or bytes). Adding a record_id already waiting is a no-op that returns True."""
-        payload = record.SerializeToString()
+        """`add_many` of one record."""
+        return self.add_many([record])[0]
+
+    def add_many(self, records: list[fleet_pb2.FeedbackRecord]) -> list[bool]:
+        """Commits the records durably in one transaction (one sync to disk for all); for each,
+        False, storing nothing, when the outbox is full (records or bytes). Adding a record_id
+        already waiting is a no-op that returns True."""
+        payloads = [r.SerializeToString() for r in records]
         with self._lock:
-            if not self._fits(1, len(payload)):
-                return False
+            accepted, added, size = [], 0, 0
             with self._db:
-                cursor = self._db.execute(
-                    "INSERT OR IGNORE INTO outbox (record_id, payload) VALUES (?, ?)", (record.record_id, payload)
-                )
-            if cursor.rowcount:  # counted once committed
-                self._count(1, len(payload))
-        return True
+                for record, payload in zip(records, payloads, strict=True):
+                    fits = self._fits(added + 1, size + len(payload))
+                    accepted.append(fits)
+                    if fits and self._db.execute("INSERT OR IGNORE INTO outbox (record_id, payload) VALUES (?, ?)",
+                                                 (record.record_id, payload)).rowcount:
+                        added, size = added + 1, size + len(payload)
+            self._count(added, size)  # counted once committed
+        return accepted
 
     def oldest(self, n: int) -> list[fleet_pb2.FeedbackRecord]:
         """Up to `n` waiting records, oldest first; they stay until `remove`, `bury` or `defer`."""

@@ -20,7 +20,8 @@ class ChaosConfig(TandemSettings):
     steady_s: float = Field(30.0, gt=5, description="Steady traffic before the first fault: the baselines "
                             "(RSS, the edge-only p50).")
     settle_s: float = Field(15.0, ge=0, description="Steady traffic after each fault has recovered, before the next.")
-    replica_kills: int = Field(2, ge=1, description="Random Serve replicas SIGKILLed, one after another.")
+    replica_kills: int = Field(4, ge=1, description="Serve replicas SIGKILLed one after another, the "
+                               "applications taking turns.")
     cut_s: float = Field(20.0, gt=0, description="Length of the network cut between the edges and the cloud.")
     latency_s: float = Field(20.0, gt=0, description="Length of the added network latency.")
     delay_ms: float = Field(100.0, ge=0, description="Latency added to every chunk, each way.")
@@ -43,6 +44,6 @@ class ChaosConfig(TandemSettings):
 
 
 # One of each fault, briefly: the run `make test` includes.
-SHORT: dict[str, Any] = {"requests": 1500, "rate_rps": 10.0, "steady_s": 15.0, "settle_s": 5.0, "replica_kills": 1,
+SHORT: dict[str, Any] = {"requests": 1500, "rate_rps": 10.0, "steady_s": 15.0, "settle_s": 5.0, "replica_kills": 2,
                          "cut_s": 5.0, "latency_s": 5.0, "disk_full_s": 5.0, "capacity_s": 5.0, "overload_s": 15.0,
                          "door_burst": 500}

@@ -45,6 +45,7 @@ class Chaos:
     net: Any  # benchmarks.netfault.NetFault
     rng: random.Random
     destroyed: set[str] = field(default_factory=set)  # request ids in files corrupted on purpose
+    kill_order: list[str] = field(default_factory=list)  # the applications whose replicas are next killed
 
     async def first(self, found: Callable[[Outcome], bool], since: float) -> float | None:
         """When the first request scheduled at or after `since` that `found` accepts was
@@ -83,10 +84,13 @@ async def until(condition: Callable[[], bool], timeout_s: float) -> bool:
 
 
 async def replica_kill(c: Chaos) -> Fault:
-    """SIGKILL of a random Serve replica (an expert or the fleet), as Serve's own chaos test
-    does; Serve replaces it."""
+    """SIGKILL of a random Serve replica, as Serve's own chaos test does; Serve replaces it.
+    The applications take turns in a random order, so that two kills hit both an expert and
+    the fleet."""
     replicas = c.rig.replicas()
-    app = c.rng.choice(sorted(replicas))
+    if not c.kill_order:
+        c.kill_order = c.rng.sample(sorted(replicas), len(replicas))
+    app = c.kill_order.pop()
     proc = c.rng.choice(replicas[app])
     subtree = proc.children(recursive=True)
     f = Fault(f"replica_kill:{app}", time.monotonic())

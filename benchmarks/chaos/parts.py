@@ -23,9 +23,11 @@ from tandem.subprocesses import Server, kill_server, start_server, stop_server
 
 log = logging.getLogger(__name__)
 
-# Serve names its actors' processes "ray::ServeReplica:<application>:<deployment>".
-REPLICA = re.compile(r"ray::ServeReplica:([^:\s]+):(\S+)")
-ROLES = (("EngineCore", "vllm-engine"), ("ServeController", "serve-controller"), ("ProxyActor", "serve-proxy"),
+# Serve names its actors' processes "ray::ServeReplica:<application>:<deployment>" (with a
+# prefix while the replica starts).
+REPLICA = re.compile(r"ServeReplica:([^:\s]+):")
+ROLES = (("tandem_cli cloud serve", "cloud-server"), ("EngineCore", "vllm-engine"), ("VLLM::Worker", "vllm-worker"),
+         ("ServeController", "serve-controller"), ("ProxyActor", "serve-proxy"),
          ("raylet", "raylet"), ("gcs_server", "gcs"), ("nginx", "nginx"), ("netfault", "netfault"))
 
 

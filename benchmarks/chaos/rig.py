@@ -6,7 +6,6 @@ across its restarts."""
 import asyncio
 import contextlib
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +14,11 @@ from typing import Any
 import psutil
 import yaml
 
+from benchmarks.artifacts import signed_copy
 from benchmarks.chaos.parts import Part, descendants, role, scrape, total
 from benchmarks.system import CloudFiles, edge_args, edge_config
 from cloud.registry.models import ModelRegistry
-from tandem.contract import MANIFEST_FILE, Manifest
-from tandem.signing import generate_key, load_private_key, public_path, sign_artifact, trust
+from tandem.signing import generate_key, load_private_key, public_path, trust
 from tandem.subprocesses import free_port
 
 log = logging.getLogger(__name__)
@@ -51,17 +50,6 @@ class Edge:
         self.banked.append(self.metrics())
 
 
-def signed_copy(student: Path, directory: Path, task: str, sequence: int, key_path: Path) -> Path:
-    """The student's files as a new version of `task` with `sequence`, signed with the key at
-    `key_path`: what the retrainer publishes."""
-    shutil.copytree(student, directory)
-    fields = Manifest.read(directory).model_dump(mode="json")
-    fields.update(version=f"{task}-chaos-{sequence:04d}", sequence=sequence, files={}, key_id=None)
-    (directory / MANIFEST_FILE).write_bytes(Manifest.model_validate(fields).to_json())
-    sign_artifact(directory, load_private_key(key_path))
-    return directory
-
-
 class Rig:
     def __init__(self, files: CloudFiles, work: Path, task: str, student: Path) -> None:
         self.files = files
@@ -82,7 +70,7 @@ class Rig:
             trust(self.keyring, public_path(self.key))
         sequence = self.registry.next_sequence(self.task)
         version = self.registry.publish(self.task, signed_copy(self._student, self.work / "versions" / str(sequence),
-                                                               self.task, sequence, self.key))
+                                                               self.task, sequence, load_private_key(self.key)))
         self.registry.promote(self.task, version, load_private_key(self.key))
         return version
 

@@ -167,3 +167,15 @@ def banking_texts() -> list[str]:
     """The first 200 queries of the banking77 test split."""
     path = Path(os.environ["TANDEM_DATA_DIR"]) / "banking77" / "test.csv"
     return [e.text for e in read_examples(path, "text", "category")[:200]]
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real teacher (the classify expert's checkpoint), trained briefly by the project's own
+    pipeline."""
+    from cloud.training.config import FitConfig, TrainConfig
+    from cloud.training.teacher import train_teacher
+
+    out = tmp_path_factory.mktemp("models") / "teacher"
+    train_teacher(TrainConfig(teacher=FitConfig(layers=2, lr=5e-4, epochs=1, max_examples=2000)), out)
+    return out

@@ -70,16 +70,12 @@ def cloud_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cloud(cloud_dir: Path) -> Iterator[Cloud]:
+def cloud(cloud_dir: Path, teacher_dir: Path) -> Iterator[Cloud]:
     """Both expert kinds: a briefly trained classifier and SmolLM2 (prepared into the cache)."""
     from cloud.prepare import SMOLLM2_DIR, prepare_smollm2
-    from cloud.training.config import FitConfig, TrainConfig
-    from cloud.training.teacher import train_teacher
     from tandem import envs
 
     tmp = cloud_dir
-    teacher = tmp / "teacher"
-    train_teacher(TrainConfig(teacher=FitConfig(layers=2, lr=5e-4, epochs=1, max_examples=2000)), teacher)
     smollm2 = prepare_smollm2(envs.TANDEM_CACHE_DIR / "models" / SMOLLM2_DIR)
     spec = banking77().model_dump(mode="json")
     metrics_port, serve_port = free_port(), free_port()
@@ -90,7 +86,7 @@ def cloud(cloud_dir: Path) -> Iterator[Cloud]:
         "proxy": {"port": free_port(), "ca_dir": str(tmp / "ca"), "prefix": str(tmp / "proxy")},
         "tasks": {"banking77": {"spec": spec, "expert": "classifier"}, "banking77-llm": {"spec": spec, "expert": "llm"}},
         "experts": [
-            {"name": "classifier", "kind": "classify", "model": str(teacher), "dtype": "float32", "max_model_len": 128,
+            {"name": "classifier", "kind": "classify", "model": str(teacher_dir), "dtype": "float32", "max_model_len": 128,
              "deployment": {"max_ongoing_requests": 64, "max_queued_requests": 64, "health_check_period_s": 2,
                             "health_check_timeout_s": 20}},
             # Small limits, so that the overload test can fill them.

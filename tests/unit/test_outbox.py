@@ -121,6 +121,38 @@ async def test_recorder_counts_refusals_when_full(outbox: Outbox) -> None:
     assert (refused, recorded) == (3, 5)
 
 
+async def test_concurrent_records_share_transactions_and_a_full_batch_refuses_only_its_overflow(
+        outbox: Outbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    commits: list[int] = []
+    add_many = outbox.add_many
+    monkeypatch.setattr(outbox, "add_many", lambda records: commits.append(len(records)) or add_many(records))
+    registry = CollectorRegistry()
+    recorder = _recorder(outbox, registry)
+    ids = await asyncio.gather(*(recorder.record(fleet_pb2.FALLBACK, "t", "hi", f"r{i}") for i in range(8)))
+    assert sum(commits) == 8 and len(commits) < 8  # the outbox holds 5: one group commit took several
+    assert sum(i is not None for i in ids) == 5 == outbox.depth
+    assert registry.get_sample_value(
+        "tandem_edge_feedback_refused_total", {"task": "t", "kind": "FALLBACK", "reason": "full"}) == 3
+
+
+async def test_a_failing_disk_refuses_records_and_logs_once_per_episode(
+        outbox: Outbox, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    registry = CollectorRegistry()
+    recorder = _recorder(outbox, registry)
+
+    def full(records: list[fleet_pb2.FeedbackRecord]) -> list[bool]:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(outbox, "add_many", full)
+        assert [await recorder.record(fleet_pb2.FALLBACK, "t", "hi", f"r{i}") for i in range(3)] == [None] * 3
+    assert await recorder.record(fleet_pb2.FALLBACK, "t", "hi", "r3") is not None
+    assert registry.get_sample_value(
+        "tandem_edge_feedback_refused_total", {"task": "t", "kind": "FALLBACK", "reason": "error"}) == 3
+    assert sum("write failed" in r.message for r in caplog.records) == 1
+    assert any("succeed again" in r.message for r in caplog.records)
+
+
 def test_audit_samples_the_configured_share(outbox: Outbox) -> None:
     assert _recorder(outbox, CollectorRegistry(), audit_draw=0.005).audit_due()
     assert not _recorder(outbox, CollectorRegistry(), audit_draw=0.5).audit_due()
