@@ -70,6 +70,7 @@ class Delivery:
         # Equal jitter: never retry at once, and edges that lost the cloud together do not all
         # come back at the same instant.
         backoff = Backoff(self._cfg.min_backoff_s, self._cfg.max_backoff_s, jitter="equal")
+        raised = None  # the last attempt's exception, while attempts keep raising it
         while True:
             self._added.clear()  # before reading: a record added after the read sets it again
             try:
@@ -81,8 +82,13 @@ class Delivery:
                     continue  # read again: more records, or the same ones, now due
                 failure = await self._deliver(batch)
             except Exception as exc:  # an unreadable outbox, a bug: delivery must outlive it, as the records do
-                log.exception("feedback delivery failed; retrying after a backoff")
                 failure = f"{type(exc).__name__}: {exc}"
+                if failure != raised:  # once per episode: a full disk fails every attempt alike
+                    log.exception("feedback delivery failed; retrying after a backoff (not logged again while "
+                                  "attempts fail alike)")
+                raised = failure
+            else:
+                raised = None
             if failure is None:
                 backoff.reset()
                 await self._health.succeeded()

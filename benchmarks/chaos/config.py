@@ -15,11 +15,13 @@ class ChaosConfig(TandemSettings):
     requests: int = Field(10_000, ge=100, description="Requests of the steady stream, at least: it goes on until "
                           "the fault schedule has run.")
     rate_rps: float = Field(15.0, gt=0, description="Poisson rate of the steady stream, over all edges.")
-    edges: int = Field(3, ge=3, description="Edge daemons in cascade mode; one more runs cloud-only and takes "
-                       "the overload.")
+    edges: int = Field(3, ge=3, description="Edge daemons in cascade mode.")
+    cloud_only_edges: int = Field(2, ge=1, description="Edge daemons in cloud-only mode, besides: they take the "
+                                  "overload between them.")
     steady_s: float = Field(30.0, gt=5, description="Steady traffic before the first fault: the baselines "
                             "(RSS, the edge-only p50).")
-    settle_s: float = Field(15.0, ge=0, description="Steady traffic after each fault has recovered, before the next.")
+    settle_s: float = Field(15.0, ge=5, description="Steady traffic after each fault has recovered, before the next; "
+                            "the one before the overload is its RSS baseline.")
     replica_kills: int = Field(4, ge=1, description="Serve replicas SIGKILLed one after another, the "
                                "applications taking turns.")
     cut_s: float = Field(20.0, gt=0, description="Length of the network cut between the edges and the cloud.")

@@ -17,6 +17,7 @@ from benchmarks.chaos.parts import alive, fill_disk
 from benchmarks.chaos.probe import CloudProbe
 from benchmarks.chaos.rig import Edge, Rig
 from benchmarks.chaos.traffic import EdgeClients, Outcome, Traffic
+from benchmarks.netfault import NetFault
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ class Chaos:
     traffic: Traffic
     clients: EdgeClients
     probe: CloudProbe
-    net: Any  # benchmarks.netfault.NetFault
+    net: NetFault
     rng: random.Random
     destroyed: set[str] = field(default_factory=set)  # request ids in files corrupted on purpose
     kill_order: list[str] = field(default_factory=list)  # the applications whose replicas are next killed
@@ -123,21 +124,24 @@ async def network_latency(c: Chaos, seconds: float, delay_ms: float, jitter_ms: 
     return f
 
 
-async def edge_kill_during_delivery(c: Chaos, edge: Edge, backlog_s: float) -> Fault:
-    """Builds a backlog in `edge`'s outbox (the network cut for `backlog_s`), heals, and
-    SIGKILLs the daemon just after the cloud acknowledged its first batch, while the next
-    batches are on their way; then restarts it."""
+async def edge_kill_during_delivery(c: Chaos, edge: Edge, backlog_s: float, delay_ms: float,
+                                    jitter_ms: float) -> Fault:
+    """Builds a backlog in `edge`'s outbox (the network cut for `backlog_s`), lets it through
+    slowly (`delay_ms` on every chunk), and SIGKILLs the daemon just after the cloud
+    acknowledged its first batch, while the next batches are on their way; then heals the
+    network and restarts the daemon."""
     await asyncio.to_thread(c.net.cut)
     await asyncio.sleep(backlog_s)
     await c.quiesce(edge)
     delivered = edge.counter("tandem_edge_feedback_delivered_total")
     depth = edge.gauge("tandem_edge_outbox_records")
     f = Fault("edge_kill_during_delivery", time.monotonic(), details={"edge": edge.name, "outbox_at_heal": depth})
-    await asyncio.to_thread(c.net.heal)
+    await asyncio.to_thread(c.net.delay, delay_ms, jitter_ms)
     f.details["mid_delivery"] = await until(
         lambda: edge.counter("tandem_edge_feedback_delivered_total") > delivered, RECOVER_TIMEOUT_S)
     f.details["outbox_at_kill"] = edge.gauge("tandem_edge_outbox_records")
     c.rig.kill_edge(edge)
+    await asyncio.to_thread(c.net.heal)
     await c.restart(edge, f)
     return f
 
@@ -195,15 +199,17 @@ async def corrupt_parquet(c: Chaos) -> Fault:
     return f
 
 
-async def overload(c: Chaos, edge: Edge, rate_rps: float, seconds: float) -> Fault:
-    """`rate_rps` (a multiple of the cloud's measured capacity) through the cloud-only `edge`
-    for `seconds`, beside the steady stream."""
-    f = Fault("overload", time.monotonic(), details={"edge": edge.name, "offered_rps": rate_rps})
+async def overload(c: Chaos, edges: list[Edge], rate_rps: float, seconds: float) -> Fault:
+    """`rate_rps` (a multiple of the cloud's measured capacity) through the cloud-only `edges`
+    in turn for `seconds`, beside the steady stream."""
+    names = [e.name for e in edges]
+    f = Fault("overload", time.monotonic(), details={"edges": names, "offered_rps": rate_rps})
     stop = f.start + seconds
-    sent = await c.traffic.stream("overload", rate_rps, lambda i: edge.name, lambda i: time.monotonic() < stop)
+    sent = await c.traffic.stream("overload", rate_rps, lambda i: names[i % len(names)],
+                                  lambda i: time.monotonic() < stop)
     f.end = f.back = time.monotonic()
     f.details["sent"] = sent
-    f.recovered = await c.first(lambda o: o.edge == edge.name and o.source == "CLOUD", f.end)
+    f.recovered = await c.first(lambda o: o.edge in names and o.source == "CLOUD", f.end)
     return f
 
 

@@ -24,7 +24,11 @@ def figures(cfg: ChaosConfig, timeline: dict[str, Any], outcomes: list[Outcome],
     compact()
     files_after = scan_store(rig.feedback_root).files
     overload = next(f for f in faults if f.name == "overload")
-    rss = sampler.ratio(timeline["steady_window"], (overload.start, overload.end + 2.0))
+    peak = (overload.start, overload.end + 2.0)
+    # The steady state the overload starts from: the settling traffic just before it. Against the
+    # run's first steady window, growth over the faults before (restarts, a swap) counts too.
+    rss = sampler.ratio((overload.start - cfg.settle_s, overload.start), peak)
+    rss_vs_start = sampler.ratio(timeline["steady_window"], peak)
     steady = window(outcomes, *timeline["steady_window"])
     left = sampler.left_behind()
     return {
@@ -41,6 +45,7 @@ def figures(cfg: ChaosConfig, timeline: dict[str, Any], outcomes: list[Outcome],
         "recovery_s_max": _max_recovery(faults),
         "rss_ratio_max": max(rss.values()),
         "rss_ratio": rss,
+        "rss_ratio_max_vs_start": max(rss_vs_start.values()),
         "rss_peak_mb": sampler.peaks_mb(),
         "orphans": len(left),
         "orphan_processes": left,
@@ -152,7 +157,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"destroyed on purpose {r['feedback_destroyed']}",
         f"escalations: answered {r['escalations_answered']:,}, unrecorded {r['escalations_unrecorded']}",
         f"capacity {r['capacity_rps']:.1f}/s, overload offered {r['overload_rps']:.0f}/s; RSS ratio max "
-        f"{r['rss_ratio_max']:.2f}; orphans {r['orphans']}",
+        f"{r['rss_ratio_max']:.2f} ({r['rss_ratio_max_vs_start']:.2f} against the run's start); orphans {r['orphans']}",
+        "peak RSS, MB: " + ", ".join(f"{role} {mb:.0f}" for role, mb in r["rss_peak_mb"].items()),
         f"fallback p50 during the outage {_num(r['fallback_p50_ms_during_outage'])} ms against edge-only "
         f"{_num(r['edge_only_p50_ms'])} ms",
         f"store files per 1,000 records: {r['store_files_per_1000_records_before_compaction']:.0f} before "

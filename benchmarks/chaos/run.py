@@ -27,7 +27,7 @@ from cloud.feedback.store import FeedbackStore
 log = logging.getLogger(__name__)
 
 EXPERT = "banking77-classifier"
-OVERLOAD_EDGE, DISK_EDGE, DOOR_EDGE = "edge-0", "edge-1", "edge-2"
+DISK_EDGE, DOOR_EDGE = "edge-1", "edge-2"
 DOOR_MAX_QUEUE = 64
 
 
@@ -72,10 +72,10 @@ async def _run(cfg: ChaosConfig, work: Path) -> dict[str, Any]:
             chaos = Chaos(rig, traffic, clients, probe, net, random.Random(cfg.seed))
             timeline = await _schedule(cfg, chaos, disk)
             await _drain(rig, cfg.drain_timeout_s)
-            log.info("load shedding at %s's own door: %d requests at once", DOOR_EDGE, cfg.door_burst)
-            door = await traffic.burst(DOOR_EDGE, cfg.door_burst)
             final = {"dead": sum(e.gauge("tandem_edge_feedback_dead_records") for e in edges),
                      "outbox": sum(e.gauge("tandem_edge_outbox_records") for e in edges)}
+            log.info("load shedding at %s's own door: %d requests at once", DOOR_EDGE, cfg.door_burst)
+            door = await traffic.burst(DOOR_EDGE, cfg.door_burst)
         finally:
             await probe.stop()
             await clients.close()
@@ -88,11 +88,12 @@ async def _run(cfg: ChaosConfig, work: Path) -> dict[str, Any]:
 
 
 def _edges(cfg: ChaosConfig, rig: Rig, target: str) -> list[Edge]:
-    """The cloud-only edge (it takes the overload, and is killed mid-delivery; small batches,
-    so that its backlog takes several), then the cascade edges: one with its outbox on the
-    small disk, one with a short queue for the door test."""
-    edges = [rig.add_edge(OVERLOAD_EDGE, target, rig.work / OVERLOAD_EDGE / "outbox", policy={"mode": "cloud_only"},
-                          feedback={"batch_size": 20})]
+    """The cloud-only edges (they take the overload; the first is killed mid-delivery, and
+    delivers in small batches, so that its backlog takes several), then the cascade edges: one
+    with its outbox on the small disk, one with a short queue for the door test."""
+    edges = [rig.add_edge(name, target, rig.work / name / "outbox", policy={"mode": "cloud_only"},
+                          feedback={"batch_size": 20})
+             for name in _cloud_only(cfg)]
     for i in range(1, cfg.edges + 1):
         name = f"edge-{i}"
         fields = {"max_queue": DOOR_MAX_QUEUE} if name == DOOR_EDGE else {}
@@ -103,9 +104,10 @@ def _edges(cfg: ChaosConfig, rig: Rig, target: str) -> list[Edge]:
 async def _schedule(cfg: ChaosConfig, c: Chaos, disk: bool) -> dict[str, Any]:
     """Steady traffic with the faults one after another; returns the timeline."""
     edges = c.rig.edges
+    cloud_only = _cloud_only(cfg)
     log.info("the cloud's capacity: %d calls in flight for %.0f s through %s", cfg.capacity_concurrency,
-             cfg.capacity_s, OVERLOAD_EDGE)
-    capacity = await c.traffic.capacity(OVERLOAD_EDGE, cfg.capacity_concurrency, cfg.capacity_s)
+             cfg.capacity_s, cloud_only[0])
+    capacity = await c.traffic.capacity(cloud_only[0], cfg.capacity_concurrency, cfg.capacity_s)
     log.info("capacity %.1f escalations/s; steady stream: %d+ requests at %g req/s", capacity, cfg.requests,
              cfg.rate_rps)
     done = asyncio.Event()
@@ -116,12 +118,12 @@ async def _schedule(cfg: ChaosConfig, c: Chaos, disk: bool) -> dict[str, Any]:
     steady_window = (start + 5.0, time.monotonic())
     steps = [*(fx.replica_kill for _ in range(cfg.replica_kills)),
              lambda c: fx.network_cut(c, cfg.cut_s),
-             lambda c: fx.edge_kill_during_delivery(c, edges[OVERLOAD_EDGE], cfg.cut_s),
+             lambda c: fx.edge_kill_during_delivery(c, edges[cloud_only[0]], cfg.cut_s, cfg.delay_ms, cfg.jitter_ms),
              lambda c: fx.network_latency(c, cfg.latency_s, cfg.delay_ms, cfg.jitter_ms),
              *([lambda c: fx.disk_full(c, edges[DISK_EDGE], cfg.disk_full_s)] if disk else []),
              fx.corrupt_parquet,
              lambda c: fx.edge_kill_during_swap(c, edges[f"edge-{cfg.edges}"]),
-             lambda c: fx.overload(c, edges[OVERLOAD_EDGE], cfg.overload_factor * capacity, cfg.overload_s),
+             lambda c: fx.overload(c, [edges[n] for n in cloud_only], cfg.overload_factor * capacity, cfg.overload_s),
              fx.cloud_kill]
     timeline: list[Fault] = []
     for step in steps:
@@ -143,6 +145,10 @@ async def _drain(rig: Rig, timeout_s: float) -> None:
     if not await fx.until(lambda: all(e.gauge("tandem_edge_outbox_records") == 0 for e in rig.edges.values()),
                           timeout_s):
         log.warning("outboxes still hold records after %.0f s", timeout_s)
+
+
+def _cloud_only(cfg: ChaosConfig) -> list[str]:
+    return [f"cloud-{i}" for i in range(1, cfg.cloud_only_edges + 1)]
 
 
 def _s(t: float | None, since: float | None) -> str:

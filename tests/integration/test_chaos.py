@@ -56,7 +56,8 @@ def test_an_edge_killed_mid_swap_comes_back_and_serves_the_new_version(result: d
 
 def test_a_full_queue_sheds_at_the_edges_door(result: dict) -> None:
     door = result["door_shed"]
-    assert door["shed"] > 0 and door["answered"] > 0 and not door["other_errors"]
+    assert door["shed"] > 0 and door["answered"] > 0
+    assert not {"INTERNAL", "UNKNOWN", "UNAVAILABLE"} & set(door["other_errors"])
 
 
 def test_nothing_is_left_running(result: dict) -> None:
