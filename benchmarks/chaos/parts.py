@@ -4,9 +4,7 @@ metrics, the RSS of every process by role, and the processes left behind."""
 
 import contextlib
 import logging
-import os
 import re
-import signal
 import subprocess
 import threading
 import time
@@ -34,8 +32,7 @@ ROLES = (("tandem_cli cloud serve", "cloud-server"), ("EngineCore", "vllm-engine
 class Part:
     """One restartable process: `python args...`, announcing its port."""
 
-    def __init__(self, name: str, args: list[str], start_timeout_s: float = 120, stop_timeout_s: float = 15) -> None:
-        self.name = name
+    def __init__(self, args: list[str], start_timeout_s: float = 120, stop_timeout_s: float = 15) -> None:
         self._args = args
         self._start_timeout_s = start_timeout_s
         self._stop_timeout_s = stop_timeout_s
@@ -78,11 +75,6 @@ def alive(procs: Iterable[psutil.Process]) -> list[str]:
             if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
                 left.append(f"{proc.pid} {' '.join(proc.cmdline())[:120]}")
     return left
-
-
-def signal_part(part: Part, sig: signal.Signals) -> None:
-    if part.pid is not None:
-        os.kill(part.pid, sig)
 
 
 def scrape(url: str) -> dict[str, float]:

@@ -56,7 +56,7 @@ class Rig:
         self.work = work
         self.task = task
         self._student = student
-        self.cloud = Part("cloud", files.serve_args(), start_timeout_s=900, stop_timeout_s=120)
+        self.cloud = Part(files.serve_args(), start_timeout_s=900, stop_timeout_s=120)
         self.registry = ModelRegistry(Path(yaml.safe_load(files.config.read_text())["registry_dir"]))
         self.feedback_root = Path(yaml.safe_load(files.config.read_text())["feedback_uri"])
         self.key = work / "keys" / "signing.pem"
@@ -89,7 +89,7 @@ class Rig:
         path = self.work / name / "edge.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(cfg))
-        edge = Edge(name, Part(name, edge_args(path)), port, f"http://127.0.0.1:{metrics_port}/metrics", outbox_dir,
+        edge = Edge(name, Part(edge_args(path)), port, f"http://127.0.0.1:{metrics_port}/metrics", outbox_dir,
                     models_dir, [])
         self.edges[name] = edge
         return edge
