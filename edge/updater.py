@@ -88,8 +88,11 @@ class Updater:
         cut, a rollout) does not poll the registry all at once."""
         wait_s = self._chance() * self._cfg.poll_interval_s
         while True:
+            # asyncio.timeout, not wait_for: on Python 3.11, wait_for can swallow a cancellation
+            # that arrives as the event is set (a SIGHUP during the daemon's stop), and stop hangs.
             with contextlib.suppress(TimeoutError):  # the interval elapsed: poll
-                await asyncio.wait_for(self._due.wait(), wait_s)
+                async with asyncio.timeout(wait_s):
+                    await self._due.wait()
             self._due.clear()
             try:
                 await self.poll()
