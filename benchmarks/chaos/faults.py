@@ -153,7 +153,7 @@ async def edge_kill_during_swap(c: Chaos, edge: Edge) -> Fault:
     version = await asyncio.to_thread(c.rig.publish)
     installed = edge.models_dir / c.rig.task / version
     f = Fault("edge_kill_during_swap", time.monotonic(), details={"edge": edge.name, "version": version})
-    os.kill(edge.part.pid or 0, signal.SIGHUP)
+    edge.part.signal(signal.SIGHUP)
     f.details["killed_installed"] = await until(installed.exists, RECOVER_TIMEOUT_S)
     c.rig.kill_edge(edge)
     await c.restart(edge, f)

@@ -55,6 +55,12 @@ class Part:
         self.server = None
         return subtree
 
+    def signal(self, sig: int) -> None:
+        """Sends `sig` to the running process (not its group)."""
+        if self.server is None:
+            raise RuntimeError("the process is not running")
+        self.server.process.send_signal(sig)
+
     def stop(self) -> None:
         if self.server is not None:
             stop_server(self.server, self._stop_timeout_s)

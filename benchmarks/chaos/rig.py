@@ -77,7 +77,10 @@ class Rig:
     def add_edge(self, name: str, cloud_target: str, outbox_dir: Path, **fields: Any) -> Edge:
         """An edge daemon's files: serving the promoted version, recording feedback into
         `outbox_dir`, pulling updates, reaching the cloud at `cloud_target`."""
-        promoted = self.registry.path(self.task, self.registry.promoted(self.task) or "")
+        version = self.registry.promoted(self.task)
+        if version is None:
+            raise RuntimeError(f"no version of {self.task} is promoted: `publish` one before adding edges")
+        promoted = self.registry.path(self.task, version)
         port, metrics_port = free_port(), free_port()
         models_dir = self.work / name / "models"
         cfg = edge_config(

@@ -18,6 +18,7 @@ from tandem.v1 import common_pb2, edge_pb2_grpc, expert_pb2, expert_pb2_grpc, fl
 
 if TYPE_CHECKING:
     from edge.student import Student
+    from tandem.subprocesses import Server
 
 pytestmark = pytest.mark.integration
 
@@ -179,3 +180,19 @@ def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("models") / "teacher"
     train_teacher(TrainConfig(teacher=FitConfig(layers=2, lr=5e-4, epochs=1, max_examples=2000)), out)
     return out
+
+
+@contextlib.asynccontextmanager
+async def daemon_process(config: Path) -> AsyncIterator[tuple["Server", edge_pb2_grpc.EdgeStub]]:
+    """`tandem edge serve --config CONFIG` as a subprocess, started and stopped off the event
+    loop (a servicer the daemon calls may run on this loop)."""
+    from benchmarks.system import edge_args
+    from tandem.subprocesses import start_server, stop_server
+
+    server = await asyncio.to_thread(start_server, edge_args(config))
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    try:
+        yield server, edge_pb2_grpc.EdgeStub(channel)
+    finally:
+        await channel.close()
+        await asyncio.to_thread(stop_server, server)

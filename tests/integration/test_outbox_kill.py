@@ -2,12 +2,10 @@
 delivers every record it acknowledged exactly once to the real feedback store."""
 
 import asyncio
-import contextlib
 import signal
 import sqlite3
 import subprocess
 from collections import Counter
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +17,9 @@ import yaml
 from cloud.feedback.store import FeedbackStore
 from cloud.registry.models import ModelRegistry
 from cloud.registry.service import FleetServicer
-from tandem.subprocesses import Server, announced_server
 from tandem.v1 import edge_pb2, edge_pb2_grpc, fleet_pb2
 
-from .conftest import serving
+from .conftest import daemon_process, serving
 
 pytestmark = pytest.mark.integration
 
@@ -51,20 +48,6 @@ class SwitchedFleet(FleetServicer):
             self.victim.send_signal(signal.SIGKILL)
             self.mode = "up"
         return answer
-
-
-@contextlib.asynccontextmanager
-async def _daemon(config: Path) -> AsyncIterator[tuple[Server, edge_pb2_grpc.EdgeStub]]:
-    """`tandem edge serve` as a subprocess, started and stopped off the event loop (the
-    Fleet servicer answering it runs on this loop)."""
-    manager = announced_server(["-m", "tandem_cli", "edge", "serve", "--config", str(config)])
-    server = await asyncio.to_thread(manager.__enter__)
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
-    try:
-        yield server, edge_pb2_grpc.EdgeStub(channel)
-    finally:
-        await channel.close()
-        await asyncio.to_thread(manager.__exit__, None, None, None)
 
 
 def _config(tmp_path: Path, student_dir: Path, target: str) -> Path:
@@ -132,7 +115,7 @@ async def test_sigkill_mid_delivery_and_mid_recording_stores_every_acknowledged_
 
         # 1. The store is down: 160 records pile up. Then it stores one batch, and the daemon
         #    is killed after the store wrote it but before the daemon saw the OK.
-        async with _daemon(config) as (server, stub):
+        async with daemon_process(config) as (server, stub):
             acknowledged = await _answered(stub, range(160))
             assert len(acknowledged) == 160 and _waiting(outbox) == 160
             fleet.victim, fleet.mode = server.process, "kill_after_store"
@@ -142,7 +125,7 @@ async def test_sigkill_mid_delivery_and_mid_recording_stores_every_acknowledged_
         # 2. The store is down again; the daemon is killed while corrections and fallbacks
         #    are being recorded, some answered, some in flight.
         fleet.mode = "down"
-        async with _daemon(config) as (server, stub):
+        async with daemon_process(config) as (server, stub):
             recording = asyncio.ensure_future(_answered(stub, range(160, 400)))
             await _until(lambda: _waiting(outbox) >= 220)
             server.process.kill()
@@ -152,7 +135,7 @@ async def test_sigkill_mid_delivery_and_mid_recording_stores_every_acknowledged_
 
         # 3. The store is up: a restarted daemon delivers everything left.
         fleet.mode = "up"
-        async with _daemon(config):
+        async with daemon_process(config):
             await _until(lambda: _waiting(outbox) == 0)
 
     table = store.read(TASK)

@@ -21,10 +21,9 @@ from cloud.registry.models import ModelRegistry
 from cloud.registry.service import FleetServicer
 from edge.config import CloudLinkConfig, FeedbackConfig, PolicyConfig
 from edge.outbox import Outbox
-from tandem.subprocesses import Server, announced_server
 from tandem.v1 import common_pb2, edge_pb2, edge_pb2_grpc, expert_pb2, expert_pb2_grpc, fleet_pb2
 
-from .conftest import ROUTES, running_daemon, serving
+from .conftest import ROUTES, daemon_process, running_daemon, serving
 
 pytestmark = pytest.mark.integration
 
@@ -86,20 +85,6 @@ async def _until(condition: Any, timeout_s: float = 20) -> None:
         await asyncio.sleep(0.2)
 
 
-@contextlib.asynccontextmanager
-async def _daemon_process(config: Path) -> AsyncIterator[tuple[Server, edge_pb2_grpc.EdgeStub]]:
-    """`tandem edge serve` as a subprocess, started and stopped off the event loop (the cloud
-    answering it runs on this loop)."""
-    manager = announced_server(["-m", "tandem_cli", "edge", "serve", "--config", str(config)])
-    server = await asyncio.to_thread(manager.__enter__)
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
-    try:
-        yield server, edge_pb2_grpc.EdgeStub(channel)
-    finally:
-        await channel.close()
-        await asyncio.to_thread(manager.__exit__, None, None, None)
-
-
 async def test_an_answered_escalation_survives_a_killed_edge_and_is_stored_once_as_the_expert_signed_it(
     student_dir: Path, tmp_path: Path
 ) -> None:
@@ -112,7 +97,7 @@ async def test_an_answered_escalation_survives_a_killed_edge_and_is_stored_once_
             "feedback": {"outbox": str(outbox), "audit_rate": 0.0, "min_backoff_s": 0.05, "max_backoff_s": 0.2},
         }))
         cloud.fleet_up = False  # nothing leaves the outbox
-        async with _daemon_process(config) as (server, stub):
+        async with daemon_process(config) as (server, stub):
             answer = await stub.Infer(edge_pb2.InferRequest(task=TASK, text=b"card never came, mail a@b.com",
                                                             request_id="esc-1"), timeout=10)
             assert (answer.source, answer.label) == (edge_pb2.CLOUD, "card_arrival")
@@ -123,7 +108,7 @@ async def test_an_answered_escalation_survives_a_killed_edge_and_is_stored_once_
         assert cloud.rows("esc-1") == []
 
         cloud.fleet_up = True
-        async with _daemon_process(config):  # restarted: it delivers what it kept
+        async with daemon_process(config):  # restarted: it delivers what it kept
             await _until(lambda: cloud.rows("esc-1"))
         await _until(lambda: not _outbox(outbox))
     (row,) = cloud.rows("esc-1")
