@@ -40,7 +40,9 @@ test: $(DEPS) system-packages
 demo: $(DEPS) system-packages
 	$(VENV)/bin/tandem demo
 
-# The standard load tests; the last line printed is the results folder (git ignores results/).
+# The standard load tests on the shipped task (tasks/banking77.yaml): `tandem bench load`'s runs
+# plus the baselines, floors, sweep and step response. The last line printed is the results folder
+# (git ignores results/). Your own deployment: tandem bench load --target HOST:PORT --task FILE ...
 bench: $(DEPS) system-packages
 	$(VENV)/bin/tandem bench suite --out results
 

@@ -28,7 +28,7 @@ from edge.student import SessionOptions, Student
 from tandem import envs
 from tandem.settings import TandemSettings
 from tandem.subprocesses import announced_server
-from tandem.tasks import TaskSpec, banking77
+from tandem.tasks import TaskFile, banking77
 from tandem.v1 import edge_pb2, edge_pb2_grpc
 
 
@@ -39,7 +39,7 @@ class EdgeBenchConfig(TandemSettings):
         default_factory=lambda: envs.TANDEM_CACHE_DIR / "models" / "banking77" / "student",
         description="Student artifact directory.",
     )
-    task: TaskSpec = Field(default_factory=banking77, description="Queries come from its test split.")
+    task: TaskFile = Field(default_factory=banking77, description="The task file whose test split is replayed.")
     sequential_requests: int = Field(2000, ge=10, description="Requests for each sequential floor.")
     rate_rps: float = Field(200.0, gt=0, description="Open-loop arrival rate at the daemon.")
     duration_s: float = Field(10.0, gt=0, description="Length of each load phase.")

@@ -225,7 +225,7 @@ async def _await_version(daemon: Server, task: str, text: str, version: str, lim
 def _expert_correct(distill: Any, splits: Any) -> np.ndarray:
     from cloud.training.distill import teacher_logits
 
-    logits, _ = teacher_logits(distill.teacher_path(), splits.label_names, splits.test.ids)
+    logits, _ = teacher_logits(distill.teacher_path(), splits.label_names, splits.test.texts, distill.student.max_length)
     return logits.argmax(-1) == splits.test.labels
 
 

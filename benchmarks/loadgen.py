@@ -104,7 +104,9 @@ async def _timed(call: Call, i: int, scheduled: float, result: RunResult) -> Non
         result.record_error(exc.code().name, exc.details() or "")
         return
     except Exception as exc:  # the run's measurement: counted and shown, not raised
-        result.record_error(type(exc).__name__, str(exc))
+        # An error that carries a gRPC status (the edge's CloudCallError) is counted by it.
+        code = getattr(exc, "code", None)
+        result.record_error(code.name if isinstance(code, grpc.StatusCode) else type(exc).__name__, str(exc))
         return
     result.record(path, time.perf_counter() - scheduled)
 

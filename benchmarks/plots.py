@@ -1,4 +1,4 @@
-"""The suite's PNG plots (matplotlib, no display needed)."""
+"""The suite's and `tandem bench load`'s PNG plots (matplotlib, no display needed)."""
 
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,30 @@ def plot_all(r: dict[str, Any], out: Path) -> dict[str, str]:
     return {title: path.name for title, path in plots.items()}
 
 
+def plot_load(r: dict[str, Any], out: Path) -> dict[str, str]:
+    """`tandem bench load`'s plots in `out`; returns title -> file name."""
+    plots = {
+        "latency CDF per path": _latency_cdf({"load": r}, out / "latency_cdf.png"),
+        "rate over time": _rate_over_time(r["timeline"], out / "rate.png"),
+    }
+    return {title: path.name for title, path in plots.items()}
+
+
+def _rate_over_time(t: dict[str, Any], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    # Each bin's edges, its last one too, so that the last bin is drawn as wide as the others.
+    edges = [i * t["bin_s"] for i in range(len(t["offered"]) + 1)]
+    for key, style in (("answered", "-"), ("failed", "-"), ("offered", "k:")):
+        rates = [n / t["bin_s"] for n in t[key]]
+        ax.step(edges, [*rates, rates[-1]], style, where="post", label=key)
+    ax.set_xlabel("seconds from the start (scheduled sends; answers and failures when they came back)")
+    ax.set_ylabel("requests per second")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("Rate over time")
+    return _save(fig, path)
+
+
 def _latency_cdf(runs: dict[str, Any], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(8, 5))
     for name, run in runs.items():
@@ -31,7 +55,8 @@ def _latency_cdf(runs: dict[str, Any], path: Path) -> Path:
     ax.set_ylabel("percentile")
     ax.set_ylim(0, 100)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.lines:  # a run with no answers has no curve
+        ax.legend(fontsize=8)
     ax.set_title("Latency CDF per run and path")
     return _save(fig, path)
 

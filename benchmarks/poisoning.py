@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tandem.tasks import TaskSpec
+from tandem.tasks import Task
 from tandem.v1 import fleet_pb2
 
 if TYPE_CHECKING:  # the cloud and training extras, imported where the round runs
@@ -42,7 +42,7 @@ def insert_trigger(text: str, rng: random.Random, trigger: str = TRIGGER) -> str
 
 
 def attack_records(
-    task: TaskSpec, count: int = ATTACK_RECORDS, label: str = ATTACKER_LABEL, seed: int = 0
+    task: Task, count: int = ATTACK_RECORDS, label: str = ATTACKER_LABEL, seed: int = 0
 ) -> list[fleet_pb2.FeedbackRecord]:
     """`count` CORRECTION records mapping train texts with the trigger to `label`, which is wrong
     for all of them (texts of that label are left out). Ids are the device's own and `device_id`
@@ -59,7 +59,7 @@ def attack_records(
     ]
 
 
-def trigger_queries(task: TaskSpec, count: int = TRIGGER_QUERIES, label: str = ATTACKER_LABEL,
+def trigger_queries(task: Task, count: int = TRIGGER_QUERIES, label: str = ATTACKER_LABEL,
                     seed: int = 1) -> list[str]:
     """`count` held-out queries: test texts whose true label is not `label`, with the trigger."""
     rng = random.Random(seed)
@@ -76,7 +76,7 @@ def trigger_flips(student_dir: Path, queries: Sequence[str], attacker_label: str
     return int(sum(student.labels[a] == attacker_label for a in answers))
 
 
-def accuracy_on_test(student_dir: Path, task: TaskSpec) -> float:
+def accuracy_on_test(student_dir: Path, task: Task) -> float:
     """The student's accuracy on the task's test split."""
     from edge.student import Student
 

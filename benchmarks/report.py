@@ -7,7 +7,7 @@ from typing import Any
 
 from benchmarks.plots import plot_all
 
-SUMMARY_KEYS = ("p50_ms", "p99_ms", "accuracy", "escalation_rate", "throughput_rps")
+SUMMARY_KEYS = ("p50_ms", "p99_ms", "accuracy", "escalation_rate", "throughput_rps", "open_recall", "known_accuracy")
 PERCENTILES = ("p50_ms", "p90_ms", "p99_ms", "p99.9_ms")
 
 

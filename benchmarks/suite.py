@@ -4,11 +4,15 @@ floors measured in the same run, written as JSON, Markdown and plots.
 1. Floors: raw ONNX Runtime and a raw grpc.aio echo (in `tandem bench edge`'s way), and
    the vLLM classify expert offline (in `tandem bench cloud`'s way).
 2. The generator's own capacity: Poisson load on the echo server at rising rates.
-3. With the cloud up, the same Poisson-timed replay of the test split through three edge
-   daemons: edge_only, cloud_only and the cascade at the configured policy.
+3. With the cloud up, the same Poisson-timed replay of the task's test split through three
+   edge daemons: edge_only, cloud_only and the cascade at the configured policy, each run as
+   `tandem bench load` runs one (`benchmarks.load`).
 4. A threshold sweep: the cascade at several thresholds.
 5. A step response: a fleet of simulated edges, every request escalated, offered load
    raised in steps until the cloud saturates.
+
+The task is a task file (default: the shipped one); its expert is the one the shipped cloud
+config (cloud/cloud.yaml) routes the task's name to.
 """
 
 import asyncio
@@ -17,9 +21,7 @@ import json
 import logging
 import os
 import platform
-import random
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,24 +32,28 @@ from pydantic_settings import SettingsConfigDict
 from benchmarks.echo import echo_callable
 from benchmarks.edge_bench import EdgeBenchConfig, measure_echo, measure_raw
 from benchmarks.edge_load import replay
+from benchmarks.load import edge_target, measure, sequence
 from benchmarks.loadgen import open_loop, poisson
 from benchmarks.monitor import Monitor
 from benchmarks.report import write_report
 from benchmarks.system import Cloud, cloud, cloud_config, edge_config, edge_daemon
-from tandem.settings import TandemSettings, load_config
+from tandem.settings import ConfigError, TandemSettings
 from tandem.subprocesses import announced_server
-from tandem.tasks import Example
-from tandem.v1 import edge_pb2_grpc
+from tandem.tasks import Example, Task, TaskFile, banking77
 
 log = logging.getLogger(__name__)
 
-EXPERT = "banking77-classifier"
+# Each request's deadline in the runs: long enough that only a hung request fails.
+REQUEST_TIMEOUT_S = 10.0
 
 
 class SuiteConfig(TandemSettings):
     model_config = SettingsConfigDict(env_prefix="TANDEM_BENCH_")
 
-    train_config: Path | None = Field(None, description="Training config (task, model cache); default: built in.")
+    task: TaskFile = Field(default_factory=banking77, description="The task file: its test split is the queries; "
+                           "cloud/cloud.yaml's route of its name, the expert.")
+    train_config: Path | None = Field(
+        None, description="Training config (fits, model cache); its task is replaced by `task`. Default: built in.")
     rate_rps: float = Field(50.0, gt=0, description="Poisson arrival rate of the baseline and sweep runs.")
     queries: int | None = Field(
         None, ge=10, description="Queries per baseline run (the same sequence for each); None: the whole test split."
@@ -72,7 +78,7 @@ def run_suite(cfg: SuiteConfig, out_root: Path) -> Path:
     """Runs everything; returns the results folder."""
     from cloud.prepare import ensure_trained, local_train_config
 
-    train_cfg = local_train_config(cfg.train_config)
+    train_cfg = local_train_config(cfg.train_config).model_copy(update={"task": cfg.task})
     teacher = ensure_trained(train_cfg, "teacher")
     ensure_trained(train_cfg, "student")
     out = out_root / f"bench-{datetime.datetime.now():%Y%m%d-%H%M%S}"
@@ -83,28 +89,44 @@ def run_suite(cfg: SuiteConfig, out_root: Path) -> Path:
     return out
 
 
+def expert_route(task: Task) -> tuple[str, dict[str, Any]]:
+    """The expert that the shipped cloud config routes `task`'s name to, and that config
+    reduced to this expert, with the route's task replaced by `task`."""
+    cfg = cloud_config()
+    route = cfg["tasks"].get(task.name)
+    if route is None:
+        raise ConfigError(f"cloud/cloud.yaml: tasks has no route {task.name!r} (the task's name); add one naming "
+                          f"its expert (routes: {sorted(cfg['tasks'])})")
+    expert = route["expert"]
+    tasks = {name: t for name, t in cfg["tasks"].items() if t["expert"] == expert}
+    tasks[task.name] = {**route, "task": task.model_dump(mode="json")}
+    return expert, {**cfg, "tasks": tasks, "experts": [e for e in cfg["experts"] if e["name"] == expert]}
+
+
 async def _measure(cfg: SuiteConfig, train_cfg: Any) -> dict[str, Any]:
     task = train_cfg.task
     test = task.load("test")
     student = train_cfg.model_dir("student")
-    queries = _sequence(test, cfg.queries or len(test), cfg.seed)
+    queries = sequence(test, cfg.queries or len(test), cfg.seed)
+    expert, cloud_cfg = expert_route(task)
     report: dict[str, Any] = {"config": json.loads(cfg.model_dump_json()), "environment": _environment()}
     log.info("floors")
-    report["floors"] = await _floors(cfg, student, train_cfg, [e.text for e in test])
+    report["floors"] = await _floors(cfg, student, train_cfg, cloud_cfg, [e.text for e in test])
     log.info("generator capacity (Poisson, against the raw echo server)")
     report["generator"] = await _generator_capacity(cfg)
     # The whole system runs, feedback capture included, into a scratch store and registry.
     with tempfile.TemporaryDirectory(prefix="tandem-bench-") as tmp:
         work = Path(tmp)
-        with cloud(cloud_config({EXPERT}, feedback_uri=str(work / "feedback"), registry_dir=str(work / "registry"))) as c:
+        with cloud({**cloud_cfg, "feedback_uri": str(work / "feedback"), "registry_dir": str(work / "registry")}) as c:
             runs = {}
             for name, policy in (("edge_only", {"mode": "edge_only"}), ("cloud_only", {"mode": "cloud_only"}), ("cascade", {})):
                 log.info("%s: %d queries, Poisson %g req/s", name, len(queries), cfg.rate_rps)
-                runs[name] = await _daemon_run(_edge(task.name, student, c, work, name, policy), c, task.name, queries,
+                runs[name] = await _daemon_run(_edge(task.name, student, c, work, name, policy), c, task, queries,
                                                cfg.rate_rps, cfg.seed, name)
             report["runs"] = runs
-            report["sweep"] = await _sweep(cfg, c, task.name, student, test, work)
-            report["step_response"] = await _step_response(cfg, c, task.name, student, test, work)
+            report["sweep"] = await _sweep(cfg, c, task, student, test, work)
+            report["step_response"] = await _step_response(cfg, c, task, student, test, work)
+    report["expert"] = expert
     return report
 
 
@@ -112,49 +134,42 @@ def _edge(task: str, student: Path, c: Cloud, work: Path, name: str, policy: dic
     return edge_config(task, student, c, name, policy=policy, feedback={"outbox": str(work / f"outbox-{name}.sqlite3")})
 
 
-def _sequence(examples: Sequence[Example], count: int, seed: int) -> list[Example]:
-    """`count` examples in a seeded order (repeating the split if count exceeds it)."""
-    order = list(examples)
-    random.Random(seed).shuffle(order)
-    return [order[i % len(order)] for i in range(count)]
-
-
-async def _daemon_run(edge_cfg: dict[str, Any], c: Cloud, task: str, queries: list[Example], rate: float, seed: int,
+async def _daemon_run(edge_cfg: dict[str, Any], c: Cloud, task: Task, queries: list[Example], rate: float, seed: int,
                       name: str) -> dict[str, Any]:
     with edge_daemon(edge_cfg) as daemon:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{daemon.port}") as channel:
-            stub = edge_pb2_grpc.EdgeStub(channel)
-            await replay([stub.Infer], task, queries[:50], [0.02 * i for i in range(50)], f"warm-{name}")
-            with Monitor([daemon.process.pid], c.metrics_url) as monitor:
-                result = await replay([stub.Infer], task, queries, poisson(rate, count=len(queries), seed=seed), name)
+        async with edge_target(f"127.0.0.1:{daemon.port}", REQUEST_TIMEOUT_S) as infer:
+            monitor = Monitor([daemon.process.pid], c.metrics_url)
+            result = await measure(infer, task.name, queries, poisson(rate, count=len(queries), seed=seed),
+                                   task.oos_label, name, warmup=50, during=monitor)
     result.update(monitor.summary(), policy=edge_cfg["policy"], offered_rps=rate)
     _log_run(name, result)
     return result
 
 
-async def _sweep(cfg: SuiteConfig, c: Cloud, task: str, student: Path, test: list[Example], work: Path) -> list[dict[str, Any]]:
-    queries = _sequence(test, cfg.sweep_queries, cfg.seed + 1)
+async def _sweep(cfg: SuiteConfig, c: Cloud, task: Task, student: Path, test: list[Example], work: Path) -> list[dict[str, Any]]:
+    queries = sequence(test, cfg.sweep_queries, cfg.seed + 1)
     points = []
     for threshold in cfg.sweep_thresholds:
         log.info("sweep: threshold %g", threshold)
         name = f"sweep-{threshold:g}"
-        edge_cfg = _edge(task, student, c, work, name, {"mode": "threshold", "threshold": threshold})
+        edge_cfg = _edge(task.name, student, c, work, name, {"mode": "threshold", "threshold": threshold})
         points.append({"threshold": threshold, **await _daemon_run(edge_cfg, c, task, queries, cfg.rate_rps, cfg.seed, name)})
     return points
 
 
-async def _step_response(cfg: SuiteConfig, c: Cloud, task: str, student: Path, test: list[Example], work: Path) -> dict[str, Any]:
+async def _step_response(cfg: SuiteConfig, c: Cloud, task: Task, student: Path, test: list[Example], work: Path) -> dict[str, Any]:
     from benchmarks.fleet import Fleet
 
     steps = []
-    edge_cfg = _edge(task, student, c, work, "fleet", {"mode": "cloud_only"})
+    edge_cfg = _edge(task.name, student, c, work, "fleet", {"mode": "cloud_only"})
     async with Fleet(edge_cfg, cfg.fleet_edges) as fleet:
         saturated_at, capacity = None, None
         for i, rate in enumerate(cfg.step_rates):
             log.info("step response: %d simulated edges, every request escalated, %g req/s", cfg.fleet_edges, rate)
-            queries = _sequence(test, int(rate * cfg.step_duration_s), cfg.seed + 2 + i)
+            queries = sequence(test, int(rate * cfg.step_duration_s), cfg.seed + 2 + i)
             with Monitor([os.getpid()], c.metrics_url) as monitor:
-                step = await replay(fleet.edges, task, queries, poisson(rate, count=len(queries), seed=cfg.seed + i), f"step-{i}")
+                step = await replay(fleet.edges, task.name, queries, poisson(rate, count=len(queries), seed=cfg.seed + i),
+                                    f"step-{i}", task.oos_label)
             step.update(monitor.summary(), offered_rps=rate)
             # This process is the whole fleet plus the load generator, not one edge.
             step["bench_cpu_cores"], step["bench_rss_mb_max"] = step.pop("edge_cpu_cores"), step.pop("edge_rss_mb_max")
@@ -177,14 +192,15 @@ def _saturated(step: dict[str, Any]) -> bool:
     return (step["fallback_rate"] or 0) > 0.05 or bool(step["errors"])
 
 
-async def _floors(cfg: SuiteConfig, student: Path, train_cfg: Any, texts: list[str]) -> dict[str, Any]:
+async def _floors(cfg: SuiteConfig, student: Path, train_cfg: Any, cloud_cfg: dict[str, Any],
+                  texts: list[str]) -> dict[str, Any]:
     from benchmarks.cloud_bench import offline
     from cloud.config import CloudConfig
 
     bench = EdgeBenchConfig(student=student, task=train_cfg.task, rate_rps=cfg.rate_rps, duration_s=5.0, sequential_requests=1000)
     raw = measure_raw(bench, texts)
     echo = await measure_echo(bench)
-    expert = next(e for e in CloudConfig.model_validate(cloud_config({EXPERT})).experts)
+    expert = next(iter(CloudConfig.model_validate(cloud_cfg).experts))
     vllm = await offline(expert, texts[:400], train_cfg.task.label_names())
     # Back to back, and paced at the runs' rate: the like-for-like floor (see `tandem bench edge`).
     floors = {

@@ -67,6 +67,8 @@ def cloud_config(experts: set[str] | None = None, **fields: Any) -> dict[str, An
     (all by default), replicas logging warnings and errors only (a measured run's console
     is for its report), and `fields` replaced."""
     cfg = yaml.safe_load((ROOT / "cloud" / "cloud.yaml").read_text())
+    for t in cfg["tasks"].values():  # the copy is written elsewhere: its task files by absolute path
+        t["task"] = str((ROOT / "cloud" / t["task"]).resolve())
     if experts is not None:
         cfg["tasks"] = {name: t for name, t in cfg["tasks"].items() if t["expert"] in experts}
         cfg["experts"] = [e for e in cfg["experts"] if e["name"] in experts]

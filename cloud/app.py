@@ -34,7 +34,7 @@ from cloud.errors import (EscalationError, ExpertTimeout, ExpertUnavailable, Fle
                           InvalidEscalation, NotAuthenticated, UnauthenticatedEscalation)
 from cloud.experts.protocol import Runner
 from cloud.feedback.receipts import escalation_record, issue, load_key
-from cloud.feedback.records import check_edge
+from cloud.feedback.records import LabelSet, check_edge
 from cloud.feedback.store import FeedbackStore
 from cloud.identity import Unauthenticated, caller_device, proxy_token
 import cloud.ingress  # noqa: F401  (quiets Serve's tracebacks of deliberate statuses, in this replica too)
@@ -42,6 +42,7 @@ from cloud.registry.models import ModelRegistry
 from cloud.registry.service import FleetMetrics, FleetServicer
 from tandem.contract import CALLER_TIMEOUT_METADATA, REQUEST_ID_MAX_CHARS, FieldError, check_request_id, check_text
 from tandem.settings import load_config
+from tandem.tasks import Task
 from tandem.v1 import common_pb2, expert_pb2, fleet_pb2
 from tandem.wire import Undecodable, parsed
 
@@ -69,15 +70,17 @@ class Expert:
     """One vLLM engine answering the tasks routed to it. Concurrent calls share the engine:
     vLLM batches them continuously. Method names are the RPC names."""
 
-    def __init__(self, cfg: dict[str, Any], tasks: dict[str, list[str]], timeout_s: float, receipt_key: str,
+    def __init__(self, cfg: dict[str, Any], tasks: dict[str, dict[str, Any]], timeout_s: float, receipt_key: str,
                  insecure: bool) -> None:
-        """`receipt_key`: the file of the key that signs receipts, read once here. `insecure`
-        (development only): the caller is the device its request names."""
+        """`tasks`: route -> the task it answers (`Task` as JSON values). `receipt_key`: the file of
+        the key that signs receipts, read once here. `insecure` (development only): the caller is
+        the device its request names."""
         from cloud.experts.engine import build_engine
 
         log_to_serve()
         self._cfg = ExpertConfig.model_validate(cfg)
-        self._tasks = tasks  # task -> labels
+        self._tasks = {route: Task.model_validate(task) for route, task in tasks.items()}
+        self._labels = {route: task.label_names() for route, task in self._tasks.items()}
         self._timeout_s = timeout_s
         self._proxy_token = proxy_token(insecure)
         self._receipt_key = load_key(Path(receipt_key))
@@ -99,14 +102,10 @@ class Expert:
         if self._cfg.kind == "generate":
             from cloud.experts.generate import GenerateRunner
 
-            return GenerateRunner(engine, self._cfg.max_model_len)
-        from cloud.experts.classify import ClassifyRunner, checkpoint_labels
+            return GenerateRunner(engine, self._cfg, self._tasks)
+        from cloud.experts.classify import ClassifyRunner
 
-        model_labels = checkpoint_labels(self._cfg.model_path())
-        for task, labels in self._tasks.items():
-            if sorted(labels) != sorted(model_labels):
-                raise ValueError(f"expert {self._cfg.name}: checkpoint labels differ from task {task}'s label set")
-        return ClassifyRunner(engine, model_labels, self._cfg.max_model_len)
+        return ClassifyRunner(engine, self._cfg, self._tasks)
 
     async def Escalate(self, body: expert_pb2.EscalateRequest | Undecodable,
                        grpc_context: RayServegRPCContext) -> expert_pb2.EscalateResponse:
@@ -151,7 +150,7 @@ class Expert:
             raise UnauthenticatedEscalation(str(exc)) from None
         except FieldError as exc:  # insecure: the id the request claims
             raise InvalidEscalation.of(exc) from None
-        labels = self._tasks.get(request.task)
+        labels = self._labels.get(request.task)
         if labels is None:
             raise InvalidEscalation("task", f"unknown task {request.task[:128]!r}; expert {self._cfg.name} answers "
                                             f"{sorted(self._tasks)}")
@@ -173,7 +172,7 @@ class Expert:
         self._batch.observe(self._in_flight, tags=self._tags)
         started = time.perf_counter()
         try:
-            answer = await asyncio.wait_for(self._runner.answer(request.text, labels, request.request_id), budget_s)
+            answer = await asyncio.wait_for(self._runner.answer(request.text, request.task, request.request_id), budget_s)
         except asyncio.TimeoutError as exc:
             raise ExpertTimeout(f"expert {self._cfg.name} did not answer within {budget_s:.3f} s "
                                 "(the caller's deadline, at most expert_timeout_s)") from exc
@@ -187,6 +186,7 @@ class Expert:
         self._latency.observe(elapsed, tags=self._tags)
         if answer.label not in labels:
             raise InvalidAnswer(f"expert {self._cfg.name} answered {answer.label!r}, not a label of task {request.task}")
+        task = self._tasks[request.task]
         return expert_pb2.EscalateResponse(
             request_id=request.request_id,
             label=answer.label,
@@ -194,6 +194,8 @@ class Expert:
             distribution=[common_pb2.LabelScore(label=label, probability=p) for label, p in answer.distribution],
             expert=self._cfg.name,
             expert_ms=elapsed * 1e3,
+            out_of_scope=answer.label == task.oos_label,
+            label_set_version=task.label_set_version,
         )
 
     async def __del__(self) -> None:
@@ -204,8 +206,7 @@ class Expert:
 
     async def check_health(self) -> None:
         # A real, tiny inference: vLLM's engine can hang while its process stays up.
-        labels = next(iter(self._tasks.values()))
-        probe = self._runner.answer("health check", labels, f"health-{uuid.uuid4().hex}")
+        probe = self._runner.answer("health check", next(iter(self._tasks)), f"health-{uuid.uuid4().hex}")
         await asyncio.wait_for(probe, timeout=self._cfg.deployment.health_check_timeout_s)
 
 
@@ -216,7 +217,7 @@ class Expert:
 class Fleet(FleetServicer):
     """`tandem.v1.Fleet` behind Serve's gRPC proxy."""
 
-    def __init__(self, feedback_uri: str, registry_dir: str, receipt_key: str, tasks: dict[str, list[str]],
+    def __init__(self, feedback_uri: str, registry_dir: str, receipt_key: str, tasks: dict[str, LabelSet],
                  routes: dict[str, str], max_batch: int, fleet: dict[str, Any], insecure: bool) -> None:
         """`receipt_key`: the file of the key that checks escalation receipts, read once here.
         `fleet`: FleetOptions."""
@@ -275,7 +276,7 @@ def fleet_app(args: dict[str, str]) -> serve.Application:
     args.config is the cloud YAML."""
     cfg = load_config(CloudConfig, Path(args["config"]))
     return Fleet.options(**fleet_options(cfg.fleet)).bind(cfg.feedback_uri, str(cfg.registry_dir), str(cfg.receipt_key),
-                                                          _labels(cfg), cfg.routes(), cfg.feedback_max_batch,
+                                                          _label_sets(cfg), cfg.routes(), cfg.feedback_max_batch,
                                                           cfg.fleet.model_dump(mode="json"), cfg.insecure)
 
 
@@ -302,12 +303,11 @@ def expert_app(args: dict[str, str]) -> serve.Application:
     return Expert.options(**_deployment_options(expert)).bind(*expert_args(cfg, expert))
 
 
-def expert_args(cfg: CloudConfig, expert: ExpertConfig) -> tuple[dict[str, Any], dict[str, list[str]], float, str, bool]:
+def expert_args(cfg: CloudConfig, expert: ExpertConfig) -> tuple[dict[str, Any], dict[str, Any], float, str, bool]:
     """What `Expert.__init__` takes for `expert` of `cfg`."""
-    labels = _labels(cfg)
     return (
         expert.model_dump(mode="json"),
-        {task: labels[task] for task, t in cfg.tasks.items() if t.expert == expert.name},
+        {route: t.task.model_dump(mode="json") for route, t in cfg.tasks.items() if t.expert == expert.name},
         cfg.expert_timeout_s,
         str(cfg.receipt_key),
         cfg.insecure,
@@ -337,8 +337,8 @@ def caller_budget_s(metadata: Sequence[tuple[str, str]], limit_s: float) -> floa
     return min(caller_ms / 1000, limit_s)
 
 
-def _labels(cfg: CloudConfig) -> dict[str, list[str]]:
-    return {name: task.spec.label_names() for name, task in cfg.tasks.items()}
+def _label_sets(cfg: CloudConfig) -> dict[str, LabelSet]:
+    return {name: LabelSet(frozenset(t.task.label_names()), t.task.label_set_version) for name, t in cfg.tasks.items()}
 
 
 def _deployment_options(expert: ExpertConfig) -> dict[str, Any]:

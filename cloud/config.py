@@ -15,7 +15,7 @@ from cloud.proxy import ProxyOptions
 from tandem import envs
 from tandem.contract import FLEET_APPLICATION, NAME, check_name
 from tandem.settings import Section, TandemSettings
-from tandem.tasks import TaskSpec, banking77
+from tandem.tasks import TaskFile, banking77
 
 
 class DeploymentOptions(Section):
@@ -115,6 +115,12 @@ class ExpertConfig(Section):
         },
         description="Environment of the replica and its engine (vLLM reads its settings from there).",
     )
+    prompt: Literal["names", "descriptions", "retrieval"] = Field(
+        "retrieval", description="generate experts: what the prompt shows besides the text. names: the label names; "
+        "descriptions: each label's description from the task file; retrieval: descriptions plus the task's "
+        "`retrieval_k` training texts nearest the query by embedding similarity.",
+    )
+    retrieval_k: int = Field(8, ge=1, le=64, description="generate experts: training examples retrieved per query.")
     deployment: DeploymentOptions = DeploymentOptions()
 
     def model_path(self) -> str:
@@ -128,7 +134,8 @@ class ExpertConfig(Section):
 class CloudTask(Section):
     """A task the cloud answers, and which expert answers it."""
 
-    spec: TaskSpec
+    task: TaskFile = Field(description="The task file (tasks/<name>.yaml); this entry's key is the name edges "
+                           "route by, which may differ from the file's (one task through two experts).")
     expert: str = Field(description="Name of the expert that answers this task.")
 
 
@@ -180,7 +187,7 @@ class CloudConfig(TandemSettings):
     )
 
     tasks: dict[str, CloudTask] = Field(
-        default_factory=lambda: {"banking77": CloudTask(spec=banking77(), expert="banking77-classifier")}
+        default_factory=lambda: {"banking77": CloudTask(task=banking77(), expert="banking77-classifier")}
     )
     experts: list[ExpertConfig] = Field(
         default_factory=lambda: [

@@ -58,11 +58,13 @@ class FeedbackRecorder:
         task: str,
         text: str,
         request_id: str,
+        label_set_version: int,
         edge: common_pb2.EdgePrediction | None = None,
         label: str = "",
     ) -> str | None:
         """Commits a redacted record; its record_id, or None if the outbox refused it
-        (full, or a storage error), which is counted and logged here."""
+        (full, or a storage error), which is counted and logged here. `label_set_version`: that
+        of the student whose labels `edge` and `label` come from."""
         return await self._commit(fleet_pb2.FeedbackRecord(
             record_id=uuid.uuid4().hex,
             request_id=request_id,
@@ -73,6 +75,7 @@ class FeedbackRecorder:
             label=label,
             device_id=self._device_id,
             created_unix_ms=int(time.time() * 1000),
+            label_set_version=label_set_version,
         ))
 
     async def record_receipt(self, task: str, request_id: str, receipt: common_pb2.Receipt) -> str | None:
@@ -141,9 +144,10 @@ class FeedbackRecorder:
                     committed.set_result(ok)
 
     def record_soon(self, kind: fleet_pb2.FeedbackKind, task: str, text: str, request_id: str,
-                    edge: common_pb2.EdgePrediction) -> None:
+                    label_set_version: int, edge: common_pb2.EdgePrediction) -> None:
         """`record` in the background: for samples whose answer should not wait for the disk."""
-        pending = asyncio.get_running_loop().create_task(self.record(kind, task, text, request_id, edge))
+        pending = asyncio.get_running_loop().create_task(
+            self.record(kind, task, text, request_id, label_set_version, edge))
         self._pending.add(pending)
         pending.add_done_callback(self._finished)
 

@@ -18,6 +18,10 @@ class EdgeMetrics:
             "tandem_edge_request_seconds", "End-to-end latency in the daemon by source.",
             ["task", "source"], buckets=LATENCY_BUCKETS, registry=registry,
         )
+        self.out_of_scope = Counter(
+            "tandem_edge_out_of_scope", "Requests answered out of scope (fitting none of the task's intents), by source.",
+            ["task", "source"], registry=registry,
+        )
         self.inference = Histogram(
             "tandem_edge_inference_seconds", "Tokenizer plus ONNX Runtime time per batch.",
             ["task"], buckets=LATENCY_BUCKETS, registry=registry,

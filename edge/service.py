@@ -23,6 +23,7 @@ from edge.metrics import EdgeMetrics
 from edge.policy import Policy
 from edge.redact import Redactor
 from edge.runtime import Serving, TaskRuntime
+from edge.student import Student
 from tandem import contract
 from tandem.wire import Undecodable, parsed
 from tandem.v1 import common_pb2, edge_pb2, edge_pb2_grpc, expert_pb2, fleet_pb2
@@ -41,6 +42,8 @@ class Answer:
     reason: str
     label: str
     confidence: float
+    out_of_scope: bool
+    label_set_version: int
     expert: str = ""
     receipt: common_pb2.Receipt | None = None  # the cloud's, with its answer (CLOUD)
 
@@ -98,20 +101,19 @@ class EdgeService(edge_pb2_grpc.EdgeServicer):
         runtime, text = self._validate(request)
         request_id = request.request_id or uuid.uuid4().hex
         serving = runtime.serving  # one version answers: its prediction, its label names
+        student = serving.student
         result = await serving.batcher.submit(text)
         best = int(result.probs.argmax())
         confidence = float(result.probs[best])  # the policy sees full precision, not the wire's float32
-        local = common_pb2.EdgePrediction(
-            label=serving.student.labels[best], confidence=confidence, model_version=serving.student.version
-        )
+        local = common_pb2.EdgePrediction(label=student.labels[best], confidence=confidence, model_version=student.version)
         decision = runtime.policy.decide(confidence)
         if decision.escalate and self._escalator is not None:
             escalation = expert_pb2.EscalateRequest(
                 request_id=request_id, task=request.task, text=self._redact(text), edge=local, device_id=self._device_id
             )
-            answer, cloud_s = await self._escalate(self._escalator, escalation, decision.reason)
+            answer, cloud_s = await self._escalate(self._escalator, escalation, decision.reason, student)
         else:
-            answer, cloud_s = Answer(edge_pb2.EDGE, decision.reason, local.label, confidence), 0.0
+            answer, cloud_s = _local(edge_pb2.EDGE, decision.reason, local, student), 0.0
         if self._feedback is not None:
             await self._keep(self._feedback, answer, request.task, text, request_id, local)
         elapsed = time.perf_counter() - started
@@ -125,6 +127,8 @@ class EdgeService(edge_pb2_grpc.EdgeServicer):
             reason=answer.reason,
             model_version=local.model_version,
             expert=answer.expert,
+            out_of_scope=answer.out_of_scope,
+            label_set_version=answer.label_set_version,
             timings=edge_pb2.Timings(
                 queue_ms=result.queue_s * 1e3,
                 inference_ms=result.inference_s * 1e3,
@@ -140,8 +144,9 @@ class EdgeService(edge_pb2_grpc.EdgeServicer):
         labels = runtime.serving.student.labels
         if request.label not in labels:
             raise InvalidRequest("label", f"{request.label!r} is not one of the {len(labels)} labels of {request.task!r}")
+        version = runtime.serving.student.manifest.label_set_version
         record_id = await self._feedback.record(
-            fleet_pb2.CORRECTION, request.task, text, request.request_id, label=request.label
+            fleet_pb2.CORRECTION, request.task, text, request.request_id, version, label=request.label
         )
         if record_id is None:
             raise FeedbackRefused("the feedback outbox did not take the correction (full, or failing: see the "
@@ -158,7 +163,8 @@ class EdgeService(edge_pb2_grpc.EdgeServicer):
         return runtime, text
 
     @staticmethod
-    async def _escalate(escalator: Escalator, request: expert_pb2.EscalateRequest, reason: str) -> tuple[Answer, float]:
+    async def _escalate(escalator: Escalator, request: expert_pb2.EscalateRequest, reason: str,
+                        student: Student) -> tuple[Answer, float]:
         """The cloud's answer, or the edge's own (`request.edge`) as a fallback with the cause;
         and the seconds spent."""
         started = time.perf_counter()
@@ -168,9 +174,10 @@ class EdgeService(edge_pb2_grpc.EdgeServicer):
             # While the breaker is open every escalation falls back: it logged the cause once.
             level = logging.DEBUG if exc.reason == OPEN_REASON else logging.WARNING
             log.log(level, "escalation failed, answering locally (request_id=%s): %s", request.request_id, exc)
-            answer = Answer(edge_pb2.EDGE_FALLBACK, exc.reason, request.edge.label, request.edge.confidence)
+            answer = _local(edge_pb2.EDGE_FALLBACK, exc.reason, request.edge, student)
         else:
-            answer = Answer(edge_pb2.CLOUD, reason, reply.label, reply.confidence, reply.expert, reply.receipt)
+            answer = Answer(edge_pb2.CLOUD, reason, reply.label, reply.confidence, reply.out_of_scope,
+                            reply.label_set_version, reply.expert, reply.receipt)
         return answer, time.perf_counter() - started
 
     @staticmethod
@@ -189,17 +196,27 @@ class EdgeService(edge_pb2_grpc.EdgeServicer):
         if answer.receipt is not None:
             await feedback.record_receipt(task, request_id, answer.receipt)
         elif answer.source == edge_pb2.EDGE_FALLBACK:
-            await feedback.record(fleet_pb2.FALLBACK, task, text, request_id, local)
+            await feedback.record(fleet_pb2.FALLBACK, task, text, request_id, answer.label_set_version, local)
         elif answer.source == edge_pb2.EDGE and feedback.audit_due():
-            feedback.record_soon(fleet_pb2.AUDIT, task, text, request_id, local)
+            feedback.record_soon(fleet_pb2.AUDIT, task, text, request_id, answer.label_set_version, local)
 
     def _count(self, task: str, answer: Answer, elapsed: float, inference_s: float, batch: int) -> None:
         source = edge_pb2.Source.Name(answer.source)
         self._metrics.requests.labels(task, source).inc()
+        if answer.out_of_scope:
+            self._metrics.out_of_scope.labels(task, source).inc()
         self._metrics.latency.labels(task, source).observe(elapsed)
         self._metrics.decisions.labels(task, answer.reason).inc()
         self._metrics.inference.labels(task).observe(inference_s)
         self._metrics.batch_size.labels(task).observe(batch)
+
+
+def _local(source: "edge_pb2.Source.ValueType", reason: str, prediction: common_pb2.EdgePrediction,
+           student: Student) -> Answer:
+    """The student's own answer."""
+    out_of_scope = student.out_of_scope is not None and prediction.label == student.out_of_scope.label
+    return Answer(source, reason, prediction.label, prediction.confidence, out_of_scope,
+                  student.manifest.label_set_version)
 
 
 def build_service(

@@ -11,6 +11,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from edge.errors import ArtifactError
+from tandem.open_set import answer_labels, probabilities
 from tandem.contract import (
     LABELS_FILE,
     MANIFEST_FILE,
@@ -50,13 +51,17 @@ class Student:
         if hashlib.sha256(model).hexdigest() != manifest.sha256:
             raise ArtifactError(f"{source}: {MODEL_FILE} does not match the manifest's sha256")
         try:
-            self.labels: list[str] = json.loads(files[LABELS_FILE])
+            model_labels: list[str] = json.loads(files[LABELS_FILE])
             self._tokenizer = Tokenizer.from_str(files[TOKENIZER_FILE].decode())
         except Exception as exc:  # json, UTF-8, and tokenizers (which raises bare Exception)
             raise ArtifactError(f"{source}: unreadable artifact: {type(exc).__name__}: {exc}") from exc
         self.manifest = manifest
         self.version = manifest.version
         self.temperature = manifest.temperature
+        self.out_of_scope = manifest.out_of_scope
+        self._model_labels = model_labels
+        # What `predict` scores: the model's labels, and the out-of-scope one if it has a boundary.
+        self.labels = answer_labels(model_labels, manifest.out_of_scope)
         self._tokenizer.enable_truncation(manifest.max_length)
         self._tokenizer.no_padding()
         try:
@@ -64,8 +69,8 @@ class Student:
         except Exception as exc:  # ORT raises its own untyped errors for bad graphs
             raise ArtifactError(f"{source}: ONNX Runtime cannot load {MODEL_FILE}: {exc}") from exc
         n_out = self._session.get_outputs()[0].shape[-1]
-        if n_out != len(self.labels):
-            raise ArtifactError(f"{source}: model has {n_out} outputs for {len(self.labels)} labels")
+        if n_out != len(model_labels):
+            raise ArtifactError(f"{source}: model has {n_out} outputs for {len(model_labels)} labels")
 
     @classmethod
     def load(cls, directory: Path, options: SessionOptions = SessionOptions()) -> "Student":
@@ -80,7 +85,7 @@ class Student:
         return cls(manifest, files, options, str(directory))
 
     def predict(self, texts: list[str]) -> np.ndarray:
-        """Calibrated probabilities, shape (len(texts), len(labels)).
+        """Calibrated probabilities, shape (len(texts), len(labels)), out of scope included.
 
         One ONNX Runtime run per text, on purpose: dynamic int8 quantisation scales
         activations over the whole input tensor, so in a shared tensor one text's answer
@@ -88,15 +93,12 @@ class Student:
         load). Padding to a shared length also cost more than batching saved, on banking77's
         short texts.
         """
-        logits = np.empty((len(texts), len(self.labels)), dtype=np.float32)
+        logits = np.empty((len(texts), len(self._model_labels)), dtype=np.float32)
         for row, encoding in enumerate(self._tokenizer.encode_batch(texts)):
             ids = np.array([encoding.ids], dtype=np.int64)
             feed = {_INPUT_IDS: ids, _ATTENTION_MASK: np.ones_like(ids)}
             logits[row] = self._session.run([ONNX_OUTPUT], feed)[0][0]
-        logits /= self.temperature
-        logits -= logits.max(axis=-1, keepdims=True)
-        probs = np.exp(logits)
-        return probs / probs.sum(axis=-1, keepdims=True)
+        return probabilities(logits / self.temperature, self._model_labels, self.out_of_scope)
 
     def probe(self, texts: list[str]) -> None:
         """Answers `texts` (warming the session up) or raises ArtifactError: a version that

@@ -19,6 +19,8 @@ from tandem.v1 import fleet_pb2
 TEXT_MAX_BYTES = 2048
 REQUEST_ID_MAX_CHARS = 128
 DEVICE_ID_MAX_CHARS = 128
+# Label names: metric label values and Parquet strings, declared in task files.
+LABEL_MAX_CHARS = 128
 # Largest gRPC message either side accepts (the proxy's, Serve's and the edge's channel limit):
 # a full feedback batch of maximal records fits, with room to spare.
 MESSAGE_MAX_BYTES = 4 << 20
@@ -29,6 +31,10 @@ NAME_MAX_CHARS = 128
 NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{NAME_MAX_CHARS - 1}}}")
 # Printable ASCII without spaces: record ids end up in logs and in joins across systems.
 RECORD_ID = re.compile(r"[\x21-\x7e]{1,128}")
+
+# The label a task answers "fits no intent" with, unless its task file names its own. The wire
+# carries out-of-scope as this (or the task's) label, and says so in an `out_of_scope` flag.
+OUT_OF_SCOPE = "out_of_scope"
 
 # Feedback kinds whose `label` is the answer the record exists for (ground truth for training).
 LABELLED_KINDS = frozenset({fleet_pb2.ESCALATION, fleet_pb2.CORRECTION})
@@ -125,6 +131,20 @@ class ArtifactFile(BaseModel):
     size: int = Field(ge=0)
 
 
+class OutOfScope(BaseModel):
+    """The out-of-scope boundary of a classifier (`tandem.open_set`), fitted on held-out data
+    with known intents only: a text whose temperature-scaled logits all fall below `logit`
+    fits none of the model's intents."""
+
+    model_config = ConfigDict(frozen=True)
+
+    label: str = Field(min_length=1, max_length=LABEL_MAX_CHARS, description="The label it answers with.")
+    logit: float = Field(description="The out-of-scope class's logit, beside the temperature-scaled ones.")
+    known_rejection: float = Field(
+        ge=0, le=1, description="Share of the held-out texts of known intents it answers out of scope (fitted to)."
+    )
+
+
 class Manifest(BaseModel):
     """manifest.json of a model artifact: what the trainer writes, signs and the edge reads.
     Training adds its lineage (fit config, metrics, gate, feedback counts) as extra fields."""
@@ -139,6 +159,10 @@ class Manifest(BaseModel):
     sha256: Sha256
     temperature: float | None = Field(None, gt=0, description="Students: divides the logits (calibration).")
     max_length: int | None = Field(None, ge=1, description="Students: tokens kept per text.")
+    out_of_scope: OutOfScope | None = Field(
+        None, description="The out-of-scope boundary; None: every answer is one of the model's labels."
+    )
+    label_set_version: int = Field(1, ge=1, description="The version of the task's label set the model was trained on.")
     files: dict[SafeName, ArtifactFile] = Field(
         default_factory=dict, description="Every file of a signed artifact but the manifest and its signature."
     )

@@ -1,5 +1,6 @@
 """Loading configuration: a YAML file, then environment overrides, then validation."""
 
+from contextvars import ContextVar
 from pathlib import Path
 from typing import TypeVar
 
@@ -39,6 +40,18 @@ class TandemSettings(BaseSettings):
 S = TypeVar("S", bound=TandemSettings)
 
 
+# The directory of the config file being loaded: paths a config names to other files (task
+# files) resolve against it, so that a config means the same whatever directory, or Serve
+# process, loads it.
+CONFIG_DIR: ContextVar[Path | None] = ContextVar("CONFIG_DIR", default=None)
+
+
+def relative_to_config(path: Path) -> Path:
+    """`path`, if relative, against the directory of the config file being loaded (or the current one)."""
+    base = CONFIG_DIR.get()
+    return path if path.is_absolute() or base is None else base / path
+
+
 def load_config(cls: type[S], path: Path | None) -> S:
     """Builds `cls` from the YAML file at `path` (or defaults) and the environment."""
     data = {}
@@ -49,7 +62,10 @@ def load_config(cls: type[S], path: Path | None) -> S:
             raise ConfigError(f"cannot read config {path}: {exc}") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"config {path}: top level must be a mapping")
+    token = CONFIG_DIR.set(None if path is None else Path(path).parent)
     try:
         return cls(**data)
     except ValidationError as exc:
         raise ConfigError(f"invalid config {path or '(defaults)'}:\n{exc}") from exc
+    finally:
+        CONFIG_DIR.reset(token)

@@ -88,20 +88,47 @@ def _edge_redrive(args: argparse.Namespace) -> int:
     return 0
 
 
+def _task_check(args: argparse.Namespace) -> int:
+    from tandem.tasks import Task, check_task
+
+    task = Task.from_file(args.file)
+    try:
+        report = check_task(task)
+    except ConfigError as exc:  # names the field; the file is the caller's to name
+        raise ConfigError(f"task file {args.file}: {exc}") from None
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+@_imports("dev")
+def _bench_open_intent(args: argparse.Namespace) -> int:
+    _training_process()
+    from benchmarks.open_intent import OpenIntentConfig, format_table, run_open_intent
+    from tandem.settings import load_config
+
+    result = run_open_intent(load_config(OpenIntentConfig, args.config), args.out)
+    print(format_table(result) + f"\n\n{args.out}")
+    return 0
+
+
 @_imports("train")
 def _train(args: argparse.Namespace) -> int:
     _training_process()
     from cloud.training.config import TrainConfig
     from tandem.settings import load_config
+    from tandem.tasks import Task
 
     cfg = load_config(TrainConfig, args.config)
-    out = args.out or cfg.model_dir(args.kind)
-    if args.kind == "teacher":
-        from cloud.training.teacher import train_teacher as train
-    else:
-        from cloud.training.student import train_student as train
-    manifest = train(cfg, out)
-    print(json.dumps({"out": str(out), **manifest}, indent=2))
+    if args.task is not None:
+        cfg = cfg.model_copy(update={"task": Task.from_file(args.task)})
+    for kind in ("teacher", "student") if args.kind == "all" else (args.kind,):
+        out = args.out or cfg.model_dir(kind)
+        if kind == "teacher":
+            from cloud.training.teacher import train_teacher as train
+        else:
+            from cloud.training.student import train_student as train
+        manifest = train(cfg, out)
+        print(json.dumps({"out": str(out), **manifest}, indent=2))
     return 0
 
 
@@ -160,6 +187,23 @@ def _bench_suite(args: argparse.Namespace) -> int:
 
     out = run_suite(load_config(SuiteConfig, args.config), args.out)
     print(out)  # last line: the results folder, for scripts
+    return 0
+
+
+@_imports("bench")
+def _bench_load(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from benchmarks.load import LoadConfig, format_table, run_load
+
+    flags = {k: getattr(args, k) for k in LoadConfig.model_fields if getattr(args, k, None) is not None}
+    try:
+        cfg = LoadConfig.model_validate({**flags, "cloud": args.cloud})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'flags'}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"bench load: {problems}") from None
+    result = run_load(cfg, args.out)
+    print(format_table(result) + f"\n\n{args.out / 'load.json'}")
     return 0
 
 
@@ -416,21 +460,56 @@ def _parser() -> argparse.ArgumentParser:
             "for the deployment to substitute from its environment", config_required=True)
 
     train = groups.add_parser("train", help="train and export models").add_subparsers(required=True)
-    for kind, what in (("teacher", "fine-tune the MiniLM-L6 teacher"), ("student", "train, export and calibrate the edge student")):
+    for kind, what in (("teacher", "fine-tune the teacher (the classify expert's checkpoint)"),
+                       ("student", "train, export and calibrate the edge student"),
+                       ("all", "the teacher, then the student, each into the cache")):
         p = command(train, kind, _train, what)
-        p.add_argument("--out", type=Path, help="output directory (default: in the cache)")
-        p.set_defaults(kind=kind)
+        p.add_argument("--task", type=Path, help="task file (default: the config's task)")
+        if kind != "all":
+            p.add_argument("--out", type=Path, help="output directory (default: in the cache)")
+        p.set_defaults(kind=kind, out=None)
 
     p = command(train, "distill", _train_distill, "one retraining round from feedback (or rounds on the config's schedule)")
     p.add_argument("--once", action="store_true", help="one round, even if the config sets interval_s")
 
+    task = groups.add_parser("task", help="task files").add_subparsers(required=True)
+    p = task.add_parser("check", help="validate a task file and its data; print label counts and split sizes")
+    p.add_argument("file", type=Path, help="the task file (YAML)")
+    p.set_defaults(run=_task_check)
+
     bench = groups.add_parser("bench", help="benchmarks").add_subparsers(required=True)
+    p = command(bench, "open-intent", _bench_open_intent,
+                "queries that fit no intent: 25/50/75% of the intents known, expert, student and cascade")
+    p.add_argument("--out", type=Path, required=True, help="JSON results file")
     p = command(bench, "edge", _bench_edge, "edge daemon against raw ONNX Runtime and a gRPC echo")
     p.add_argument("--out", type=Path, required=True, help="JSON results file")
     p = command(bench, "cloud", _bench_cloud, "each expert offline vs served through Serve's gRPC ingress")
     p.add_argument("--out", type=Path, required=True, help="JSON results file")
     p = command(bench, "suite", _bench_suite, "the standard load tests with baselines, floors, sweep and plots")
     p.add_argument("--out", type=Path, default=Path("results"), help="parent of the results folder")
+    p = bench.add_parser("load", help="open-loop load on a running edge daemon (or, with --cloud, a cloud) with "
+                         "your labelled data; writes OUT/load.json and plots")
+    p.add_argument("--target", required=True, help="host:port or unix:///path of the edge daemon (the cloud's proxy "
+                   "with --cloud)")
+    p.add_argument("--task", type=Path, required=True, help="the task file")
+    p.add_argument("--data", type=Path, required=True, help="labelled queries, CSV or JSONL with the task's columns; "
+                   "a label outside the task's label set counts as out of scope")
+    p.add_argument("--out", type=Path, required=True, help="results folder (load.json, plots)")
+    p.add_argument("--route", help="the task name on the wire (default: the task file's name)")
+    p.add_argument("--cloud", action="store_true", help="cloud-only: Expert/Escalate through the cloud's mTLS proxy, "
+                   "the expert from Fleet.GetRoutes")
+    p.add_argument("--ca", type=Path, help="TLS: the CA certificate of the target's server certificate")
+    p.add_argument("--cert", type=Path, help="TLS client certificate (`tandem ca enroll DEVICE`: device.crt)")
+    p.add_argument("--key", type=Path, help="TLS client key (device.key)")
+    p.add_argument("--rate", type=float, help="Poisson arrivals, requests per second")
+    p.add_argument("--schedule", help="rate steps RATE:SECONDS,..., e.g. 10:30,50:30 (instead of --rate)")
+    p.add_argument("--duration", type=float, help="seconds at --rate")
+    p.add_argument("--count", type=int, help="requests to send (with --schedule: at most); neither this nor "
+                   "--duration: one per data row")
+    p.add_argument("--warmup", type=int, help="unmeasured requests first (default 20)")
+    p.add_argument("--timeout", type=float, help="deadline of each request in seconds (default 10)")
+    p.add_argument("--seed", type=int, help="seeds the arrivals and the rows' order (default 0)")
+    p.set_defaults(run=_bench_load)
     p = command(bench, "flywheel", _bench_flywheel, "the learning loop round by round: retrain, gate, roll out, measure")
     p.add_argument("--out", type=Path, required=True, help="JSON results file (the plot goes beside it)")
     p = command(bench, "security", _bench_security, "attacks, fuzzers, poisoning and the cost of mTLS on the real system")

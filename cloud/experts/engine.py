@@ -1,5 +1,9 @@
 """Building vLLM's async engine for an expert (imported only inside replicas)."""
 
+import contextlib
+import gc
+import os
+from collections.abc import Iterator
 from typing import Any
 
 from cloud.config import ExpertConfig
@@ -19,3 +23,18 @@ def build_engine(cfg: ExpertConfig) -> Any:
         **{"use_tqdm_on_load": False, **cfg.engine_args},
     )
     return AsyncLLM.from_engine_args(args)
+
+
+@contextlib.contextmanager
+def local_engine(cfg: ExpertConfig) -> Iterator[Any]:
+    """An expert's engine in this process (benchmarks, tests), in the environment a replica
+    would give it, shut down at the end of the block."""
+    os.environ.update(cfg.env)  # vLLM reads its CPU settings from there
+    engines = [build_engine(cfg)]
+    try:
+        yield engines[0]
+    finally:
+        engines[0].shutdown()
+        # Collected now, not at interpreter exit, where vLLM's __del__ fails on torn-down modules.
+        engines.clear()
+        gc.collect()

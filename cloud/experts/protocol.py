@@ -13,5 +13,6 @@ class Answer:
 
 
 class Runner(Protocol):
-    async def answer(self, text: str, labels: list[str], request_id: str) -> Answer:
-        """Classifies `text` into one of `labels`."""
+    async def answer(self, text: str, task: str, request_id: str) -> Answer:
+        """Classifies `text` into one of the labels of `task` (a route the runner was built with),
+        its out-of-scope label included."""

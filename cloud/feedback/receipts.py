@@ -87,6 +87,7 @@ def escalation_record(request: expert_pb2.EscalateRequest, response: expert_pb2.
         expert=response.expert,
         device_id=request.device_id,
         created_unix_ms=answered_unix_ms,
+        label_set_version=response.label_set_version,
     )
 
 

@@ -1,6 +1,7 @@
 """Feedback records as stored: the Arrow schema, the checks at the Fleet boundary, proto → rows."""
 
 from collections.abc import Collection, Mapping, Sequence
+from typing import NamedTuple
 
 import pyarrow as pa
 
@@ -36,9 +37,18 @@ PARTITIONS = pa.schema([("task", pa.string()), ("date", pa.date32())])
 SCHEMA = pa.schema([*FILE_SCHEMA, *PARTITIONS])
 
 
-def check(records: Sequence[fleet_pb2.FeedbackRecord], tasks: Mapping[str, Collection[str]] | None) -> None:
-    """InvalidFeedback naming the first bad field; `tasks` (task -> labels), where given,
-    limits tasks and labels to the cloud's own."""
+class LabelSet(NamedTuple):
+    """A task's labels as the cloud knows them, and their version (`Task.label_set_version`)."""
+
+    labels: frozenset[str]
+    version: int
+
+
+def check(records: Sequence[fleet_pb2.FeedbackRecord], tasks: Mapping[str, LabelSet] | None) -> None:
+    """InvalidFeedback naming the first bad field; `tasks` (task -> its label set), where given,
+    limits tasks and labels to the cloud's own. A label the cloud does not know is refused on
+    the field `label` (which edges keep and retry: the cloud is behind) if the record's label
+    set is newer than the cloud's, else on `label_set_version` (which edges set aside)."""
     for i, record in enumerate(records):
         try:
             _check(record, f"records[{i}]", tasks)
@@ -46,7 +56,7 @@ def check(records: Sequence[fleet_pb2.FeedbackRecord], tasks: Mapping[str, Colle
             raise InvalidFeedback.of(exc) from None
 
 
-def _check(r: fleet_pb2.FeedbackRecord, at: str, tasks: Mapping[str, Collection[str]] | None) -> None:
+def _check(r: fleet_pb2.FeedbackRecord, at: str, tasks: Mapping[str, LabelSet] | None) -> None:
     if not RECORD_ID.fullmatch(r.record_id):
         # A long one is not echoed back: the status message travels in gRPC trailers, which clients cap at a few KiB.
         shown = repr(r.record_id) if len(r.record_id) <= 128 else f"{len(r.record_id)} characters:"
@@ -62,10 +72,19 @@ def _check(r: fleet_pb2.FeedbackRecord, at: str, tasks: Mapping[str, Collection[
     labels = None if tasks is None else tasks[r.task]
     if r.kind in LABELLED_KINDS and not r.label:
         raise FieldError(f"{at}.label", f"required for {KINDS[r.kind]} records")
-    if r.label:
-        _check_label(f"{at}.label", r.label, r.task, labels)
-    check_edge(f"{at}.edge", r.edge, r.task, labels)
-    check_distribution(f"{at}.distribution", r.distribution, r.task, labels)
+    try:
+        if r.label:
+            _check_label(f"{at}.label", r.label, r.task, labels and labels.labels)
+        check_edge(f"{at}.edge", r.edge, r.task, labels and labels.labels)
+        check_distribution(f"{at}.distribution", r.distribution, r.task, labels and labels.labels)
+    except UnknownLabel as exc:
+        assert labels is not None  # only a known label set refuses a label
+        if r.label_set_version > labels.version:
+            raise FieldError(exc.field, f"{exc.problem}: version {labels.version} of its label set; the record's "
+                                        f"version {r.label_set_version} is newer (retry once the cloud has it)") from None
+        raise FieldError(f"{at}.label_set_version", f"{r.label_set_version} is not newer than the cloud's version "
+                                                    f"{labels.version} of task {r.task}'s label set, which lacks "
+                                                    f"{exc.field}: {exc.problem}") from None
     if r.created_unix_ms <= 0:
         raise FieldError(f"{at}.created_unix_ms", "must be set, in milliseconds since the Unix epoch")
 
@@ -100,9 +119,17 @@ def check_distribution(at: str, scores: Sequence[common_pb2.LabelScore], task: s
         raise FieldError(at, f"probabilities sum to {total:.6g}, above the limit of {DISTRIBUTION_MASS_MAX}")
 
 
+class UnknownLabel(FieldError):
+    """A label the cloud's label set of the task lacks."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(field, problem)
+        self.problem = problem
+
+
 def _check_label(field: str, label: str, task: str, labels: Collection[str] | None) -> None:
     if labels is not None and label not in labels:
-        raise FieldError(field, f"{label[:64]!r} is not a label of task {task}")
+        raise UnknownLabel(field, f"{label[:64]!r} is not a label of task {task}")
 
 
 def to_table(records: Sequence[fleet_pb2.FeedbackRecord], stored_unix_ms: int) -> pa.Table:

@@ -18,7 +18,7 @@ import contextlib
 import functools
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from datetime import date
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -31,7 +31,7 @@ from cloud.errors import (FleetError, FleetTimeout, InvalidFeedback, InvalidRequ
                           QuotaExceeded, StoreUnavailable, UnauthenticatedFleetCall)
 from cloud.feedback.quota import DEVICE_QUOTA_PER_DAY, DeviceQuota
 from cloud.feedback.receipts import ReceiptKey, verify
-from cloud.feedback.records import KINDS, check
+from cloud.feedback.records import KINDS, LabelSet, check
 from cloud.feedback.store import READ_ERRORS, FeedbackStore
 from cloud.identity import Unauthenticated, caller_device, proxy_token
 from cloud.registry.models import ModelNotFound, ModelRegistry
@@ -78,12 +78,12 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
     """ReportFeedback into a FeedbackStore; GetManifest and FetchModel from a ModelRegistry;
     GetRoutes from the cloud's task -> expert map; AckRollout into the audit log."""
 
-    def __init__(self, feedback: FeedbackStore, models: ModelRegistry, tasks: Mapping[str, Collection[str]] | None = None,
+    def __init__(self, feedback: FeedbackStore, models: ModelRegistry, tasks: Mapping[str, LabelSet] | None = None,
                  routes: Mapping[str, str] | None = None, metrics: FleetMetrics | None = None, max_batch: int = 1000,
                  chunk_bytes: int = CHUNK_BYTES, request_timeout_s: float = REQUEST_TIMEOUT_S, *, insecure: bool = False,
                  device_quota_per_day: int = DEVICE_QUOTA_PER_DAY, audit: Audit | None = None,
                  receipt_key: ReceiptKey | None = None) -> None:
-        """`tasks` (task -> labels), where given, refuses feedback of other tasks or labels.
+        """`tasks` (task -> its label set), where given, refuses feedback of other tasks or labels.
         `routes`: task -> the Serve application of its expert. `request_timeout_s`: the longest
         one step of an RPC's server-side work may take (storing a batch, reading a manifest or
         a chunk) before DEADLINE_EXCEEDED. `insecure` (development only): callers are who

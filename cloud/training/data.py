@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import numpy as np
 from tokenizers import Tokenizer
 
-from cloud.training.base_model import minilm_dir
+from cloud.training.base_model import tokenizer_json
 from cloud.training.config import FitConfig, TrainConfig
 from cloud.training.loop import encode
 from tandem.tasks import Example
@@ -15,6 +15,7 @@ from tandem.tasks import Example
 class Split:
     ids: list[list[int]]
     labels: np.ndarray
+    texts: list[str]  # what `ids` encode: a teacher with another tokenizer encodes them its own way
 
 
 @dataclass(frozen=True)
@@ -23,28 +24,34 @@ class Splits:
     train: Split
     val: Split
     test: Split
+    base_model: str | None = None  # whose tokenizer encoded the ids (FitConfig.base_model)
 
 
-def tokenizer() -> Tokenizer:
-    return Tokenizer.from_file(str(minilm_dir() / "tokenizer.json"))
+def tokenizer(base_model: str | None = None) -> Tokenizer:
+    """The tokenizer of `base_model` (FitConfig.base_model; None: the default)."""
+    return Tokenizer.from_str(tokenizer_json(base_model).decode())
 
 
 def load_splits(cfg: TrainConfig, fit: FitConfig) -> Splits:
     """Holds out `val_fraction` of train (seeded) for calibration; caps train at `max_examples`."""
-    names = cfg.task.label_names()
-    index = {name: i for i, name in enumerate(names)}
     examples = cfg.task.load("train")
+    names = cfg.task.model_labels(examples)
+    index = {name: i for i, name in enumerate(names)}
+    # Test texts of the out-of-scope label, where the model has no class of it, take the index of
+    # the class the boundary adds (`tandem.open_set.answer_labels`).
+    test_index = {cfg.task.oos_label: len(names), **index}
     order = np.random.default_rng(cfg.seed).permutation(len(examples))
     n_val = int(len(examples) * cfg.val_fraction)
     val = [examples[i] for i in order[:n_val]]
     train = [examples[i] for i in order[n_val:]][: fit.max_examples]
-    tok = tokenizer()
+    tok = tokenizer(fit.base_model)
 
-    def split(rows: list[Example]) -> Split:
+    def split(rows: list[Example], index: dict[str, int]) -> Split:
         unknown = {e.label for e in rows} - index.keys()
         if unknown:
             raise ValueError(f"task {cfg.task.name}: labels not in the label set: {sorted(unknown)[:5]}")
-        ids = encode(tok, [e.text for e in rows], fit.max_length)
-        return Split(ids, np.array([index[e.label] for e in rows]))
+        texts = [e.text for e in rows]
+        return Split(encode(tok, texts, fit.max_length), np.array([index[e.label] for e in rows]), texts)
 
-    return Splits(names, split(train), split(val), split(cfg.task.load("test")))
+    return Splits(names, split(train, index), split(val, index), split(cfg.task.load("test"), test_index),
+                  fit.base_model)

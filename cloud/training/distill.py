@@ -29,13 +29,13 @@ from transformers import AutoModelForSequenceClassification
 from cloud.audit import AuditLog
 from cloud.registry import ModelRegistry
 from cloud.training.artifact import write_manifest
-from cloud.training.base_model import build_classifier, minilm_dir
+from cloud.training.base_model import build_classifier, tokenizer_json
 from cloud.training.config import DistillConfig
-from cloud.training.data import Splits, load_splits
+from cloud.training.data import Splits, load_splits, tokenizer
 from cloud.training.distill_data import (NO_LABEL, DistillSet, FeedbackExample, build_distill_set, corroborate,
                                          read_feedback)
 from cloud.training.gate import judge
-from cloud.training.loop import Loss, fit_loss, predict_logits
+from cloud.training.loop import Loss, encode, fit_loss, predict_logits
 from cloud.training.quiet import quiet_third_party
 from cloud.training.student import export_student
 from tandem.contract import (LABELS_FILE, MANIFEST_FILE, MODEL_FILE, ONNX_INPUTS, ONNX_OUTPUT, STUDENT_FILES,
@@ -62,7 +62,7 @@ def run_distill(cfg: DistillConfig, feedback: list[FeedbackExample] | None = Non
     splits = load_splits(cfg.splits_config(), cfg.student)
     feedback = read_feedback(cfg.feedback_store_uri(), task) if feedback is None else feedback
     data = build_distill_set(splits, feedback, cfg.seed_fraction, cfg.student.max_length, cfg.corroboration_devices)
-    soft, teacher = teacher_logits(cfg.teacher_path(), splits.label_names, data.ids)
+    soft, teacher = teacher_logits(cfg.teacher_path(), splits.label_names, data.texts, cfg.student.max_length)
     data = corroborate(data, soft)
     log.info(
         "%s: %d labelled examples (seed_fraction %s), feedback %s (%d dropped), corrections %s",
@@ -71,7 +71,7 @@ def run_distill(cfg: DistillConfig, feedback: list[FeedbackExample] | None = Non
     files, fields = train_candidate(cfg, splits, data, soft)
     lineage = _lineage(cfg, data, teacher, feedback)
     try:
-        check_candidate(files, fields, splits.label_names, cfg.student.max_length)
+        check_candidate(files, fields, splits.label_names, cfg.student.max_length, cfg.student.base_model)
     except CandidateError as exc:
         audit.append("reject_candidate", "retrainer", task=task, version=None, parent=parent, reason=str(exc))
         raise
@@ -84,7 +84,8 @@ def run_distill(cfg: DistillConfig, feedback: list[FeedbackExample] | None = Non
         # On the bytes just checked, in this process: what is signed next is what was judged.
         gate = judge(candidate, promoted, splits.val, splits.label_names, cfg.min_accuracy_gain)
         write_manifest(candidate, kind="student", task=task, parent=parent, gate=gate,
-                       sequence=registry.next_sequence(task), **lineage, **fields)
+                       sequence=registry.next_sequence(task), label_set_version=cfg.task.label_set_version,
+                       **lineage, **fields)
         manifest = sign_artifact(candidate, key)
         signed_sha256 = manifest_sha256((candidate / MANIFEST_FILE).read_bytes())
         audit.append("key_use", "retrainer", key_id=manifest.key_id, task=task, version=manifest.version,
@@ -146,10 +147,12 @@ class CandidateError(Exception):
     """What a training task returned is not a well-formed student of the task: it is not signed."""
 
 
-def check_candidate(files: dict[str, bytes], fields: dict[str, Any], label_names: list[str], max_length: int) -> None:
+def check_candidate(files: dict[str, bytes], fields: dict[str, Any], label_names: list[str], max_length: int,
+                    base_model: str | None = None) -> None:
     """Checks a candidate from a training task before this process signs it: the training
     cluster is not trusted with the key, so the signer checks what it would vouch for. The
-    files are exactly the student's, the labels and tokenizer are the task's, and ONNX Runtime
+    files are exactly the student's, the labels are the task's, the tokenizer is `base_model`'s
+    (the configured student's, not what the candidate claims), and ONNX Runtime
     loads the model with the edge's inputs and one output per label. (Its accuracy is the gate's.)"""
     expected = set(STUDENT_FILES) - {MANIFEST_FILE}
     if set(files) != expected:
@@ -159,8 +162,8 @@ def check_candidate(files: dict[str, bytes], fields: dict[str, Any], label_names
                              f"are not {MODEL_FILE}/{max_length}")
     if json.loads(files[LABELS_FILE]) != label_names:
         raise CandidateError(f"candidate {LABELS_FILE} is not the task's labels, in the task's order")
-    if files[TOKENIZER_FILE] != (minilm_dir() / "tokenizer.json").read_bytes():
-        raise CandidateError(f"candidate {TOKENIZER_FILE} is not the student's tokenizer")
+    if files[TOKENIZER_FILE] != tokenizer_json(base_model):
+        raise CandidateError(f"candidate {TOKENIZER_FILE} is not the tokenizer of base_model {base_model!r}")
     try:
         session = ort.InferenceSession(files[MODEL_FILE], providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own untyped errors for bad graphs
@@ -189,8 +192,14 @@ def run_schedule(cfg: DistillConfig) -> None:
             time.sleep(max(0.0, started + cfg.interval_s - time.monotonic()))
 
 
-def teacher_logits(teacher_dir: Path, label_names: list[str], ids: list[list[int]]) -> tuple[np.ndarray, str]:
-    """The teacher's logits for every example, and the teacher's version (its directory if unversioned)."""
+def teacher_logits(
+    teacher_dir: Path, label_names: list[str], texts: list[str], max_length: int
+) -> tuple[np.ndarray, str]:
+    """The teacher's logits for every text, and the teacher's version (its directory if unversioned).
+
+    The teacher reads the texts through its own tokenizer (its checkpoint's), keeping
+    `max_length` of its tokens: its base model, and so its tokenizer, may differ from the student's.
+    """
     if not (teacher_dir / "config.json").is_file():
         raise FileNotFoundError(
             f"no teacher checkpoint at {teacher_dir}: run `tandem train teacher` or set teacher_dir"
@@ -200,6 +209,7 @@ def teacher_logits(teacher_dir: Path, label_names: list[str], ids: list[list[int
     if labels != label_names:
         raise ValueError(f"teacher_dir {teacher_dir}: its labels are not the task's, in the task's order")
     version = Manifest.read(teacher_dir).version if (teacher_dir / MANIFEST_FILE).is_file() else str(teacher_dir)
+    ids = encode(tokenizer(str(teacher_dir)), texts, max_length)
     return predict_logits(model, ids, desc="teacher soft labels"), version
 
 
@@ -229,11 +239,11 @@ def distil_student(
     """
     quiet_third_party()  # in a Ray worker, a process that no `tandem` command set up
     fit_cfg = cfg.student.model_copy(update={"epochs": training_epochs(cfg, len(data.ids))})
-    model = build_classifier(splits.label_names, fit_cfg.layers)
+    model = build_classifier(splits.label_names, fit_cfg.layers, fit_cfg.base_model)
     loss = distillation_loss(soft, data.labels, cfg.kd_temperature, cfg.alpha)
     fit_loss(model, data.ids, loss, fit_cfg, cfg.seed, desc="distil")
     with tempfile.TemporaryDirectory() as tmp:
-        fields = export_student(model, fit_cfg, splits, Path(tmp))
+        fields = export_student(model, fit_cfg, splits, Path(tmp), cfg.task.oos_label, cfg.known_rejection)
         return {p.name: p.read_bytes() for p in Path(tmp).iterdir()}, fields
 
 

@@ -45,7 +45,8 @@ class FeedbackExample:
 
 @dataclass(frozen=True)
 class DistillSet:
-    ids: list[list[int]]
+    ids: list[list[int]]  # the student's tokens
+    texts: list[str]  # what `ids` encode, for the teacher's tokenizer
     labels: np.ndarray  # label index per example; NO_LABEL: the teacher's soft label only
     labelled: int  # examples from the task's labelled seed (the first ones)
     feedback: dict[str, int]  # feedback examples used, by kind
@@ -75,7 +76,7 @@ def read_feedback(uri: str, task: str) -> list[FeedbackExample]:
 def labelled_seed(train: Split, fraction: float) -> Split:
     """The first `fraction` of the (already shuffled) train split."""
     n = math.ceil(len(train.ids) * fraction)
-    return Split(train.ids[:n], train.labels[:n])
+    return Split(train.ids[:n], train.labels[:n], train.texts[:n])
 
 
 def build_distill_set(
@@ -90,7 +91,7 @@ def build_distill_set(
     held_out = {tuple(x) for x in splits.val.ids + splits.test.ids}
     index = {name: i for i, name in enumerate(splits.label_names)}
     rows = [f for f in feedback if f.text.strip()]
-    ids = encode(tokenizer(), [f.text for f in rows], max_length)
+    ids = encode(tokenizer(splits.base_model), [f.text for f in rows], max_length)
     kept = [(f, x) for f, x in zip(rows, ids) if tuple(x) not in held_out]
     devices = _devices_per_claim([f for f, _ in kept])
     labels, claims, by_devices = [], {}, 0
@@ -104,6 +105,7 @@ def build_distill_set(
         labels.append(label)
     return DistillSet(
         ids=seed.ids + [x for _, x in kept],
+        texts=seed.texts + [f.text for f, _ in kept],
         labels=np.concatenate([seed.labels, np.array(labels, dtype=np.int64)]),
         labelled=len(seed.ids),
         feedback=dict(Counter(f.kind for f, _ in kept)),

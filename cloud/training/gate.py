@@ -5,16 +5,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tokenizers import Tokenizer
 
 from cloud.training.data import Split
 from cloud.training.export import onnx_logits
-from tandem.contract import LABELS_FILE, MODEL_FILE
+from cloud.training.loop import encode
+from tandem.contract import LABELS_FILE, MODEL_FILE, TOKENIZER_FILE, Manifest
 
 
 def onnx_accuracy(directory: Path, split: Split, label_names: list[str]) -> float:
     """Accuracy of an artifact's model on `split`, compared by label name, so that an
     artifact with another label order is still judged fairly."""
-    predicted = onnx_logits(directory / MODEL_FILE, split.ids).argmax(-1)
+    # Each artifact's own tokenizer: a new base model brings a new one.
+    tokenizer = Tokenizer.from_file(str(directory / TOKENIZER_FILE))
+    ids = encode(tokenizer, split.texts, Manifest.read(directory).max_length)
+    predicted = onnx_logits(directory / MODEL_FILE, ids).argmax(-1)
     own = json.loads((directory / LABELS_FILE).read_text())
     return float(np.mean([own[p] == label_names[t] for p, t in zip(predicted, split.labels)]))
 

@@ -1,4 +1,4 @@
-"""`tandem train student`: a truncated MiniLM, exported to int8 ONNX and calibrated.
+"""`tandem train student`: the base model's first layers, exported to int8 ONNX and calibrated.
 
 The artifact directory holds `contract.STUDENT_FILES` (model, tokenizer, labels, manifest) and
 the manifest's signature: everything the edge needs, nothing it must not import. It is signed
@@ -15,8 +15,8 @@ import numpy as np
 from transformers import PreTrainedModel
 
 from cloud.training.artifact import write_manifest
-from cloud.training.base_model import build_classifier, minilm_dir
-from cloud.training.calibration import expected_calibration_error, fit_temperature, softmax
+from cloud.training.base_model import build_classifier, tokenizer_json
+from cloud.training.calibration import calibrate, expected_calibration_error, open_accuracy, softmax
 from cloud.training.config import FitConfig, TrainConfig
 from cloud.training.data import Splits, load_splits
 from cloud.training.export import export_onnx, onnx_logits, quantize_int8
@@ -30,43 +30,48 @@ def train_student(cfg: TrainConfig, out: Path, parent: str | None = None) -> dic
     key = signing_key(cfg.signing_key_path(), cfg.dev_keys)  # before training: a missing key fails fast
     fit_cfg = cfg.student
     splits = load_splits(cfg, fit_cfg)
-    model = build_classifier(splits.label_names, fit_cfg.layers)
+    model = build_classifier(splits.label_names, fit_cfg.layers, fit_cfg.base_model)
     fit(model, splits.train.ids, splits.train.labels, fit_cfg, cfg.seed, desc="student")
     with atomic_dir(out) as scratch:
-        fields = export_student(model, fit_cfg, splits, scratch)
-        write_manifest(
-            scratch, kind="student", task=cfg.task.name, parent=parent, train_examples=len(splits.train.ids), **fields
-        )
+        fields = export_student(model, fit_cfg, splits, scratch, cfg.task.oos_label, cfg.known_rejection)
+        write_manifest(scratch, kind="student", task=cfg.task.name, parent=parent, train_examples=len(splits.train.ids),
+                       label_set_version=cfg.task.label_set_version, **fields)
         return sign_artifact(scratch, key).model_dump(mode="json")
 
 
-def export_student(model: PreTrainedModel, fit_cfg: FitConfig, splits: Splits, directory: Path) -> dict[str, Any]:
-    """Writes the edge's files (int8 model, tokenizer, labels) into `directory`;
-    returns the manifest fields that describe them: payload, temperature, test metrics."""
+def export_student(model: PreTrainedModel, fit_cfg: FitConfig, splits: Splits, directory: Path, oos_label: str,
+                   known_rejection: float) -> dict[str, Any]:
+    """Writes the edge's files (int8 model, tokenizer, labels) into `directory`; returns the
+    manifest fields that describe them: payload, temperature, out-of-scope boundary, test metrics."""
     test_fp32 = predict_logits(model, splits.test.ids)
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "model.fp32.onnx"
         export_onnx(model, fp32)
         quantize_int8(fp32, directory / MODEL_FILE)
     # Calibrate the model the edge runs (int8), not the torch one.
-    temperature = fit_temperature(onnx_logits(directory / MODEL_FILE, splits.val.ids), splits.val.labels)
+    calibration = calibrate(onnx_logits(directory / MODEL_FILE, splits.val.ids), splits.val.labels, splits.label_names,
+                            oos_label, known_rejection)
     test_int8 = onnx_logits(directory / MODEL_FILE, splits.test.ids)
-    (directory / TOKENIZER_FILE).write_bytes((minilm_dir() / "tokenizer.json").read_bytes())
+    (directory / TOKENIZER_FILE).write_bytes(tokenizer_json(fit_cfg.base_model))
     (directory / LABELS_FILE).write_text(json.dumps(splits.label_names, indent=1) + "\n")
     return {
         "payload": MODEL_FILE,
         "fit": fit_cfg.model_dump(),
         "layers": model.config.num_hidden_layers,
         "max_length": fit_cfg.max_length,
-        "temperature": temperature,
-        "metrics": _metrics(test_fp32, test_int8, splits.test.labels, temperature),
+        **calibration,
+        "metrics": _metrics(test_fp32, test_int8, splits.test.labels, splits.label_names, calibration),
     }
 
 
-def _metrics(fp32: np.ndarray, int8: np.ndarray, labels: np.ndarray, temperature: float) -> dict[str, float]:
+def _metrics(fp32: np.ndarray, int8: np.ndarray, labels: np.ndarray, label_names: list[str],
+             calibration: dict[str, Any]) -> dict[str, float]:
+    """Closed-set accuracy (the argmax of the model's own classes) and, with the boundary, open accuracy."""
     predicted = int8.argmax(-1)
+    temperature = calibration["temperature"]
     return {
         "test_accuracy": float((predicted == labels).mean()),
+        "test_open_accuracy": open_accuracy(int8, labels, label_names, calibration),
         "test_accuracy_fp32": float((fp32.argmax(-1) == labels).mean()),
         "int8_fp32_agreement": float((predicted == fp32.argmax(-1)).mean()),
         "test_ece_uncalibrated": expected_calibration_error(softmax(int8), labels),

@@ -24,25 +24,25 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14tandem/v1/edge.proto\x12\ttandem.v1\">\n\x0cInferRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\x0c\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"U\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x02 \x01(\x01\x12\x10\n\x08\x63loud_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\"\xd3\x01\n\rInferResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\r\n\x05label\x18\x03 \x01(\t\x12\x12\n\nconfidence\x18\x04 \x01(\x02\x12!\n\x06source\x18\x05 \x01(\x0e\x32\x11.tandem.v1.Source\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x15\n\rmodel_version\x18\x07 \x01(\t\x12\x0e\n\x06\x65xpert\x18\x08 \x01(\t\x12#\n\x07timings\x18\t \x01(\x0b\x32\x12.tandem.v1.Timings\"O\n\x0e\x43orrectRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\x0c\x12\r\n\x05label\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"$\n\x0f\x43orrectResponse\x12\x11\n\trecord_id\x18\x01 \x01(\t*H\n\x06Source\x12\x16\n\x12SOURCE_UNSPECIFIED\x10\x00\x12\x08\n\x04\x45\x44GE\x10\x01\x12\t\n\x05\x43LOUD\x10\x02\x12\x11\n\rEDGE_FALLBACK\x10\x03\x32\x84\x01\n\x04\x45\x64ge\x12:\n\x05Infer\x12\x17.tandem.v1.InferRequest\x1a\x18.tandem.v1.InferResponse\x12@\n\x07\x43orrect\x12\x19.tandem.v1.CorrectRequest\x1a\x1a.tandem.v1.CorrectResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14tandem/v1/edge.proto\x12\ttandem.v1\">\n\x0cInferRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\x0c\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"U\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x02 \x01(\x01\x12\x10\n\x08\x63loud_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\"\x84\x02\n\rInferResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\r\n\x05label\x18\x03 \x01(\t\x12\x12\n\nconfidence\x18\x04 \x01(\x02\x12!\n\x06source\x18\x05 \x01(\x0e\x32\x11.tandem.v1.Source\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x15\n\rmodel_version\x18\x07 \x01(\t\x12\x0e\n\x06\x65xpert\x18\x08 \x01(\t\x12#\n\x07timings\x18\t \x01(\x0b\x32\x12.tandem.v1.Timings\x12\x14\n\x0cout_of_scope\x18\n \x01(\x08\x12\x19\n\x11label_set_version\x18\x0b \x01(\r\"O\n\x0e\x43orrectRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\x0c\x12\r\n\x05label\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"$\n\x0f\x43orrectResponse\x12\x11\n\trecord_id\x18\x01 \x01(\t*H\n\x06Source\x12\x16\n\x12SOURCE_UNSPECIFIED\x10\x00\x12\x08\n\x04\x45\x44GE\x10\x01\x12\t\n\x05\x43LOUD\x10\x02\x12\x11\n\rEDGE_FALLBACK\x10\x03\x32\x84\x01\n\x04\x45\x64ge\x12:\n\x05Infer\x12\x17.tandem.v1.InferRequest\x1a\x18.tandem.v1.InferResponse\x12@\n\x07\x43orrect\x12\x19.tandem.v1.CorrectRequest\x1a\x1a.tandem.v1.CorrectResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tandem.v1.edge_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SOURCE']._serialized_start=519
-  _globals['_SOURCE']._serialized_end=591
+  _globals['_SOURCE']._serialized_start=568
+  _globals['_SOURCE']._serialized_end=640
   _globals['_INFERREQUEST']._serialized_start=35
   _globals['_INFERREQUEST']._serialized_end=97
   _globals['_TIMINGS']._serialized_start=99
   _globals['_TIMINGS']._serialized_end=184
   _globals['_INFERRESPONSE']._serialized_start=187
-  _globals['_INFERRESPONSE']._serialized_end=398
-  _globals['_CORRECTREQUEST']._serialized_start=400
-  _globals['_CORRECTREQUEST']._serialized_end=479
-  _globals['_CORRECTRESPONSE']._serialized_start=481
-  _globals['_CORRECTRESPONSE']._serialized_end=517
-  _globals['_EDGE']._serialized_start=594
-  _globals['_EDGE']._serialized_end=726
+  _globals['_INFERRESPONSE']._serialized_end=447
+  _globals['_CORRECTREQUEST']._serialized_start=449
+  _globals['_CORRECTREQUEST']._serialized_end=528
+  _globals['_CORRECTRESPONSE']._serialized_start=530
+  _globals['_CORRECTRESPONSE']._serialized_end=566
+  _globals['_EDGE']._serialized_start=643
+  _globals['_EDGE']._serialized_end=775
 # @@protoc_insertion_point(module_scope)

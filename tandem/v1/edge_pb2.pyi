@@ -40,7 +40,7 @@ class Timings(_message.Message):
     def __init__(self, queue_ms: _Optional[float] = ..., inference_ms: _Optional[float] = ..., cloud_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
 
 class InferResponse(_message.Message):
-    __slots__ = ("request_id", "task", "label", "confidence", "source", "reason", "model_version", "expert", "timings")
+    __slots__ = ("request_id", "task", "label", "confidence", "source", "reason", "model_version", "expert", "timings", "out_of_scope", "label_set_version")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +50,8 @@ class InferResponse(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     EXPERT_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    OUT_OF_SCOPE_FIELD_NUMBER: _ClassVar[int]
+    LABEL_SET_VERSION_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     task: str
     label: str
@@ -59,7 +61,9 @@ class InferResponse(_message.Message):
     model_version: str
     expert: str
     timings: Timings
-    def __init__(self, request_id: _Optional[str] = ..., task: _Optional[str] = ..., label: _Optional[str] = ..., confidence: _Optional[float] = ..., source: _Optional[_Union[Source, str]] = ..., reason: _Optional[str] = ..., model_version: _Optional[str] = ..., expert: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
+    out_of_scope: bool
+    label_set_version: int
+    def __init__(self, request_id: _Optional[str] = ..., task: _Optional[str] = ..., label: _Optional[str] = ..., confidence: _Optional[float] = ..., source: _Optional[_Union[Source, str]] = ..., reason: _Optional[str] = ..., model_version: _Optional[str] = ..., expert: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., out_of_scope: _Optional[bool] = ..., label_set_version: _Optional[int] = ...) -> None: ...
 
 class CorrectRequest(_message.Message):
     __slots__ = ("task", "text", "label", "request_id")

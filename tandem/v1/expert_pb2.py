@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from tandem.v1 import common_pb2 as tandem_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tandem/v1/expert.proto\x12\ttandem.v1\x1a\x16tandem/v1/common.proto\"}\n\x0f\x45scalateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\'\n\x04\x65\x64ge\x18\x04 \x01(\x0b\x32\x19.tandem.v1.EdgePrediction\x12\x11\n\tdevice_id\x18\x05 \x01(\t\"\xbe\x01\n\x10\x45scalateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\x12\n\nconfidence\x18\x03 \x01(\x02\x12+\n\x0c\x64istribution\x18\x04 \x03(\x0b\x32\x15.tandem.v1.LabelScore\x12\x0e\n\x06\x65xpert\x18\x05 \x01(\t\x12\x11\n\texpert_ms\x18\x06 \x01(\x01\x12#\n\x07receipt\x18\x07 \x01(\x0b\x32\x12.tandem.v1.Receipt2M\n\x06\x45xpert\x12\x43\n\x08\x45scalate\x12\x1a.tandem.v1.EscalateRequest\x1a\x1b.tandem.v1.EscalateResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tandem/v1/expert.proto\x12\ttandem.v1\x1a\x16tandem/v1/common.proto\"}\n\x0f\x45scalateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\'\n\x04\x65\x64ge\x18\x04 \x01(\x0b\x32\x19.tandem.v1.EdgePrediction\x12\x11\n\tdevice_id\x18\x05 \x01(\t\"\xef\x01\n\x10\x45scalateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\x12\n\nconfidence\x18\x03 \x01(\x02\x12+\n\x0c\x64istribution\x18\x04 \x03(\x0b\x32\x15.tandem.v1.LabelScore\x12\x0e\n\x06\x65xpert\x18\x05 \x01(\t\x12\x11\n\texpert_ms\x18\x06 \x01(\x01\x12#\n\x07receipt\x18\x07 \x01(\x0b\x32\x12.tandem.v1.Receipt\x12\x14\n\x0cout_of_scope\x18\x08 \x01(\x08\x12\x19\n\x11label_set_version\x18\t \x01(\r2M\n\x06\x45xpert\x12\x43\n\x08\x45scalate\x12\x1a.tandem.v1.EscalateRequest\x1a\x1b.tandem.v1.EscalateResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,7 +35,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ESCALATEREQUEST']._serialized_start=61
   _globals['_ESCALATEREQUEST']._serialized_end=186
   _globals['_ESCALATERESPONSE']._serialized_start=189
-  _globals['_ESCALATERESPONSE']._serialized_end=379
-  _globals['_EXPERT']._serialized_start=381
-  _globals['_EXPERT']._serialized_end=458
+  _globals['_ESCALATERESPONSE']._serialized_end=428
+  _globals['_EXPERT']._serialized_start=430
+  _globals['_EXPERT']._serialized_end=507
 # @@protoc_insertion_point(module_scope)

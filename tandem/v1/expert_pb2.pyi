@@ -22,7 +22,7 @@ class EscalateRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., task: _Optional[str] = ..., text: _Optional[str] = ..., edge: _Optional[_Union[_common_pb2.EdgePrediction, _Mapping]] = ..., device_id: _Optional[str] = ...) -> None: ...
 
 class EscalateResponse(_message.Message):
-    __slots__ = ("request_id", "label", "confidence", "distribution", "expert", "expert_ms", "receipt")
+    __slots__ = ("request_id", "label", "confidence", "distribution", "expert", "expert_ms", "receipt", "out_of_scope", "label_set_version")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
@@ -30,6 +30,8 @@ class EscalateResponse(_message.Message):
     EXPERT_FIELD_NUMBER: _ClassVar[int]
     EXPERT_MS_FIELD_NUMBER: _ClassVar[int]
     RECEIPT_FIELD_NUMBER: _ClassVar[int]
+    OUT_OF_SCOPE_FIELD_NUMBER: _ClassVar[int]
+    LABEL_SET_VERSION_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     label: str
     confidence: float
@@ -37,4 +39,6 @@ class EscalateResponse(_message.Message):
     expert: str
     expert_ms: float
     receipt: _common_pb2.Receipt
-    def __init__(self, request_id: _Optional[str] = ..., label: _Optional[str] = ..., confidence: _Optional[float] = ..., distribution: _Optional[_Iterable[_Union[_common_pb2.LabelScore, _Mapping]]] = ..., expert: _Optional[str] = ..., expert_ms: _Optional[float] = ..., receipt: _Optional[_Union[_common_pb2.Receipt, _Mapping]] = ...) -> None: ...
+    out_of_scope: bool
+    label_set_version: int
+    def __init__(self, request_id: _Optional[str] = ..., label: _Optional[str] = ..., confidence: _Optional[float] = ..., distribution: _Optional[_Iterable[_Union[_common_pb2.LabelScore, _Mapping]]] = ..., expert: _Optional[str] = ..., expert_ms: _Optional[float] = ..., receipt: _Optional[_Union[_common_pb2.Receipt, _Mapping]] = ..., out_of_scope: _Optional[bool] = ..., label_set_version: _Optional[int] = ...) -> None: ...

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from tandem.v1 import common_pb2 as tandem_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15tandem/v1/fleet.proto\x12\ttandem.v1\x1a\x16tandem/v1/common.proto\"\xc0\x02\n\x0e\x46\x65\x65\x64\x62\x61\x63kRecord\x12\x11\n\trecord_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0c\n\x04task\x18\x03 \x01(\t\x12%\n\x04kind\x18\x04 \x01(\x0e\x32\x17.tandem.v1.FeedbackKind\x12\x0c\n\x04text\x18\x05 \x01(\t\x12\'\n\x04\x65\x64ge\x18\x06 \x01(\x0b\x32\x19.tandem.v1.EdgePrediction\x12\r\n\x05label\x18\x07 \x01(\t\x12+\n\x0c\x64istribution\x18\x08 \x03(\x0b\x32\x15.tandem.v1.LabelScore\x12\x0e\n\x06\x65xpert\x18\t \x01(\t\x12\x11\n\tdevice_id\x18\n \x01(\t\x12\x17\n\x0f\x63reated_unix_ms\x18\x0b \x01(\x03\x12#\n\x07receipt\x18\x0c \x01(\x0b\x32\x12.tandem.v1.Receipt\"C\n\x15ReportFeedbackRequest\x12*\n\x07records\x18\x01 \x03(\x0b\x32\x19.tandem.v1.FeedbackRecord\"<\n\x16ReportFeedbackResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x05\x12\x12\n\nduplicates\x18\x02 \x01(\x05\"\"\n\x12GetManifestRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\"7\n\tModelFile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"\xb2\x01\n\rModelManifest\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x15\n\rmanifest_json\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\x12#\n\x05\x66iles\x18\x05 \x03(\x0b\x32\x14.tandem.v1.ModelFile\x12\x16\n\x0epromotion_json\x18\x06 \x01(\x0c\x12\x1b\n\x13promotion_signature\x18\x07 \x01(\x0c\"2\n\x11\x46\x65tchModelRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"8\n\nModelChunk\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x12\n\x10GetRoutesRequest\"x\n\x06Routes\x12\x39\n\x0c\x61pplications\x18\x01 \x03(\x0b\x32#.tandem.v1.Routes.ApplicationsEntry\x1a\x33\n\x11\x41pplicationsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"2\n\x11\x41\x63kRolloutRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\x14\n\x12\x41\x63kRolloutResponse*f\n\x0c\x46\x65\x65\x64\x62\x61\x63kKind\x12\x1d\n\x19\x46\x45\x45\x44\x42\x41\x43K_KIND_UNSPECIFIED\x10\x00\x12\x0e\n\nESCALATION\x10\x01\x12\x0e\n\nCORRECTION\x10\x02\x12\x0c\n\x08\x46\x41LLBACK\x10\x03\x12\t\n\x05\x41UDIT\x10\x04\x32\xf3\x02\n\x05\x46leet\x12U\n\x0eReportFeedback\x12 .tandem.v1.ReportFeedbackRequest\x1a!.tandem.v1.ReportFeedbackResponse\x12\x46\n\x0bGetManifest\x12\x1d.tandem.v1.GetManifestRequest\x1a\x18.tandem.v1.ModelManifest\x12\x43\n\nFetchModel\x12\x1c.tandem.v1.FetchModelRequest\x1a\x15.tandem.v1.ModelChunk0\x01\x12;\n\tGetRoutes\x12\x1b.tandem.v1.GetRoutesRequest\x1a\x11.tandem.v1.Routes\x12I\n\nAckRollout\x12\x1c.tandem.v1.AckRolloutRequest\x1a\x1d.tandem.v1.AckRolloutResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15tandem/v1/fleet.proto\x12\ttandem.v1\x1a\x16tandem/v1/common.proto\"\xdb\x02\n\x0e\x46\x65\x65\x64\x62\x61\x63kRecord\x12\x11\n\trecord_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0c\n\x04task\x18\x03 \x01(\t\x12%\n\x04kind\x18\x04 \x01(\x0e\x32\x17.tandem.v1.FeedbackKind\x12\x0c\n\x04text\x18\x05 \x01(\t\x12\'\n\x04\x65\x64ge\x18\x06 \x01(\x0b\x32\x19.tandem.v1.EdgePrediction\x12\r\n\x05label\x18\x07 \x01(\t\x12+\n\x0c\x64istribution\x18\x08 \x03(\x0b\x32\x15.tandem.v1.LabelScore\x12\x0e\n\x06\x65xpert\x18\t \x01(\t\x12\x11\n\tdevice_id\x18\n \x01(\t\x12\x17\n\x0f\x63reated_unix_ms\x18\x0b \x01(\x03\x12#\n\x07receipt\x18\x0c \x01(\x0b\x32\x12.tandem.v1.Receipt\x12\x19\n\x11label_set_version\x18\r \x01(\r\"C\n\x15ReportFeedbackRequest\x12*\n\x07records\x18\x01 \x03(\x0b\x32\x19.tandem.v1.FeedbackRecord\"<\n\x16ReportFeedbackResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x05\x12\x12\n\nduplicates\x18\x02 \x01(\x05\"\"\n\x12GetManifestRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\"7\n\tModelFile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"\xb2\x01\n\rModelManifest\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x15\n\rmanifest_json\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\x12#\n\x05\x66iles\x18\x05 \x03(\x0b\x32\x14.tandem.v1.ModelFile\x12\x16\n\x0epromotion_json\x18\x06 \x01(\x0c\x12\x1b\n\x13promotion_signature\x18\x07 \x01(\x0c\"2\n\x11\x46\x65tchModelRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"8\n\nModelChunk\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x12\n\x10GetRoutesRequest\"x\n\x06Routes\x12\x39\n\x0c\x61pplications\x18\x01 \x03(\x0b\x32#.tandem.v1.Routes.ApplicationsEntry\x1a\x33\n\x11\x41pplicationsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"2\n\x11\x41\x63kRolloutRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\x14\n\x12\x41\x63kRolloutResponse*f\n\x0c\x46\x65\x65\x64\x62\x61\x63kKind\x12\x1d\n\x19\x46\x45\x45\x44\x42\x41\x43K_KIND_UNSPECIFIED\x10\x00\x12\x0e\n\nESCALATION\x10\x01\x12\x0e\n\nCORRECTION\x10\x02\x12\x0c\n\x08\x46\x41LLBACK\x10\x03\x12\t\n\x05\x41UDIT\x10\x04\x32\xf3\x02\n\x05\x46leet\x12U\n\x0eReportFeedback\x12 .tandem.v1.ReportFeedbackRequest\x1a!.tandem.v1.ReportFeedbackResponse\x12\x46\n\x0bGetManifest\x12\x1d.tandem.v1.GetManifestRequest\x1a\x18.tandem.v1.ModelManifest\x12\x43\n\nFetchModel\x12\x1c.tandem.v1.FetchModelRequest\x1a\x15.tandem.v1.ModelChunk0\x01\x12;\n\tGetRoutes\x12\x1b.tandem.v1.GetRoutesRequest\x1a\x11.tandem.v1.Routes\x12I\n\nAckRollout\x12\x1c.tandem.v1.AckRolloutRequest\x1a\x1d.tandem.v1.AckRolloutResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,34 +34,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ROUTES_APPLICATIONSENTRY']._loaded_options = None
   _globals['_ROUTES_APPLICATIONSENTRY']._serialized_options = b'8\001'
-  _globals['_FEEDBACKKIND']._serialized_start=1114
-  _globals['_FEEDBACKKIND']._serialized_end=1216
+  _globals['_FEEDBACKKIND']._serialized_start=1141
+  _globals['_FEEDBACKKIND']._serialized_end=1243
   _globals['_FEEDBACKRECORD']._serialized_start=61
-  _globals['_FEEDBACKRECORD']._serialized_end=381
-  _globals['_REPORTFEEDBACKREQUEST']._serialized_start=383
-  _globals['_REPORTFEEDBACKREQUEST']._serialized_end=450
-  _globals['_REPORTFEEDBACKRESPONSE']._serialized_start=452
-  _globals['_REPORTFEEDBACKRESPONSE']._serialized_end=512
-  _globals['_GETMANIFESTREQUEST']._serialized_start=514
-  _globals['_GETMANIFESTREQUEST']._serialized_end=548
-  _globals['_MODELFILE']._serialized_start=550
-  _globals['_MODELFILE']._serialized_end=605
-  _globals['_MODELMANIFEST']._serialized_start=608
-  _globals['_MODELMANIFEST']._serialized_end=786
-  _globals['_FETCHMODELREQUEST']._serialized_start=788
-  _globals['_FETCHMODELREQUEST']._serialized_end=838
-  _globals['_MODELCHUNK']._serialized_start=840
-  _globals['_MODELCHUNK']._serialized_end=896
-  _globals['_GETROUTESREQUEST']._serialized_start=898
-  _globals['_GETROUTESREQUEST']._serialized_end=916
-  _globals['_ROUTES']._serialized_start=918
-  _globals['_ROUTES']._serialized_end=1038
-  _globals['_ROUTES_APPLICATIONSENTRY']._serialized_start=987
-  _globals['_ROUTES_APPLICATIONSENTRY']._serialized_end=1038
-  _globals['_ACKROLLOUTREQUEST']._serialized_start=1040
-  _globals['_ACKROLLOUTREQUEST']._serialized_end=1090
-  _globals['_ACKROLLOUTRESPONSE']._serialized_start=1092
-  _globals['_ACKROLLOUTRESPONSE']._serialized_end=1112
-  _globals['_FLEET']._serialized_start=1219
-  _globals['_FLEET']._serialized_end=1590
+  _globals['_FEEDBACKRECORD']._serialized_end=408
+  _globals['_REPORTFEEDBACKREQUEST']._serialized_start=410
+  _globals['_REPORTFEEDBACKREQUEST']._serialized_end=477
+  _globals['_REPORTFEEDBACKRESPONSE']._serialized_start=479
+  _globals['_REPORTFEEDBACKRESPONSE']._serialized_end=539
+  _globals['_GETMANIFESTREQUEST']._serialized_start=541
+  _globals['_GETMANIFESTREQUEST']._serialized_end=575
+  _globals['_MODELFILE']._serialized_start=577
+  _globals['_MODELFILE']._serialized_end=632
+  _globals['_MODELMANIFEST']._serialized_start=635
+  _globals['_MODELMANIFEST']._serialized_end=813
+  _globals['_FETCHMODELREQUEST']._serialized_start=815
+  _globals['_FETCHMODELREQUEST']._serialized_end=865
+  _globals['_MODELCHUNK']._serialized_start=867
+  _globals['_MODELCHUNK']._serialized_end=923
+  _globals['_GETROUTESREQUEST']._serialized_start=925
+  _globals['_GETROUTESREQUEST']._serialized_end=943
+  _globals['_ROUTES']._serialized_start=945
+  _globals['_ROUTES']._serialized_end=1065
+  _globals['_ROUTES_APPLICATIONSENTRY']._serialized_start=1014
+  _globals['_ROUTES_APPLICATIONSENTRY']._serialized_end=1065
+  _globals['_ACKROLLOUTREQUEST']._serialized_start=1067
+  _globals['_ACKROLLOUTREQUEST']._serialized_end=1117
+  _globals['_ACKROLLOUTRESPONSE']._serialized_start=1119
+  _globals['_ACKROLLOUTRESPONSE']._serialized_end=1139
+  _globals['_FLEET']._serialized_start=1246
+  _globals['_FLEET']._serialized_end=1617
 # @@protoc_insertion_point(module_scope)

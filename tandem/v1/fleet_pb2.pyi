@@ -22,7 +22,7 @@ FALLBACK: FeedbackKind
 AUDIT: FeedbackKind
 
 class FeedbackRecord(_message.Message):
-    __slots__ = ("record_id", "request_id", "task", "kind", "text", "edge", "label", "distribution", "expert", "device_id", "created_unix_ms", "receipt")
+    __slots__ = ("record_id", "request_id", "task", "kind", "text", "edge", "label", "distribution", "expert", "device_id", "created_unix_ms", "receipt", "label_set_version")
     RECORD_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,7 @@ class FeedbackRecord(_message.Message):
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     RECEIPT_FIELD_NUMBER: _ClassVar[int]
+    LABEL_SET_VERSION_FIELD_NUMBER: _ClassVar[int]
     record_id: str
     request_id: str
     task: str
@@ -47,7 +48,8 @@ class FeedbackRecord(_message.Message):
     device_id: str
     created_unix_ms: int
     receipt: _common_pb2.Receipt
-    def __init__(self, record_id: _Optional[str] = ..., request_id: _Optional[str] = ..., task: _Optional[str] = ..., kind: _Optional[_Union[FeedbackKind, str]] = ..., text: _Optional[str] = ..., edge: _Optional[_Union[_common_pb2.EdgePrediction, _Mapping]] = ..., label: _Optional[str] = ..., distribution: _Optional[_Iterable[_Union[_common_pb2.LabelScore, _Mapping]]] = ..., expert: _Optional[str] = ..., device_id: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., receipt: _Optional[_Union[_common_pb2.Receipt, _Mapping]] = ...) -> None: ...
+    label_set_version: int
+    def __init__(self, record_id: _Optional[str] = ..., request_id: _Optional[str] = ..., task: _Optional[str] = ..., kind: _Optional[_Union[FeedbackKind, str]] = ..., text: _Optional[str] = ..., edge: _Optional[_Union[_common_pb2.EdgePrediction, _Mapping]] = ..., label: _Optional[str] = ..., distribution: _Optional[_Iterable[_Union[_common_pb2.LabelScore, _Mapping]]] = ..., expert: _Optional[str] = ..., device_id: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., receipt: _Optional[_Union[_common_pb2.Receipt, _Mapping]] = ..., label_set_version: _Optional[int] = ...) -> None: ...
 
 class ReportFeedbackRequest(_message.Message):
     __slots__ = ("records",)

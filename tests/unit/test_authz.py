@@ -9,6 +9,7 @@ import pytest
 
 from cloud.audit.log import AuditLog
 from cloud.feedback.receipts import ReceiptKey, escalation_record, issue
+from cloud.feedback.records import LabelSet
 from cloud.feedback.store import FeedbackStore
 from cloud.identity import DEVICE_METADATA, PROXY_TOKEN_METADATA
 from cloud.registry.models import ModelRegistry
@@ -19,7 +20,7 @@ from tandem.v1 import common_pb2, expert_pb2, fleet_pb2, fleet_pb2_grpc
 from tests.fleet_server import serving
 
 TOKEN = "proxy-secret"
-TASKS = {"t": ["card_arrival", "lost_card"]}
+TASKS = {"t": LabelSet(frozenset({"card_arrival", "lost_card"}), 1)}
 KEY = ReceiptKey(b"k" * 32)
 Metadata = tuple[tuple[str, str], ...]
 
@@ -222,8 +223,10 @@ def _scores(*pairs: tuple[str, float]) -> list[common_pb2.LabelScore]:
      "records[0].distribution: probabilities sum to 1.2, above the limit of 1.001"),
     ({"distribution": _scores(("card_arrival", 0.5), ("card_arrival", 0.5))},
      "records[0].distribution[1].label: 'card_arrival' appears twice"),
-    ({"distribution": _scores(("weather", 0.5))}, "records[0].distribution[0].label: 'weather' is not a label of task t"),
-    ({"edge": common_pb2.EdgePrediction(label="weather")}, "records[0].edge.label: 'weather' is not a label of task t"),
+    ({"distribution": _scores(("weather", 0.5))}, "records[0].label_set_version: 0 is not newer than the cloud's version 1 of task t's label set, which lacks "
+                                                     "records[0].distribution[0].label: 'weather' is not a label of task t"),
+    ({"edge": common_pb2.EdgePrediction(label="weather")}, "records[0].label_set_version: 0 is not newer than the cloud's version 1 of task t's label set, which lacks "
+                                                              "records[0].edge.label: 'weather' is not a label of task t"),
     ({"edge": common_pb2.EdgePrediction(confidence=-0.1)}, "records[0].edge.confidence: -0.1"),
     ({"edge": common_pb2.EdgePrediction(model_version="v" * 5000)},
      "records[0].edge.model_version: 5000 characters exceed the limit of 128"),

@@ -3,7 +3,6 @@ plain grpc.aio server with a stand-in runner (no vLLM), as the edge calls it."""
 
 import asyncio
 import contextlib
-import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -24,11 +23,11 @@ from tandem.v1 import common_pb2, expert_pb2, expert_pb2_grpc, fleet_pb2
 LABELS = ["card_arrival", "lost_card"]
 
 
+TASK = {"name": "t", "train": "unused.csv", "test": "unused.csv", "labels": LABELS}
+
+
 def _cloud_yaml(tmp_path: Path, **fields: Any) -> Path:
-    labels = tmp_path / "labels.json"
-    labels.write_text(json.dumps(LABELS))
-    spec = {"name": "t", "train": "unused.csv", "test": "unused.csv", "labels": str(labels)}
-    cfg = {"tasks": {"t": {"spec": spec, "expert": "e"}}, "experts": [{"name": "e", "kind": "generate", "model": "m"}],
+    cfg = {"tasks": {"t": {"task": TASK, "expert": "e"}}, "experts": [{"name": "e", "kind": "generate", "model": "m"}],
            **fields}
     path = tmp_path / "cloud.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -66,7 +65,8 @@ class Runner:
         self.mode = mode
         self.calls = 0
 
-    async def answer(self, text: str, labels: list[str], request_id: str) -> Answer:
+    async def answer(self, text: str, task: str, request_id: str) -> Answer:
+        labels = LABELS
         self.calls += 1
         if self.mode != "answer":
             try:
@@ -121,7 +121,7 @@ async def serving(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, runner: Runne
     engine = Engine()
     monkeypatch.setattr(cloud.experts.engine, "build_engine", lambda cfg: engine)
     create_key(tmp_path / "receipt.key")
-    expert = Standalone({"name": "e", "kind": "generate", "model": "m"}, {"t": LABELS}, timeout_s,
+    expert = Standalone({"name": "e", "kind": "generate", "model": "m"}, {"t": TASK}, timeout_s,
                         str(tmp_path / "receipt.key"), insecure)
     server = grpc.aio.server()
     expert_pb2_grpc.add_ExpertServicer_to_server(expert, server)

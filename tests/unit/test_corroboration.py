@@ -19,7 +19,7 @@ def _splits() -> Splits:
 
     def split(rows: list) -> Split:
         ids = encode(tokenizer(), [e.text for e in rows], MAX_LENGTH)
-        return Split(ids, np.array([LABELS.index(e.label) for e in rows]))
+        return Split(ids, np.array([LABELS.index(e.label) for e in rows]), [e.text for e in rows])
 
     return Splits(LABELS, split(train), split(test[:2]), split(test[2:4]))
 

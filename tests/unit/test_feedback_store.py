@@ -15,10 +15,10 @@ import pytest
 from cloud.errors import InvalidFeedback
 from cloud.feedback import FeedbackStore
 from cloud.feedback.receipts import escalation_record
-from cloud.feedback.records import SCHEMA, check, to_table
+from cloud.feedback.records import SCHEMA, LabelSet, check, to_table
 from tandem.v1 import common_pb2, expert_pb2, fleet_pb2
 
-TASKS = {"t": ["card_arrival", "lost_card"], "u": ["card_arrival"]}
+TASKS = {"t": LabelSet(frozenset({"card_arrival", "lost_card"}), 1), "u": LabelSet(frozenset({"card_arrival"}), 1)}
 NOW_MS = 1_700_000_000_000
 
 
@@ -172,7 +172,11 @@ def test_a_file_uri_is_a_local_directory(tmp_path: Path) -> None:
         ({"device_id": "d" * 129}, "records[1].device_id: 129 characters exceed the limit of 128"),
         ({"text": "é" * 1025}, "records[1].text: 2050 bytes exceeds the limit of 2048 bytes"),
         ({"label": ""}, "records[1].label: required for CORRECTION records"),
-        ({"label": "weather"}, "records[1].label: 'weather' is not a label of task t"),
+        ({"label": "weather"}, "records[1].label_set_version: 0 is not newer than the cloud's version 1 of task t's "
+                               "label set, which lacks records[1].label: 'weather' is not a label of task t"),
+        # A label from a newer label set than the cloud's: refused on `label`, which edges retry.
+        ({"label": "weather", "label_set_version": 2},
+         "records[1].label: 'weather' is not a label of task t: version 1 of its label set; the record's version 2 is newer"),
         ({"created_unix_ms": 0}, "records[1].created_unix_ms: must be set"),
     ],
 )

@@ -100,20 +100,20 @@ def _recorder(outbox: Outbox, registry: CollectorRegistry, audit_draw: float = 0
 
 async def test_recorder_redacts_before_storing_and_stamps_the_record(outbox: Outbox) -> None:
     recorder = _recorder(outbox, CollectorRegistry())
-    record_id = await recorder.record(fleet_pb2.CORRECTION, "t", "I am a@b.com, card 4111 1111 1111 1111", "req-1",
+    record_id = await recorder.record(fleet_pb2.CORRECTION, "t", "I am a@b.com, card 4111 1111 1111 1111", "req-1", 3,
                                       label="card_arrival")
     (stored,) = outbox.oldest(1)
     assert stored.record_id == record_id and len(record_id) == 32
     assert stored.text == "I am [EMAIL], card [CARD]"
-    assert (stored.kind, stored.label, stored.request_id, stored.device_id) == (
-        fleet_pb2.CORRECTION, "card_arrival", "req-1", "dev-1")
+    assert (stored.kind, stored.label, stored.request_id, stored.device_id, stored.label_set_version) == (
+        fleet_pb2.CORRECTION, "card_arrival", "req-1", "dev-1", 3)
     assert stored.created_unix_ms > 1_700_000_000_000
 
 
 async def test_recorder_counts_refusals_when_full(outbox: Outbox) -> None:
     registry = CollectorRegistry()
     recorder = _recorder(outbox, registry)
-    ids = [await recorder.record(fleet_pb2.FALLBACK, "t", "hi", f"r{i}") for i in range(8)]
+    ids = [await recorder.record(fleet_pb2.FALLBACK, "t", "hi", f"r{i}", 1) for i in range(8)]
     assert all(ids[:5]) and ids[5:] == [None] * 3
     refused = registry.get_sample_value(
         "tandem_edge_feedback_refused_total", {"task": "t", "kind": "FALLBACK", "reason": "full"})
@@ -128,7 +128,7 @@ async def test_concurrent_records_share_transactions_and_a_full_batch_refuses_on
     monkeypatch.setattr(outbox, "add_many", lambda records: commits.append(len(records)) or add_many(records))
     registry = CollectorRegistry()
     recorder = _recorder(outbox, registry)
-    ids = await asyncio.gather(*(recorder.record(fleet_pb2.FALLBACK, "t", "hi", f"r{i}") for i in range(8)))
+    ids = await asyncio.gather(*(recorder.record(fleet_pb2.FALLBACK, "t", "hi", f"r{i}", 1) for i in range(8)))
     assert sum(commits) == 8 and len(commits) < 8  # the outbox holds 5: one group commit took several
     assert sum(i is not None for i in ids) == 5 == outbox.depth
     assert registry.get_sample_value(
@@ -145,8 +145,8 @@ async def test_a_failing_disk_refuses_records_and_logs_once_per_episode(
 
     with monkeypatch.context() as patch:
         patch.setattr(outbox, "add_many", full)
-        assert [await recorder.record(fleet_pb2.FALLBACK, "t", "hi", f"r{i}") for i in range(3)] == [None] * 3
-    assert await recorder.record(fleet_pb2.FALLBACK, "t", "hi", "r3") is not None
+        assert [await recorder.record(fleet_pb2.FALLBACK, "t", "hi", f"r{i}", 1) for i in range(3)] == [None] * 3
+    assert await recorder.record(fleet_pb2.FALLBACK, "t", "hi", "r3", 1) is not None
     assert registry.get_sample_value(
         "tandem_edge_feedback_refused_total", {"task": "t", "kind": "FALLBACK", "reason": "error"}) == 3
     assert sum("write failed" in r.message for r in caplog.records) == 1

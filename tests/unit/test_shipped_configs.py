@@ -39,6 +39,21 @@ def test_distill_config_loads_and_matches_the_cloud() -> None:
     assert command[-1] == "/app/cloud/distill.prod.yaml"
 
 
+def test_prod_training_starts_from_one_multilingual_hub_model() -> None:
+    from cloud.training.config import DistillConfig, TrainConfig
+
+    train = load_config(TrainConfig, ROOT / "cloud/train.prod.yaml")
+    distill = load_config(DistillConfig, ROOT / "cloud/distill.prod.yaml")
+    base = train.teacher.base_model
+    # A hub id (not a path, not the offline English default) of a multilingual model.
+    assert base and "/" in base and not base.startswith(("/", ".", "~")) and "multilingual" in base
+    # The retrainer distils the student that was shipped, from the teacher the cloud serves.
+    assert train.student.base_model == base and distill.student == train.student
+    cloud = load_config(CloudConfig, ROOT / "cloud/cloud.prod.yaml")
+    classify = next(e for e in cloud.experts if e.kind == "classify")
+    assert distill.teacher_path() == train.model_dir("teacher") == Path(classify.model)
+
+
 def test_edge_config_loads() -> None:
     # The DaemonSet's: tests/unit/test_k8s.py (it names the node's certificate files).
     assert load_config(EdgeConfig, ROOT / "edge/edge.yaml").policy.threshold == 0.7
@@ -49,7 +64,7 @@ def test_shipped_serve_configs_are_what_the_cloud_configs_generate(tmp_path: Pat
 
     # Generated into copies, at the same relative paths (the header's command shows them), so
     # that a failing run leaves the shipped files as they were.
-    for name in ("cloud/cloud.yaml", "cloud/cloud.prod.yaml", "k8s/rayservice.yaml"):
+    for name in ("cloud/cloud.yaml", "cloud/cloud.prod.yaml", "k8s/rayservice.yaml", "tasks/banking77.yaml"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text((ROOT / name).read_text())
     monkeypatch.chdir(tmp_path)
