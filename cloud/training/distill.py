@@ -82,7 +82,7 @@ def run_distill(cfg: DistillConfig, feedback: list[FeedbackExample] | None = Non
         log.info("%s: judging the candidate against %s", task, parent or "no promoted version")
         promoted = None if parent is None else registry.path(task, parent)
         # On the bytes just checked, in this process: what is signed next is what was judged.
-        gate = judge(candidate, promoted, splits.val, splits.label_names, cfg.min_accuracy_gain)
+        gate = judge(candidate, promoted, splits.val, splits.label_names, cfg.min_accuracy_gain, cfg.student.max_length)
         write_manifest(candidate, kind="student", task=task, parent=parent, gate=gate,
                        sequence=registry.next_sequence(task), label_set_version=cfg.task.label_set_version,
                        **lineage, **fields)

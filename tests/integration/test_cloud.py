@@ -22,7 +22,7 @@ from cloud import pki
 from cloud.feedback import FeedbackStore
 from cloud.identity import DEVICE_METADATA, PROXY_TOKEN_METADATA
 from edge.config import CloudLinkConfig, PolicyConfig, TLSFiles
-from tandem.contract import FLEET_APPLICATION, TEXT_MAX_BYTES
+from tandem.contract import FLEET_APPLICATION, OUT_OF_SCOPE, TEXT_MAX_BYTES
 from tandem.subprocesses import Server, announced_server, free_port
 from tandem.tasks import banking77
 from tandem.v1 import common_pb2, edge_pb2, expert_pb2, expert_pb2_grpc, fleet_pb2, fleet_pb2_grpc
@@ -77,14 +77,14 @@ def cloud(cloud_dir: Path, teacher_dir: Path) -> Iterator[Cloud]:
 
     tmp = cloud_dir
     smollm2 = prepare_smollm2(envs.TANDEM_CACHE_DIR / "models" / SMOLLM2_DIR)
-    spec = banking77().model_dump(mode="json")
+    task = banking77().model_dump(mode="json")
     metrics_port, serve_port = free_port(), free_port()
     pki.init_ca(tmp / "ca")
     cfg = {
         "grpc_port": serve_port, "http_port": free_port(), "ray_metrics_port": metrics_port,
         "feedback_uri": str(tmp / "feedback"), "registry_dir": str(tmp / "registry"), "receipt_key": str(tmp / "receipt.key"),
         "proxy": {"port": free_port(), "ca_dir": str(tmp / "ca"), "prefix": str(tmp / "proxy")},
-        "tasks": {"banking77": {"spec": spec, "expert": "classifier"}, "banking77-llm": {"spec": spec, "expert": "llm"}},
+        "tasks": {"banking77": {"task": task, "expert": "classifier"}, "banking77-llm": {"task": task, "expert": "llm"}},
         "experts": [
             {"name": "classifier", "kind": "classify", "model": str(teacher_dir), "dtype": "float32", "max_model_len": 128,
              "deployment": {"max_ongoing_requests": 64, "max_queued_requests": 64, "health_check_period_s": 2,
@@ -170,7 +170,7 @@ def test_classify_expert_answers_with_a_label_distribution(stub: expert_pb2_grpc
         assert r.label in LABELS and r.expert == "classifier" and r.request_id == f"cls-{i}"
         assert r.distribution[0].label == r.label and probs == sorted(probs, reverse=True)
         assert r.confidence == pytest.approx(probs[0]) and 0 < sum(probs) <= 1.0001
-        assert r.expert_ms > 0
+        assert r.expert_ms > 0 and r.label_set_version == 1 and r.out_of_scope == (r.label == OUT_OF_SCOPE)
 
 
 def test_a_text_longer_than_the_classifiers_context_is_classified_on_its_first_tokens(

@@ -33,13 +33,15 @@ def _request(text: str, **kw: str) -> edge_pb2.InferRequest:
 async def test_answers_locally_with_a_label_of_the_task_and_a_calibrated_confidence(
     student_dir: Path, banking_texts: list[str]
 ) -> None:
-    labels = json.loads((student_dir / "labels.json").read_text())
-    version = json.loads((student_dir / "manifest.json").read_text())["version"]
+    manifest = json.loads((student_dir / "manifest.json").read_text())
+    version, oos = manifest["version"], manifest["out_of_scope"]["label"]
+    labels = [*json.loads((student_dir / "labels.json").read_text()), oos]  # the model's classes, and its boundary's
     async with running_daemon(student_dir, **EDGE_ONLY) as (_, stub):
         for text in banking_texts[:20]:
             r = await stub.Infer(_request(text), timeout=5)
             assert r.source == edge_pb2.EDGE and r.reason == "edge_only"
             assert r.label in labels and 0 < r.confidence <= 1
+            assert r.out_of_scope == (r.label == oos) and r.label_set_version == manifest["label_set_version"]
             assert r.model_version == version and len(r.request_id) == 32
             assert r.timings.inference_ms > 0 and r.timings.total_ms >= r.timings.inference_ms
 
@@ -301,7 +303,7 @@ async def test_corrections_are_kept_and_answer_their_record_id(student_dir: Path
 @pytest.mark.parametrize(
     ("request_fields", "field", "fragment"),
     [
-        ({"task": "banking77", "text": b"hi", "label": "not_a_label"}, "label", "'not_a_label' is not one of the 77"),
+        ({"task": "banking77", "text": b"hi", "label": "not_a_label"}, "label", "'not_a_label' is not one of the 78 labels"),
         ({"task": "banking77", "text": b"", "label": "card_arrival"}, "text", "empty"),
         ({"task": "weather", "text": b"hi", "label": "card_arrival"}, "task", "unknown task"),
     ],

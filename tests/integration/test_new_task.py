@@ -27,8 +27,9 @@ INTENTS = {
                   "is the {v} to {p} running late", "show me the {v} departures for {p}"],
     "refund": ["I want my money back for the {t} ticket", "can I get a refund on my {t} fare to {p}",
                "the {v} was cancelled, refund my {t} ticket", "how do I claim a refund for a {t} pass", "return my {t} ticket to {p}"],
-    "accessibility": ["is there step free access at {p}", "I need a wheelchair ramp for the {v}", "does the {v} to {p} have a lift",
-                      "can someone help me board the {v} with my wheelchair", "is {p} station accessible for a wheelchair"],
+    "accessibility": ["is there step free access at {p} for the {v}", "I need a wheelchair ramp for the {v} to {p}",
+                      "does the {v} to {p} have a lift", "can someone help me board the {v} to {p} with my wheelchair",
+                      "is the {v} stop at {p} accessible for a wheelchair"],
 }
 FILL = {"t": ["single", "return", "day", "weekly", "child"], "p": ["Lisbon", "Porto", "the airport", "Coimbra", "Faro"],
         "o": ["umbrella", "wallet", "phone", "backpack", "scarf"], "v": ["bus", "train", "tram", "metro", "ferry"]}

@@ -53,7 +53,11 @@ def test_student_artifact_is_complete_and_pinned(student_dir: Path) -> None:
     assert 0.05 < manifest["temperature"] < 20
     metrics = manifest["metrics"]
     # 2 epochs on 3,000 examples: far above chance (1/77).
-    assert 0.6 < metrics["test_accuracy"] <= 1
+    assert 0.5 < metrics["test_accuracy"] <= 1
+    # The out-of-scope boundary, fitted to turn away 5% of the held-out known texts: on a test
+    # split of known intents only, it can only cost accuracy, and only a little.
+    assert manifest["out_of_scope"] == {**manifest["out_of_scope"], "label": "out_of_scope", "known_rejection": 0.05}
+    assert metrics["test_accuracy"] - 0.15 < metrics["test_open_accuracy"] <= metrics["test_accuracy"]
     # Fitted on the validation split, the temperature must leave the held-out split well
     # calibrated, and never meaningfully worse than no scaling (the student may already
     # be calibrated, T close to 1: the strict improvement is tested in the unit tests).
