@@ -3,18 +3,23 @@
 For each expert kind, in one run:
 - vLLM offline throughput: the same engine and prompts with every request submitted at
   once (the most batching vLLM can do), in this process, before Serve starts;
+- the generate expert's accuracy with each of its prompts (label names only, descriptions,
+  descriptions plus retrieved examples), on one engine, in this process;
 - served escalations per second at saturation through Serve's gRPC ingress;
 - escalation overhead: client latency minus the expert's own compute, sequentially;
 - floors: a Serve gRPC echo (same proxy, an app that returns at once) and a raw grpc.aio echo.
 """
 
 import asyncio
+import contextlib
 import gc
 import json
 import os
+import random
 import shutil
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +35,7 @@ from benchmarks.loadgen import sequential
 from cloud.config import CloudConfig
 from tandem.settings import TandemSettings, load_config
 from tandem.subprocesses import announced_server, free_port
+from tandem.tasks import Task
 from tandem.v1 import expert_pb2, expert_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +51,11 @@ class CloudBenchConfig(TandemSettings):
     )
     concurrency: int = Field(32, ge=1, description="Callers at saturation.")
     sequential_requests: int = Field(50, ge=5, description="Sequential escalations for the overhead.")
+    accuracy_queries: int = Field(
+        500, ge=1, description="Test queries (a seeded sample of the generate expert's task) each of its prompts "
+        "answers for its accuracy.",
+    )
+    seed: int = Field(0, description="Seed of the accuracy sample.")
 
 
 def run_cloud_bench(cfg: CloudBenchConfig, out: Path) -> dict[str, Any]:
@@ -64,9 +75,14 @@ def _routes(cloud_cfg: CloudConfig) -> dict[str, tuple[str, Any]]:
 
 async def _measure(cfg: CloudBenchConfig, cloud_cfg: CloudConfig) -> dict[str, Any]:
     routes = _routes(cloud_cfg)
-    texts = [e.text for e in next(iter(cloud_cfg.tasks.values())).spec.load("test")]
-    offline_rps = {kind: (await offline(expert, texts[: cfg.requests[kind]], cloud_cfg.tasks[task].spec.label_names()))["rps"]
+    texts = [e.text for e in next(iter(cloud_cfg.tasks.values())).task.load("test")]
+    offline_rps = {kind: (await offline(expert, texts[: cfg.requests[kind]], cloud_cfg.tasks[task].task))["rps"]
                    for kind, (task, expert) in routes.items()}
+    accuracy = {}
+    if "generate" in routes:
+        task, expert = routes["generate"]
+        accuracy = await prompt_accuracy(expert, cloud_cfg.tasks[task].task, cfg.accuracy_queries, cfg.seed,
+                                         cfg.concurrency)
     raw_echo = await _raw_echo_p50()
     served = await _served(cfg, routes, texts)
     experts = {}
@@ -80,6 +96,7 @@ async def _measure(cfg: CloudBenchConfig, cloud_cfg: CloudConfig) -> dict[str, A
             "escalate_p50_ms": s["escalate_p50_ms"],
             "expert_p50_ms": s["expert_p50_ms"],
             "errors": s["errors"],
+            **(accuracy if kind == "generate" else {}),
         }
     return {
         "config": json.loads(cfg.model_dump_json()),
@@ -90,38 +107,81 @@ async def _measure(cfg: CloudBenchConfig, cloud_cfg: CloudConfig) -> dict[str, A
     }
 
 
-async def offline(expert: Any, texts: list[str], labels: list[str], sequential_requests: int = 20) -> dict[str, float]:
+async def offline(expert: Any, texts: list[str], task: Task, sequential_requests: int = 20) -> dict[str, float]:
     """One engine in this process: requests one at a time (latency), then all at once (the
     most batching vLLM can do; throughput)."""
-    from cloud.experts.engine import build_engine
-
-    os.environ.update(expert.env)
-    engine = build_engine(expert)
-    runner: Any = None
-    try:
-        if expert.kind == "classify":
-            from cloud.experts.classify import ClassifyRunner, checkpoint_labels
-
-            runner = ClassifyRunner(engine, checkpoint_labels(expert.model_path()), expert.max_model_len)
-        else:
-            from cloud.experts.generate import GenerateRunner
-
-            runner = GenerateRunner(engine, expert.max_model_len)
-        await runner.answer("warm up", labels, "warm-0")  # grammar compile, first batch
+    async with _engine(expert) as engine:
+        runner = _runner(engine, expert, task)
+        await runner.answer("warm up", task.name, "warm-0")  # grammar compile, first batch
 
         async def one(i: int) -> None:
-            await runner.answer(texts[i % len(texts)], labels, f"offline-seq-{i}")
+            await runner.answer(texts[i % len(texts)], task.name, f"offline-seq-{i}")
 
         latency = (await sequential(one, sequential_requests)).latency
         started = time.perf_counter()
-        await asyncio.gather(*(runner.answer(t, labels, f"offline-{i}") for i, t in enumerate(texts)))
+        await asyncio.gather(*(runner.answer(t, task.name, f"offline-{i}") for i, t in enumerate(texts)))
         return {"rps": len(texts) / (time.perf_counter() - started), "p50_ms": latency.percentile_ms(50),
                 "p99_ms": latency.percentile_ms(99)}
+
+
+# ExpertConfig.prompt -> the key of the generate expert's accuracy with it.
+PROMPT_KEYS = {"names": "accuracy_names_only", "descriptions": "accuracy_descriptions", "retrieval": "accuracy_retrieval"}
+
+
+async def prompt_accuracy(expert: Any, task: Task, queries: int, seed: int, concurrency: int) -> dict[str, Any]:
+    """The generate expert's accuracy on `queries` test examples of `task` (a seeded sample)
+    with each prompt, one engine for all, `concurrency` answers at a time (a replica's
+    max_ongoing_requests: more would queue the answers' scoring requests behind other
+    answers until their prompts left the prefix cache)."""
+    examples = random.Random(seed).sample(task.load("test"), queries)
+    results: dict[str, Any] = {"accuracy_queries": len(examples), "prompts": {}}
+    async with _engine(expert) as engine:
+        for prompt, key in PROMPT_KEYS.items():
+            started = time.perf_counter()
+            # Retrieval builds or reads the task's example index here.
+            runner = _runner(engine, expert.model_copy(update={"prompt": prompt}), task)
+            init_s = time.perf_counter() - started
+            await runner.answer("warm up", task.name, f"warm-{prompt}")
+            slots = asyncio.Semaphore(concurrency)
+
+            async def answer(i: int, text: str) -> Any:
+                async with slots:
+                    return await runner.answer(text, task.name, f"accuracy-{prompt}-{i}")
+
+            started = time.perf_counter()
+            answers = await asyncio.gather(*(answer(i, e.text) for i, e in enumerate(examples)))
+            seconds = time.perf_counter() - started
+            results[key] = sum(a.label == e.label for a, e in zip(answers, examples)) / len(examples)
+            results["prompts"][prompt] = {
+                "accuracy": results[key], "seconds": seconds, "answers_per_s": len(examples) / seconds,
+                "runner_init_s": init_s, "out_of_scope_share": sum(a.label == task.oos_label for a in answers) / len(answers),
+                "mean_confidence": sum(a.confidence for a in answers) / len(answers),
+            }
+    return results
+
+
+def _runner(engine: Any, expert: Any, task: Task) -> Any:
+    if expert.kind == "classify":
+        from cloud.experts.classify import ClassifyRunner
+
+        return ClassifyRunner(engine, expert, {task.name: task})
+    from cloud.experts.generate import GenerateRunner
+
+    return GenerateRunner(engine, expert, {task.name: task})
+
+
+@contextlib.asynccontextmanager
+async def _engine(expert: Any) -> AsyncIterator[Any]:
+    from cloud.experts.engine import build_engine
+
+    os.environ.update(expert.env)
+    engines = [build_engine(expert)]
+    try:
+        yield engines[0]
     finally:
-        engine.shutdown()
+        engines[0].shutdown()
         # Collected now, not at interpreter exit, where vLLM's __del__ fails on torn-down modules.
-        del engine
-        runner = None
+        engines.clear()
         gc.collect()
 
 
@@ -225,4 +285,10 @@ def format_table(r: dict[str, Any]) -> str:
             f"{e['escalate_p50_ms']:10.1f} ms {e['expert_p50_ms']:8.1f} ms {e['overhead_p50_ms']:10.2f} ms {limit:5.2f} ms"
         )
     lines.append("\ntargets: served >= 0.8 x offline; overhead p50 <= Serve echo p50 + 2 ms")
+    generate = r["experts"].get("generate", {})
+    if "prompts" in generate:
+        lines.append(f"\ngenerate accuracy on {generate['accuracy_queries']} test queries:")
+        for prompt, run in generate["prompts"].items():
+            lines.append(f"  {prompt:13} {run['accuracy']:6.1%}  {run['seconds']:6.1f} s ({run['answers_per_s']:.2f}/s)")
+        lines.append("target: retrieval >= 2 x names only")
     return "\n".join(lines)
