@@ -11,15 +11,12 @@ For each expert kind, in one run:
 """
 
 import asyncio
-import contextlib
-import gc
 import json
 import os
 import random
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +30,7 @@ from benchmarks.echo import echo_callable
 from benchmarks.latency import LatencyRecorder
 from benchmarks.loadgen import sequential
 from cloud.config import CloudConfig
+from cloud.experts.engine import local_engine
 from tandem.settings import TandemSettings, load_config
 from tandem.subprocesses import announced_server, free_port
 from tandem.tasks import Task
@@ -110,7 +108,7 @@ async def _measure(cfg: CloudBenchConfig, cloud_cfg: CloudConfig) -> dict[str, A
 async def offline(expert: Any, texts: list[str], task: Task, sequential_requests: int = 20) -> dict[str, float]:
     """One engine in this process: requests one at a time (latency), then all at once (the
     most batching vLLM can do; throughput)."""
-    async with _engine(expert) as engine:
+    with local_engine(expert) as engine:
         runner = _runner(engine, expert, task)
         await runner.answer("warm up", task.name, "warm-0")  # grammar compile, first batch
 
@@ -135,7 +133,7 @@ async def prompt_accuracy(expert: Any, task: Task, queries: int, seed: int, conc
     answers until their prompts left the prefix cache)."""
     examples = random.Random(seed).sample(task.load("test"), queries)
     results: dict[str, Any] = {"accuracy_queries": len(examples), "prompts": {}}
-    async with _engine(expert) as engine:
+    with local_engine(expert) as engine:
         for prompt, key in PROMPT_KEYS.items():
             started = time.perf_counter()
             # Retrieval builds or reads the task's example index here.
@@ -168,21 +166,6 @@ def _runner(engine: Any, expert: Any, task: Task) -> Any:
     from cloud.experts.generate import GenerateRunner
 
     return GenerateRunner(engine, expert, {task.name: task})
-
-
-@contextlib.asynccontextmanager
-async def _engine(expert: Any) -> AsyncIterator[Any]:
-    from cloud.experts.engine import build_engine
-
-    os.environ.update(expert.env)
-    engines = [build_engine(expert)]
-    try:
-        yield engines[0]
-    finally:
-        engines[0].shutdown()
-        # Collected now, not at interpreter exit, where vLLM's __del__ fails on torn-down modules.
-        engines.clear()
-        gc.collect()
 
 
 async def _raw_echo_p50() -> float:
