@@ -167,5 +167,7 @@ def test_distillation_tokenizes_for_the_teacher_and_the_student_each(
     assert result["promoted"] and result["metrics"]["test_accuracy"] > 0.5  # chance: 1/3
     version = ModelRegistry(cfg.registry_root()).path("tiny", result["version"])
     assert (version / TOKENIZER_FILE).read_bytes() == (student_base / "tokenizer.json").read_bytes()
-    assert json.loads((version / LABELS_FILE).read_text()) == cfg.task.label_names()
+    # The model's classes: the task's labels, less the out-of-scope one its boundary answers.
+    assert json.loads((version / LABELS_FILE).read_text()) == cfg.task.label_names()[:-1]
+    assert Manifest.read(version).out_of_scope.label == cfg.task.label_names()[-1] == "out_of_scope"
     assert Manifest.read(version).fit["base_model"] == str(student_base)
