@@ -201,7 +201,7 @@ async def _floors(cfg: SuiteConfig, student: Path, train_cfg: Any, cloud_cfg: di
     raw = measure_raw(bench, texts)
     echo = await measure_echo(bench)
     expert = next(iter(CloudConfig.model_validate(cloud_cfg).experts))
-    vllm = await offline(expert, texts[:400], train_cfg.task.label_names())
+    vllm = await offline(expert, texts[:400], train_cfg.task)
     # Back to back, and paced at the runs' rate: the like-for-like floor (see `tandem bench edge`).
     floors = {
         "raw_onnx": {**{k: raw[k] for k in ("p50_ms", "p99_ms", "rps")}, "paced_p50_ms": raw["paced"]["p50_ms"]},

@@ -120,7 +120,8 @@ class ExpertConfig(Section):
         "descriptions: each label's description from the task file; retrieval: descriptions plus the task's "
         "`retrieval_k` training texts nearest the query by embedding similarity.",
     )
-    retrieval_k: int = Field(8, ge=1, le=64, description="generate experts: training examples retrieved per query.")
+    retrieval_k: int = Field(8, ge=1, le=64, description="generate experts: training examples retrieved per query, "
+                             "and the most candidate labels scored for the answer's distribution (besides out of scope).")
     deployment: DeploymentOptions = DeploymentOptions()
 
     def model_path(self) -> str:
