@@ -106,16 +106,19 @@ def total(samples: dict[str, float], name: str, **labels: str) -> float:
 class RssSampler:
     """Samples the RSS of every process under this one (and of `extra` pids, such as
     processes orphaned by a kill) every `interval_s`, summed by role; remembers every process
-    it saw, so that what outlives the run can be found."""
+    it saw, so that what outlives the run can be found. Processes already running when it
+    starts are not the run's (in a test session: an earlier test's multiprocessing helper)."""
 
     roles: Callable[[], dict[int, str]]  # pid -> role, for the parts' own processes
     interval_s: float = 0.5
     samples: list[tuple[float, dict[str, int]]] = field(default_factory=list)
     seen: dict[tuple[int, float], psutil.Process] = field(default_factory=dict)
+    _before: set[tuple[int, float]] = field(default_factory=set)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
     def start(self) -> None:
+        self._before = {key for key, _ in _children()}
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
         self._thread.start()
 
@@ -131,9 +134,11 @@ class RssSampler:
     def sample(self) -> None:
         named = self.roles()
         by_role: dict[str, int] = defaultdict(int)
-        for proc in psutil.Process().children(recursive=True):
+        for key, proc in _children():
+            if key in self._before:
+                continue
             with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-                self.seen.setdefault((proc.pid, proc.create_time()), proc)
+                self.seen.setdefault(key, proc)
                 by_role[named.get(proc.pid) or role(proc)] += proc.memory_info().rss
         self.samples.append((time.monotonic(), dict(by_role)))
 
@@ -160,6 +165,15 @@ class RssSampler:
             for name, rss in by_role.items():
                 peaks[name] = max(peaks[name], rss)
         return {name: rss / 2**20 for name, rss in sorted(peaks.items())}
+
+
+def _children() -> list[tuple[tuple[int, float], psutil.Process]]:
+    """Every process under this one, keyed by pid and start time (a pid may be reused)."""
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            found.append(((proc.pid, proc.create_time()), proc))
+    return found
 
 
 def role(proc: psutil.Process) -> str:
