@@ -151,6 +151,7 @@ class GatedStudent:
         self.manifest = student.manifest
         self.version = student.version
         self.labels = student.labels
+        self.out_of_scope = student.out_of_scope
         self.release = threading.Event()
         self.entered = threading.Event()
         self.ran: list[str] = []

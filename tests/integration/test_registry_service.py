@@ -12,6 +12,7 @@ import pytest
 import pytest_asyncio
 
 from cloud.feedback import FeedbackStore
+from cloud.feedback.records import LabelSet
 from cloud.registry import ModelRegistry
 from cloud.registry.service import CHUNK_BYTES, FleetMetrics, FleetServicer
 from cloud.training.artifact import write_manifest
@@ -30,7 +31,7 @@ from tests.fleet_server import serving
 
 pytestmark = pytest.mark.integration
 
-TASKS = {"t": ["card_arrival", "lost_card"], "u": ["card_arrival"]}
+TASKS = {"t": LabelSet(frozenset({"card_arrival", "lost_card"}), 1), "u": LabelSet(frozenset({"card_arrival"}), 1)}
 ROUTES = {"t": "classifier", "u": "llm"}
 SEQUENCE = itertools.count(1)  # each published version's: above every earlier one's
 Served = tuple[fleet_pb2_grpc.FleetStub, FeedbackStore, ModelRegistry]
