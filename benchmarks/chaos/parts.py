@@ -106,8 +106,9 @@ def total(samples: dict[str, float], name: str, **labels: str) -> float:
 class RssSampler:
     """Samples the RSS of every process under this one (and of `extra` pids, such as
     processes orphaned by a kill) every `interval_s`, summed by role; remembers every process
-    it saw, so that what outlives the run can be found. Processes already running when it
-    starts are not the run's (in a test session: an earlier test's multiprocessing helper)."""
+    it saw, so that what outlives the run can be found. Processes already running when it is
+    made, before the run starts anything, are not the run's (in a test session: an earlier
+    test's multiprocessing helper)."""
 
     roles: Callable[[], dict[int, str]]  # pid -> role, for the parts' own processes
     interval_s: float = 0.5
@@ -117,8 +118,10 @@ class RssSampler:
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
-    def start(self) -> None:
+    def __post_init__(self) -> None:
         self._before = {key for key, _ in _children()}
+
+    def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
         self._thread.start()
 
