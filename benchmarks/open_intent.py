@@ -101,8 +101,6 @@ def _ratio(cfg: OpenIntentConfig, ratio: float, threshold: float) -> dict[str, A
     student_probs, student_labels = _student_probs(student_dir, texts)
     oos = task.oos_label
     student = [student_labels[i] for i in student_probs.argmax(-1)]
-    escalate = student_probs.max(-1) < threshold
-    cascade = [e[0][0] if up else s for e, s, up in zip(expert, student, escalate)]
     is_known = np.array([t != oos for t in truth])
     closed_expert = [next(label for label, _ in e if label != oos) for e in expert]
     entry = {
@@ -111,7 +109,7 @@ def _ratio(cfg: OpenIntentConfig, ratio: float, threshold: float) -> dict[str, A
         "test_open": int((~is_known).sum()),
         "expert": open_metrics(truth, [e[0][0] for e in expert], known, oos),
         "student": open_metrics(truth, student, known, oos),
-        "cascade": {**open_metrics(truth, cascade, known, oos), "escalation_rate": float(escalate.mean())},
+        "cascade": _cascade_point(truth, known, oos, expert, student, student_probs, threshold),
         "closed_set_known_accuracy": _known_accuracy(truth, closed_expert, is_known),
         "closed_set": _closed_set(truth, is_known, closed_expert, student_probs, student_labels, oos, threshold),
         "cascade_sweep": [_cascade_point(truth, known, oos, expert, student, student_probs, t) for t in cfg.sweep_thresholds],
@@ -126,9 +124,10 @@ def _ratio(cfg: OpenIntentConfig, ratio: float, threshold: float) -> dict[str, A
 
 def _cascade_point(truth: list[str], known: list[str], oos: str, expert: list[list[tuple[str, float]]],
                    student: list[str], probs: np.ndarray, threshold: float) -> dict[str, float]:
+    """The student's answer where its confidence reaches `threshold`, else the expert's."""
     escalate = probs.max(-1) < threshold
     cascade = [e[0][0] if up else s for e, s, up in zip(expert, student, escalate)]
-    return {"threshold": threshold, "escalation_rate": float(escalate.mean()), **open_metrics(truth, cascade, known, oos)}
+    return {**open_metrics(truth, cascade, known, oos), "escalation_rate": float(escalate.mean()), "threshold": threshold}
 
 
 def _closed_set(truth: list[str], is_known: np.ndarray, closed_expert: list[str], probs: np.ndarray,
