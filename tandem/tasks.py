@@ -150,7 +150,11 @@ def read_examples(path: Path, text_column: str, label_column: str) -> list[Examp
             rows = [json.loads(line) for line in f if line.strip()]
     else:
         with path.open(newline="") as f:
-            rows = list(csv.DictReader(f))
+            reader = csv.DictReader(f)
+            try:
+                rows = list(reader)
+            except csv.Error as exc:  # a field past csv's size limit, say: named, not a traceback
+                raise ValueError(f"{path}, line {reader.line_num + 1}: {exc}") from exc  # the line being read
     try:
         return [Example(r[text_column], r[label_column]) for r in rows]
     except KeyError as exc:

@@ -82,3 +82,9 @@ def test_the_shipped_banking77_task_declares_its_77_intents_and_attribution() ->
     task = banking77()
     assert task.name == "banking77" and len(task.label_names()) == 78 and task.oos_label == OUT_OF_SCOPE
     assert "CC BY 4.0" in (task.attribution or "")
+
+
+def test_a_malformed_csv_is_a_clear_error_naming_the_line(tmp_path: Path) -> None:
+    (tmp_path / "a.csv").write_text("text,label\nhi,greet\n" + "x" * 200_000 + ",leave\n")
+    with pytest.raises(ValueError, match=r"a.csv, line 3: field larger than field limit"):
+        read_examples(tmp_path / "a.csv", "text", "label")
