@@ -145,6 +145,42 @@ class OutOfScope(BaseModel):
     )
 
 
+class RiskThreshold(BaseModel):
+    """One certified operating point of the risk-controlled policy (`OperatingPoint.risk`)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    epsilon: float = Field(gt=0, lt=1, description="The bound on the error rate among the answers kept locally.")
+    threshold: float | None = Field(
+        None, ge=0, le=1, description="Keep answers at or above this confidence; None: no threshold on the "
+        "calibration split certifies `epsilon`, so every answer escalates.",
+    )
+
+
+class OperatingPoint(BaseModel):
+    """A student's escalation thresholds, fitted by the trainer on held-out data (manifest
+    `operating_point`). An edge whose policy pins no threshold adopts `threshold`; one in risk
+    mode adopts the entry of `risk` for its epsilon."""
+
+    model_config = ConfigDict(frozen=True)
+
+    threshold: float = Field(ge=0, le=1, description="Escalate below this confidence: the fitted threshold.")
+    objective: Literal["escalation_rate", "cascade_accuracy"] = Field(
+        description="What `threshold` was fitted for: a target escalation rate, or a target cascade accuracy."
+    )
+    target: float = Field(ge=0, le=1, description="The objective's target on the held-out split (absolute).")
+    fitted: dict[str, float] = Field(
+        default_factory=dict, description="What the threshold achieved on the held-out split (escalation_rate, "
+        "cascade_accuracy, expert_accuracy, examples).",
+    )
+    risk_delta: float = Field(
+        0.05, gt=0, lt=1, description="Each `risk` threshold keeps the error among local answers at most its "
+        "epsilon with probability at least 1 - risk_delta (Learn-then-Test on the calibration split).",
+    )
+    risk_examples: int = Field(0, ge=0, description="Size of the calibration split the risk thresholds come from.")
+    risk: list[RiskThreshold] = Field(default_factory=list, description="Certified thresholds, by epsilon ascending.")
+
+
 class Manifest(BaseModel):
     """manifest.json of a model artifact: what the trainer writes, signs and the edge reads.
     Training adds its lineage (fit config, metrics, gate, feedback counts) as extra fields."""
@@ -163,6 +199,9 @@ class Manifest(BaseModel):
         None, description="The out-of-scope boundary; None: every answer is one of the model's labels."
     )
     label_set_version: int = Field(1, ge=1, description="The version of the task's label set the model was trained on.")
+    operating_point: OperatingPoint | None = Field(
+        None, description="Students: the fitted escalation thresholds; None (older artifacts): the edge's own."
+    )
     files: dict[SafeName, ArtifactFile] = Field(
         default_factory=dict, description="Every file of a signed artifact but the manifest and its signature."
     )

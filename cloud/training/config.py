@@ -1,6 +1,7 @@
 """Training configuration: one `TrainConfig` per task, from YAML plus TANDEM_TRAIN_* overrides."""
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
@@ -34,6 +35,32 @@ class FitConfig(Section):
     )
 
 
+class OperatingPointConfig(Section):
+    """How a student's escalation thresholds are fitted (manifest `operating_point`)."""
+
+    objective: Literal["escalation_rate", "cascade_accuracy"] = Field(
+        "cascade_accuracy", description="escalation_rate: the threshold that escalates `escalation_rate` of the "
+        "held-out texts. cascade_accuracy: the lowest escalation rate at which the cascade (student, expert below "
+        "the threshold) reaches the expert's held-out accuracy minus `accuracy_below_expert`.",
+    )
+    escalation_rate: float = Field(0.15, gt=0, lt=1, description="The target of objective escalation_rate.")
+    accuracy_below_expert: float = Field(
+        0.0, ge=0, le=1, description="Objective cascade_accuracy: how far below the expert's held-out accuracy the "
+        "cascade may be.",
+    )
+    risk_epsilons: list[float] = Field(
+        [0.01, 0.02, 0.03, 0.05, 0.075, 0.1], min_length=1,
+        description="Error bounds among local answers for which the risk-controlled mode is calibrated.",
+    )
+    risk_delta: float = Field(
+        0.05, gt=0, lt=1, description="The risk-controlled mode holds each bound with probability >= 1 - risk_delta.",
+    )
+    risk_fraction: float = Field(
+        0.1, gt=0, lt=0.5, description="Share of train held out as the calibration split of the risk-controlled "
+        "mode, apart from the validation split (temperature, threshold, gate); never trained on.",
+    )
+
+
 class TrainConfig(TandemSettings):
     """What `tandem train` reads."""
 
@@ -54,6 +81,7 @@ class TrainConfig(TandemSettings):
     )
     teacher: FitConfig = FitConfig()
     student: FitConfig = FitConfig(layers=2, lr=3e-4)
+    operating_point: OperatingPointConfig = OperatingPointConfig()
     signing_key: Path | None = Field(
         None, description="Ed25519 private key (PEM) that signs the student artifact (edges with the updater on "
         "verify it); default: TANDEM_CACHE_DIR/keys/tandem-signing.pem, the retrainer's. Missing: an error.",
@@ -115,6 +143,7 @@ class DistillConfig(TandemSettings):
         "boundary answers out of scope (see TrainConfig).",
     )
     student: FitConfig = FitConfig(layers=2, lr=3e-4)
+    operating_point: OperatingPointConfig = OperatingPointConfig()
     min_steps: int = Field(
         600, ge=0, description="Train at least this many steps, passing more often over a small set: a few "
         "epochs of a 10% seed are too few steps and leave the student near chance.",
@@ -137,7 +166,7 @@ class DistillConfig(TandemSettings):
         only: built without the environment, so TANDEM_TRAIN_* cannot move the held-out split."""
         return TrainConfig.model_construct(
             task=self.task, seed=self.seed, val_fraction=self.val_fraction, student=self.student,
-            known_rejection=self.known_rejection,
+            known_rejection=self.known_rejection, operating_point=self.operating_point,
         )
 
     def teacher_path(self) -> Path:

@@ -22,7 +22,8 @@ class Split:
 class Splits:
     label_names: list[str]
     train: Split
-    val: Split
+    val: Split  # fits the temperature, the boundary and the threshold; decides the gate
+    calib: Split  # the risk-controlled mode's calibration split, apart from val
     test: Split
     base_model: str | None = None  # whose tokenizer encoded the ids (FitConfig.base_model)
 
@@ -33,7 +34,8 @@ def tokenizer(base_model: str | None = None) -> Tokenizer:
 
 
 def load_splits(cfg: TrainConfig, fit: FitConfig) -> Splits:
-    """Holds out `val_fraction` of train (seeded) for calibration; caps train at `max_examples`."""
+    """Holds out `val_fraction` of train (seeded) for validation, and the next `risk_fraction` as the
+    risk-controlled mode's calibration split; caps train at `max_examples`."""
     examples = cfg.task.load("train")
     names = cfg.task.model_labels(examples)
     index = {name: i for i, name in enumerate(names)}
@@ -42,8 +44,10 @@ def load_splits(cfg: TrainConfig, fit: FitConfig) -> Splits:
     test_index = {cfg.task.oos_label: len(names), **index}
     order = np.random.default_rng(cfg.seed).permutation(len(examples))
     n_val = int(len(examples) * cfg.val_fraction)
+    n_held = n_val + int(len(examples) * cfg.operating_point.risk_fraction)
     val = [examples[i] for i in order[:n_val]]
-    train = [examples[i] for i in order[n_val:]][: fit.max_examples]
+    calib = [examples[i] for i in order[n_val:n_held]]
+    train = [examples[i] for i in order[n_held:]][: fit.max_examples]
     tok = tokenizer(fit.base_model)
 
     def split(rows: list[Example], index: dict[str, int]) -> Split:
@@ -53,5 +57,6 @@ def load_splits(cfg: TrainConfig, fit: FitConfig) -> Splits:
         texts = [e.text for e in rows]
         return Split(encode(tok, texts, fit.max_length), np.array([index[e.label] for e in rows]), texts)
 
-    return Splits(names, split(train, index), split(val, index), split(cfg.task.load("test"), test_index),
+    return Splits(names, split(train, index), split(val, index), split(calib, index),
+                  split(cfg.task.load("test"), test_index),
                   fit.base_model)

@@ -88,7 +88,7 @@ def build_distill_set(
     correction's label is hard only if `corroboration_devices` devices sent it for its text;
     the others wait in `claims` for `corroborate`."""
     seed = labelled_seed(splits.train, seed_fraction)
-    held_out = {tuple(x) for x in splits.val.ids + splits.test.ids}
+    held_out = {tuple(x) for x in splits.val.ids + splits.calib.ids + splits.test.ids}
     index = {name: i for i, name in enumerate(splits.label_names)}
     rows = [f for f in feedback if f.text.strip()]
     ids = encode(tokenizer(splits.base_model), [f.text for f in rows], max_length)

@@ -247,13 +247,14 @@ def test_traffic_is_train_without_the_seed_and_the_held_out_split() -> None:
     splits = load_splits(cfg.splits_config(), cfg.student)
     train = cfg.task.load("train")
     traffic = traffic_examples(cfg.task, splits, 0.1, cfg.student.max_length)
-    # 1,000 held out, then a seed of 10% of the other 9,003 (901); a few duplicate texts go too.
-    assert len(train) - 1000 - 901 - 20 <= len(traffic) <= len(train) - 1000 - 901
+    # 1,000 validation and 1,000 calibration texts held out, then a seed of 10% of the other 8,003 (801);
+    # a few duplicate texts go too.
+    assert len(train) - 2000 - 801 - 20 <= len(traffic) <= len(train) - 2000 - 801
     assert set(traffic) <= set(train)
     # No traffic text is a seed or held-out text (rebuilt here the way load_splits orders train).
     order = np.random.default_rng(cfg.seed).permutation(len(train))
-    n_val = int(len(train) * cfg.val_fraction)
-    held_out = {train[i].text for i in order[:n_val]}
-    seed = {train[i].text for i in order[n_val:][: math.ceil((len(train) - n_val) * 0.1)]}
+    n_held = int(len(train) * cfg.val_fraction) + int(len(train) * cfg.operating_point.risk_fraction)
+    held_out = {train[i].text for i in order[:n_held]}
+    seed = {train[i].text for i in order[n_held:][: math.ceil((len(train) - n_held) * 0.1)]}
     assert not {e.text for e in traffic} & (held_out | seed)
     assert len(traffic_examples(cfg.task, splits, 1.0, cfg.student.max_length)) <= 20  # all seed or held out

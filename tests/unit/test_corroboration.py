@@ -21,7 +21,7 @@ def _splits() -> Splits:
         ids = encode(tokenizer(), [e.text for e in rows], MAX_LENGTH)
         return Split(ids, np.array([LABELS.index(e.label) for e in rows]), [e.text for e in rows])
 
-    return Splits(LABELS, split(train), split(test[:2]), split(test[2:4]))
+    return Splits(LABELS, split(train), split(test[:2]), split(test[4:6]), split(test[2:4]))
 
 
 def _teacher(n: int, argmax: dict[int, str]) -> np.ndarray:
