@@ -19,11 +19,12 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
+import yaml
 from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext
 from ray.serve.metrics import Counter, Histogram
@@ -39,10 +40,11 @@ from cloud.feedback.store import FeedbackStore
 from cloud.identity import Unauthenticated, caller_device, proxy_token
 import cloud.ingress  # noqa: F401  (quiets Serve's tracebacks of deliberate statuses, in this replica too)
 from cloud.registry.models import ModelRegistry
+from cloud.registry.routes import RouteStore
 from cloud.registry.service import FleetMetrics, FleetServicer
 from tandem.contract import CALLER_TIMEOUT_METADATA, REQUEST_ID_MAX_CHARS, FieldError, check_request_id, check_text
 from tandem.settings import load_config
-from tandem.tasks import Task
+from tandem.tasks import SHIPPED_TASKS, Task
 from tandem.v1 import common_pb2, expert_pb2, fleet_pb2
 from tandem.wire import Undecodable, parsed
 
@@ -218,17 +220,22 @@ class Fleet(FleetServicer):
     """`tandem.v1.Fleet` behind Serve's gRPC proxy."""
 
     def __init__(self, feedback_uri: str, registry_dir: str, receipt_key: str, tasks: dict[str, LabelSet],
-                 routes: dict[str, str], max_batch: int, fleet: dict[str, Any], insecure: bool) -> None:
+                 routes: dict[str, str], max_batch: int, fleet: dict[str, Any], insecure: bool,
+                 routes_file: str | None = None, config: str | None = None) -> None:
         """`receipt_key`: the file of the key that checks escalation receipts, read once here.
-        `fleet`: FleetOptions."""
+        `fleet`: FleetOptions. `routes`: task -> expert; `routes_file`, where given, names the
+        application serving each expert after a rollout (RouteStore). `config`, where given: the
+        cloud YAML, whose task files' label sets are read again when they change."""
         log_to_serve()
         options = FleetOptions.model_validate(fleet)
         metrics = ServeFleetMetrics(tasks)
         store = FeedbackStore(feedback_uri, on_quarantine=metrics.quarantined)
-        super().__init__(store, ModelRegistry(Path(registry_dir)), tasks, routes, metrics, max_batch,
+        label_sets = tasks if config is None else LiveLabelSets(Path(config), tasks)
+        super().__init__(store, ModelRegistry(Path(registry_dir)), label_sets, routes, metrics, max_batch,
                          request_timeout_s=options.request_timeout_s, insecure=insecure,
                          device_quota_per_day=options.device_quota_per_day, audit=AuditLog(audit_uri(feedback_uri)),
-                         receipt_key=load_key(Path(receipt_key)))
+                         receipt_key=load_key(Path(receipt_key)),
+                         route_store=None if routes_file is None else RouteStore(Path(routes_file)))
 
     async def FetchModel(self, request: fleet_pb2.FetchModelRequest,
                          grpc_context: RayServegRPCContext) -> AsyncIterator[fleet_pb2.ModelChunk]:
@@ -277,7 +284,8 @@ def fleet_app(args: dict[str, str]) -> serve.Application:
     cfg = load_config(CloudConfig, Path(args["config"]))
     return Fleet.options(**fleet_options(cfg.fleet)).bind(cfg.feedback_uri, str(cfg.registry_dir), str(cfg.receipt_key),
                                                           _label_sets(cfg), cfg.routes(), cfg.feedback_max_batch,
-                                                          cfg.fleet.model_dump(mode="json"), cfg.insecure)
+                                                          cfg.fleet.model_dump(mode="json"), cfg.insecure,
+                                                          routes_file=str(cfg.routes_file()), config=args["config"])
 
 
 def fleet_options(fleet: FleetOptions) -> dict[str, Any]:
@@ -301,6 +309,15 @@ def expert_app(args: dict[str, str]) -> serve.Application:
     if expert is None:
         raise ValueError(f"{args['config']}: no expert named {args['expert']!r}")
     return Expert.options(**_deployment_options(expert)).bind(*expert_args(cfg, expert))
+
+
+def expert_version_app(cfg: CloudConfig, expert: ExpertConfig, application: str, model: str) -> serve.Application:
+    """`expert` as the application `application` loading the checkpoint `model`: a rollout's new
+    version, answering the expert's tasks beside the version that serves them now."""
+    _, tasks, timeout_s, receipt_key, insecure = expert_args(cfg, expert)
+    version = expert.model_copy(update={"name": application, "model": model})
+    return Expert.options(**_deployment_options(version)).bind(version.model_dump(mode="json"), tasks, timeout_s,
+                                                               receipt_key, insecure)
 
 
 def expert_args(cfg: CloudConfig, expert: ExpertConfig) -> tuple[dict[str, Any], dict[str, Any], float, str, bool]:
@@ -339,6 +356,72 @@ def caller_budget_s(metadata: Sequence[tuple[str, str]], limit_s: float) -> floa
 
 def _label_sets(cfg: CloudConfig) -> dict[str, LabelSet]:
     return {name: LabelSet(frozenset(t.task.label_names()), t.task.label_set_version) for name, t in cfg.tasks.items()}
+
+
+class LiveLabelSets(Mapping[str, LabelSet]):
+    """Each task's label set, read again from the cloud config when the config or a task file
+    it names changes (checked at most every `check_every_s`): a label an operator adds, with
+    its task's new `label_set_version`, reaches the fleet without a restart."""
+
+    def __init__(self, config: Path, initial: dict[str, LabelSet], check_every_s: float = 1.0) -> None:
+        self._config = config
+        self._sets = initial
+        self._every_s = check_every_s
+        self._files = _watched_files(config)
+        self._stamps = _stamps(self._files)
+        self._checked = time.monotonic()
+
+    def __getitem__(self, task: str) -> LabelSet:
+        return self._current()[task]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._current())
+
+    def __len__(self) -> int:
+        return len(self._current())
+
+    def _current(self) -> dict[str, LabelSet]:
+        if time.monotonic() - self._checked < self._every_s:
+            return self._sets
+        self._checked = time.monotonic()
+        stamps = _stamps(self._files)
+        if stamps == self._stamps:
+            return self._sets
+        self._stamps = stamps  # a broken edit is logged once, and read again when it changes
+        try:
+            sets = _label_sets(load_config(CloudConfig, self._config))
+            self._files = _watched_files(self._config)
+        except (ValueError, OSError, yaml.YAMLError) as exc:  # ConfigError and pydantic's are ValueErrors
+            log.error("cloud config %s changed but does not load; keeping the label sets read before: %s",
+                      self._config, exc)
+            return self._sets
+        self._stamps = _stamps(self._files)
+        if sets != self._sets:
+            log.info("label sets reloaded from %s: %s", self._config,
+                     {task: s.version for task, s in sets.items()})
+        self._sets = sets
+        return sets
+
+
+def _watched_files(config: Path) -> list[Path]:
+    """The cloud config and the task files it names by path (relative: to the config's folder)."""
+    raw = yaml.safe_load(config.read_text()) or {}
+    if "tasks" not in raw:
+        return [config, SHIPPED_TASKS / "banking77.yaml"]  # CloudConfig's default task
+    named = [Path(t["task"]) for t in raw["tasks"].values() if isinstance(t, dict) and isinstance(t.get("task"), str)]
+    return [config, *(p if p.is_absolute() else config.parent / p for p in named)]
+
+
+def _stamps(files: list[Path]) -> list[tuple[int, int] | None]:
+    stamps = []
+    for path in files:
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            stamps.append(None)
+            continue
+        stamps.append((stat.st_mtime_ns, stat.st_size))
+    return stamps
 
 
 def _deployment_options(expert: ExpertConfig) -> dict[str, Any]:

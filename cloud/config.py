@@ -8,7 +8,7 @@ TANDEM_CLOUD_GRPC_PORT=9100 or TANDEM_CLOUD_EXPERT_TIMEOUT_S=10 (list items such
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from cloud.proxy import ProxyOptions
@@ -16,6 +16,12 @@ from tandem import envs
 from tandem.contract import FLEET_APPLICATION, NAME, check_name
 from tandem.settings import Section, TandemSettings
 from tandem.tasks import TaskFile, banking77
+
+# The running cloud's own files, in the registry's folder (shared with the fleet replica) under a
+# name no task can have (names start with a letter or digit).
+STATE_DIR = ".cloud"
+ROUTES_FILE = "routes.json"
+RAY_ADDRESS_FILE = "ray-address.json"
 
 
 class DeploymentOptions(Section):
@@ -132,6 +138,21 @@ class ExpertConfig(Section):
         return str(local) if local.exists() else self.model
 
 
+class RolloutOptions(Section):
+    """How `tandem cloud rollout-expert` replaces an expert's checkpoint (blue/green)."""
+
+    ready_timeout_s: float = Field(
+        900.0, gt=0, description="Longest the new version may take to be RUNNING and answer a probe; past it, it is "
+        "removed and the old version keeps serving.",
+    )
+    drain_s: float = Field(
+        10.0, ge=0, description="How long the old version keeps serving after the route switches, before it is "
+        "deleted: at least the edges' cloud.routes_refresh_s (default 5 s: how often they re-ask the routes) plus "
+        "their longest escalation deadline (cloud.deadline_ms, default 2 s). An edge still on the old version after "
+        "it is gone re-asks the routes and retries once, within its deadline.",
+    )
+
+
 class CloudTask(Section):
     """A task the cloud answers, and which expert answers it."""
 
@@ -187,6 +208,13 @@ class CloudConfig(TandemSettings):
         "receipts edges still hold undeliverable. In Kubernetes, a Secret.",
     )
 
+    keyring: Path | None = Field(
+        None, description="The keyring (`tandem keys trust`) that expert checkpoints must be signed under: "
+        "`tandem cloud rollout-expert` refuses a checkpoint whose signed manifest or files do not verify. "
+        "Unset: no rollout.",
+    )
+    rollout: RolloutOptions = Field(default_factory=RolloutOptions, description="Expert rollouts (blue/green).")
+
     tasks: dict[str, CloudTask] = Field(
         default_factory=lambda: {"banking77": CloudTask(task=banking77(), expert="banking77-classifier")}
     )
@@ -195,6 +223,11 @@ class CloudConfig(TandemSettings):
             ExpertConfig(name="banking77-classifier", kind="classify", model="banking77/teacher", dtype="float32")
         ]
     )
+
+    @field_validator("keyring")
+    @classmethod
+    def _expand_home(cls, path: Path | None) -> Path | None:
+        return None if path is None else path.expanduser()
 
     @model_validator(mode="after")
     def _experts_exist(self) -> "CloudConfig":
@@ -218,5 +251,14 @@ class CloudConfig(TandemSettings):
         return {"log_level": self.log_level, "enable_access_log": self.access_log}
 
     def routes(self) -> dict[str, str]:
-        """Task -> the Serve application (the expert) that answers it."""
+        """Task -> the expert that answers it (its Serve application, until a rollout names a
+        version of it: `routes_file`)."""
         return {task: t.expert for task, t in self.tasks.items()}
+
+    def routes_file(self) -> Path:
+        """Each expert's serving application, which rollouts switch (`cloud.registry.routes`)."""
+        return self.registry_dir / STATE_DIR / ROUTES_FILE
+
+    def ray_address_file(self) -> Path:
+        """Where `tandem cloud serve` writes its Ray cluster's address, for `tandem cloud rollout-expert`."""
+        return self.registry_dir / STATE_DIR / RAY_ADDRESS_FILE

@@ -5,6 +5,7 @@ until SIGTERM. Stopping leaves no process behind."""
 import contextlib
 import ctypes
 import importlib
+import json
 import logging
 import os
 import secrets
@@ -22,14 +23,17 @@ from ray.serve.config import gRPCOptions, HTTPOptions
 from cloud import proxy
 from cloud.config import CloudConfig
 from cloud.feedback import receipts
+from cloud.registry.routes import RouteStore
 from cloud.topology import serve_config
-from tandem.contract import MESSAGE_MAX_BYTES
+from tandem.contract import FLEET_APPLICATION, MESSAGE_MAX_BYTES
+from tandem.fsio import atomic_write
 from tandem.settings import load_config
 
 log = logging.getLogger(__name__)
 
 PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
 STOP_GRACE_S = 5.0
+RAY_AUTH_MODE = "RAY_AUTH_MODE"  # what ray.init sets for the cluster it starts ("token" unless told otherwise)
 
 
 def serve_forever(config: Path) -> None:
@@ -77,15 +81,23 @@ def running_cloud(config: Path) -> Iterator[CloudConfig]:
             grpc_options=gRPCOptions(**topology["grpc_options"]),
             logging_config=topology["logging_config"],
         )
+        # The config's experts serve again: the versions a rollout switched to are not deployed.
+        RouteStore(cfg.routes_file()).reset()
         for app in topology["applications"]:
             serve.run(_build(app), name=app["name"], route_prefix=app["route_prefix"],
                       logging_config=topology["logging_config"])
+        # For `tandem cloud rollout-expert`, which deploys beside these on this cluster, and must
+        # know whether it takes the token (~/.ray/auth_token) Ray's local clusters require by default.
+        atomic_write(cfg.ray_address_file(), json.dumps({"address": ray.get_runtime_context().gcs_address,
+                                                         "auth_mode": os.environ.get(RAY_AUTH_MODE)}).encode())
         with contextlib.nullcontext() if cfg.insecure else proxy.running_proxy(cfg.proxy, cfg.grpc_port, token):
             yield cfg
-        for expert in cfg.experts:
-            serve.delete(expert.name)
+        for name in serve.status().applications:  # the experts (a rollout's versions too), each stopping its engine
+            if name != FLEET_APPLICATION:
+                serve.delete(name)
     finally:
         try:
+            cfg.ray_address_file().unlink(missing_ok=True)
             serve.shutdown()
             ray.shutdown()
         finally:

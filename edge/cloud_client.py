@@ -4,8 +4,12 @@ pings; the channel reconnects at the next call).
 
 Serve's gRPC proxy routes each call by its `application` metadata: escalations go to the
 application of the task's expert, feedback and models to the fleet application. The task →
-application map is the cloud's own (Fleet.GetRoutes), fetched at the first escalation and
-again when a task has no route, or its application is gone (NOT_FOUND from Serve's proxy).
+application map is the cloud's own (Fleet.GetRoutes), fetched at the first escalation, again
+when a task has no route, and in the background once it is `routes_refresh_s` old: a rollout
+(`tandem cloud rollout-expert`) switches a task to a new version of its expert and deletes the
+old one after a drain. An escalation whose application is gone (NOT_FOUND from Serve's proxy)
+asks the routes again and, if they name another application, is sent there once more within
+its deadline: the switch fails no request.
 `Escalator` is what the service depends on; `CloudClient` is the transport.
 """
 
@@ -129,6 +133,7 @@ class CloudClient:
         self._routes_asked_at = -math.inf
         self._routes_failure: tuple[grpc.StatusCode, str] | None = None
         self._routes_lock = asyncio.Lock()
+        self._refreshing: asyncio.Task[None] | None = None  # the background refresh under way
 
     async def escalate(self, request: expert_pb2.EscalateRequest) -> expert_pb2.EscalateResponse:
         deadline = time.monotonic() + self._timeout_s
@@ -137,6 +142,24 @@ class CloudClient:
         if self._channel.get_state(try_to_connect=True) == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
             raise CloudCallError(grpc.StatusCode.UNAVAILABLE, "not connected; reconnecting in the background")
         application = await self._application(request.task, deadline)
+        self._refresh_stale_routes()
+        try:
+            return await self._send(request, application, deadline)
+        except CloudCallError as exc:
+            moved = await self._moved(request.task, application, exc.code, deadline)
+            if moved is None:
+                if exc.code == grpc.StatusCode.NOT_FOUND and self._routes.get(request.task) == application:
+                    # The cloud still names an application its proxy does not know: no route
+                    # until the next ask (within routes_refresh_s), rather than a call to a
+                    # missing application and a GetRoutes at every escalation.
+                    self._routes.pop(request.task, None)
+                raise
+            log.info("task %s: application %s is gone (%s); sent again to %s", request.task, application,
+                     exc.code.name, moved)
+            return await self._send(request, moved, deadline)
+
+    async def _send(self, request: expert_pb2.EscalateRequest, application: str,
+                    deadline: float) -> expert_pb2.EscalateResponse:
         timeout_s = _remaining_s(deadline)
         metadata = (
             ("application", application),
@@ -144,15 +167,39 @@ class CloudClient:
             # Serve's proxy drops the gRPC deadline: the expert stops work the edge gave up on.
             (CALLER_TIMEOUT_METADATA, str(int(timeout_s * 1000))),
         )
+        with _cloud_errors():
+            return await self._expert.Escalate(request, timeout=timeout_s, metadata=metadata)
+
+    async def _moved(self, task: str, application: str, code: grpc.StatusCode, deadline: float) -> str | None:
+        """The task's application, if the cloud now names another than `application`, which
+        failed with `code`; None if it does not, or the deadline leaves no time. NOT_FOUND (Serve's
+        proxy knows no such application: the cloud's topology changed) asks the cloud at once;
+        UNAVAILABLE (an application being deleted, or a cloud in trouble), only once the routes
+        are `routes_refresh_s` old, so that an outage does not double the calls."""
+        if code not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE) or deadline <= time.monotonic():
+            return None
+        async with self._routes_lock:
+            if self._routes.get(task) == application and (code == grpc.StatusCode.NOT_FOUND or self._routes_stale()):
+                await self._ask_routes(deadline)  # unless a concurrent caller has just done so
+        moved = self._routes.get(task)
+        return moved if moved != application and deadline > time.monotonic() else None
+
+    def _refresh_stale_routes(self) -> None:
+        """Asks the routes again in the background once they are `routes_refresh_s` old; the
+        escalations meanwhile keep the routes they have."""
+        if self._refreshing is None and self._routes_stale():
+            self._refreshing = asyncio.create_task(self._refresh_routes())
+
+    async def _refresh_routes(self) -> None:
         try:
-            with _cloud_errors():
-                return await self._expert.Escalate(request, timeout=timeout_s, metadata=metadata)
-        except CloudCallError as exc:
-            if exc.code == grpc.StatusCode.NOT_FOUND:
-                # Serve's proxy knows no such application: the cloud's topology changed, so the
-                # task's route is asked for again (within routes_refresh_s).
-                self._routes.pop(request.task, None)
-            raise
+            async with self._routes_lock:
+                if self._routes_stale():
+                    await self._ask_routes(time.monotonic() + self._timeout_s)
+        finally:
+            self._refreshing = None
+
+    def _routes_stale(self) -> bool:
+        return time.monotonic() - self._routes_asked_at >= self._routes_refresh_s
 
     async def report_feedback(
         self, records: list[fleet_pb2.FeedbackRecord], timeout_s: float
@@ -186,6 +233,8 @@ class CloudClient:
             call.cancel()  # a consumer that stops early must not leave the stream open
 
     async def close(self) -> None:
+        if self._refreshing is not None:
+            self._refreshing.cancel()
         await self._channel.close()
 
     async def _application(self, task: str, deadline: float) -> str:
@@ -193,7 +242,7 @@ class CloudClient:
         route, at most every `routes_refresh_s` (one caller asks, concurrent ones wait for it)."""
         if task not in self._routes:
             async with self._routes_lock:
-                if task not in self._routes and time.monotonic() - self._routes_asked_at >= self._routes_refresh_s:
+                if task not in self._routes and self._routes_stale():
                     await self._ask_routes(deadline)
         application = self._routes.get(task)
         if application is not None:

@@ -21,16 +21,30 @@ from tandem.settings import Section, TandemSettings
 class PolicyConfig(Section):
     """When to escalate, from the student's calibrated confidence."""
 
-    mode: Literal["threshold", "target_rate", "edge_only", "cloud_only"] = Field(
+    mode: Literal["threshold", "target_rate", "risk", "edge_only", "cloud_only"] = Field(
         "threshold",
-        description="threshold: escalate below `threshold`. target_rate: escalate the least "
-        "confident `target_rate` share of recent traffic. edge_only / cloud_only: baselines.",
+        description="threshold: escalate below the threshold (`threshold`, or the serving student's). "
+        "target_rate: escalate the least confident `target_rate` share of recent traffic. risk: keep the "
+        "error among local answers at most `epsilon`, at the threshold the student certifies for it. "
+        "edge_only / cloud_only: baselines.",
     )
-    threshold: float = Field(0.5, ge=0.0, le=1.0, description="Confidence below which to escalate.")
+    threshold: float | None = Field(
+        None, ge=0.0, le=1.0, description="Confidence below which to escalate, pinned. None: each student's own, "
+        "fitted by the trainer and signed in its manifest (operating_point.threshold), adopted with the student "
+        "at each swap; a student without one (an older artifact) gets 0.5, with a warning.",
+    )
+    epsilon: float | None = Field(
+        None, gt=0.0, lt=1.0, description="Risk mode (required there): the bound on the error rate among answers "
+        "kept locally. The student's manifest certifies thresholds for some epsilons (operating_point.risk, each "
+        "holding with probability 1 - risk_delta, 0.95 by default); the policy takes the one certified for the "
+        "largest epsilon at most this. None certified, or no operating point: every request escalates "
+        "(reason risk_uncertified), the budget still applying.",
+    )
     target_rate: float = Field(0.2, gt=0.0, lt=1.0, description="Share of requests to escalate.")
     window: int = Field(2000, ge=10, description="Recent confidences the target-rate quantile uses.")
     min_samples: int = Field(
-        100, ge=1, description="Below this many samples target_rate uses `threshold` instead."
+        100, ge=1, description="Below this many samples target_rate escalates below the threshold instead "
+        "(`threshold`, or the serving student's).",
     )
     budget_per_s: float | None = Field(
         None, gt=0, description="Escalations allowed per second (token bucket); None: unlimited."
@@ -41,6 +55,15 @@ class PolicyConfig(Section):
     def _window_holds_min_samples(self) -> "PolicyConfig":
         if self.min_samples > self.window:
             raise ValueError(f"min_samples ({self.min_samples}) must not exceed window ({self.window})")
+        return self
+
+    @model_validator(mode="after")
+    def _risk_takes_epsilon(self) -> "PolicyConfig":
+        if self.mode == "risk" and self.epsilon is None:
+            raise ValueError("policy.epsilon (0 < epsilon < 1) is required in risk mode")
+        if self.mode == "risk" and self.threshold is not None:
+            raise ValueError(f"policy.threshold ({self.threshold}) cannot be pinned in risk mode: the threshold "
+                             "is the one the student certifies for policy.epsilon")
         return self
 
 
@@ -101,8 +124,9 @@ class CloudLinkConfig(Section):
         5000, ge=100, description="Longest wait between reconnection attempts while the cloud is down."
     )
     routes_refresh_s: float = Field(
-        5.0, gt=0, description="Shortest time between two GetRoutes calls made because a task had no "
-        "route (or the last call failed): while the cloud is down, escalations do not each ask again.",
+        5.0, gt=0, description="How often the routes are asked again: in the background once the known ones are "
+        "this old (an expert rollout's switch reaches the edge within it), and at most this often while a task has "
+        "no route or the last call failed (while the cloud is down, escalations do not each ask again).",
     )
     breaker: BreakerConfig = BreakerConfig()
 
@@ -158,6 +182,16 @@ class FeedbackConfig(Section):
     deadline_ms: float = Field(10_000.0, gt=0, description="Deadline of one ReportFeedback call.")
     audit_rate: float = Field(
         0.01, ge=0.0, le=1.0, description="Share of local (source EDGE) answers recorded as AUDIT samples."
+    )
+    audit_weighting: Literal["uniform", "margin"] = Field(
+        "margin", description="Which local answers the audit samples are, for the same upload budget "
+        "(`audit_rate` of them in the long run). uniform: any, alike. margin: in proportion to how unsure the "
+        "student was, 1 - (p1 - p2) from the top two of its calibrated distribution (at least 0.05, so "
+        "confident mistakes still reach the cloud), against the mean of the task's recent local answers; an "
+        "`audit_rate` share of the samples stays uniform, so that audit_rate 1 records every answer. The "
+        "retrainer gets the answers near the threshold, where a better student saves escalations, instead of "
+        "the confident bulk it already gets right. (Disagreement between consecutive students is not used: "
+        "it would run two models per request.)",
     )
 
     @field_validator("outbox")

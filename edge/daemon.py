@@ -140,7 +140,8 @@ class EdgeDaemon:
         self._delivery = delivery = Delivery(outbox, cloud, self.cfg.feedback, self.metrics, health)
         redact = Redactor(self.cfg.redaction)
         self._feedback = FeedbackRecorder(
-            outbox, redact, self.cfg.device_id, self.cfg.feedback.audit_rate, self.metrics, delivery.wake
+            outbox, redact, self.cfg.device_id, self.cfg.feedback.audit_rate, self.metrics, delivery.wake,
+            audit_weighting=self.cfg.feedback.audit_weighting,
         )
         self._run_in_background(delivery.run())
 

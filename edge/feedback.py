@@ -12,6 +12,9 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Callable
+from typing import Literal
+
+import numpy as np
 
 from edge.metrics import EdgeMetrics
 from edge.outbox import Outbox
@@ -21,6 +24,49 @@ from google.protobuf.message import DecodeError
 from tandem.v1 import common_pb2, fleet_pb2
 
 log = logging.getLogger(__name__)
+
+AuditWeighting = Literal["uniform", "margin"]
+# The least weight of a local answer under margin weighting: confident mistakes, which the
+# retrainer needs most, must still have a chance of being audited.
+MIN_AUDIT_WEIGHT = 0.05
+# Local answers the running mean of weights follows (an exponential mean over about this
+# many): enough to be steady, few enough to follow a new student within minutes of traffic.
+AUDIT_MEAN_WINDOW = 1000
+
+
+def top_margin(probs: np.ndarray) -> float:
+    """p1 - p2, the gap between the two most probable labels (p1 for a single label)."""
+    if len(probs) < 2:
+        return float(probs.max())
+    second, first = np.partition(probs, -2)[-2:]
+    return float(first - second)
+
+
+class AuditSampler:
+    """Which local answers of one task become AUDIT samples: a `rate` share of them in the long
+    run, each drawn with probability rate * (rate + (1 - rate) * w / mean_w), w its weight and
+    mean_w the running mean of recent weights. In effect a `rate` share of the samples is
+    uniform and the rest proportional to w: at a budget of a few percent nearly all weighted,
+    and a rate of 1 still audits every answer. (Less than `rate` only where the probability
+    would exceed 1: large rates, very uneven weights.)"""
+
+    def __init__(self, rate: float, weighting: AuditWeighting, chance: Callable[[], float] = random.random,
+                 window: int = AUDIT_MEAN_WINDOW) -> None:
+        self._rate = rate
+        self._weighting = weighting
+        self._chance = chance
+        self._window = window
+        self._mean: float | None = None
+
+    def weight(self, margin: float) -> float:
+        """1 under uniform weighting; under margin weighting, how unsure the answer was."""
+        return 1.0 if self._weighting == "uniform" else max(1.0 - margin, MIN_AUDIT_WEIGHT)
+
+    def due(self, margin: float) -> bool:
+        """Whether the local answer with top-2 `margin` is to be audited."""
+        weight = self.weight(margin)
+        self._mean = weight if self._mean is None else self._mean + (weight - self._mean) / self._window
+        return self._chance() < self._rate * (self._rate + (1 - self._rate) * weight / self._mean)
 
 
 class FeedbackRecorder:
@@ -33,11 +79,14 @@ class FeedbackRecorder:
         metrics: EdgeMetrics,
         on_added: Callable[[], None],
         chance: Callable[[], float] = random.random,
+        audit_weighting: AuditWeighting = "margin",
     ) -> None:
         self._outbox = outbox
         self._redact = redact
         self._device_id = device_id
         self._audit_rate = audit_rate
+        self._audit_weighting: AuditWeighting = audit_weighting
+        self._audits: dict[str, AuditSampler] = {}
         self._metrics = metrics
         self._on_added = on_added
         self._chance = chance
@@ -48,9 +97,13 @@ class FeedbackRecorder:
         self._queue: list[tuple[fleet_pb2.FeedbackRecord, asyncio.Future[bool]]] = []
         self._writer: asyncio.Task[None] | None = None
 
-    def audit_due(self) -> bool:
-        """True for a random `audit_rate` share of calls."""
-        return self._chance() < self._audit_rate
+    def audit_due(self, task: str, margin: float) -> bool:
+        """Whether to record a local answer of `task` with top-2 `margin` as an AUDIT sample: an
+        `audit_rate` share of each task's local answers, weighted by `audit_weighting`."""
+        sampler = self._audits.get(task)
+        if sampler is None:
+            sampler = self._audits[task] = AuditSampler(self._audit_rate, self._audit_weighting, self._chance)
+        return sampler.due(margin)
 
     async def record(
         self,

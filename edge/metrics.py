@@ -41,6 +41,13 @@ class EdgeMetrics:
             "tandem_edge_model_info", "1 for the student version serving each task.", ["task", "version"],
             registry=registry,
         )
+        self.threshold = Gauge(
+            "tandem_edge_threshold", "The confidence below which each task's policy escalates, for the student "
+            "serving it: pinned (policy.threshold), its own fitted one, the one it certifies for policy.epsilon "
+            "(risk mode) or the fallback 0.5. +Inf: every request escalates (cloud_only, or risk mode with no "
+            "certified threshold); 0: none (edge_only). target_rate mode: the threshold until its window fills.",
+            ["task"], registry=registry,
+        )
         self.feedback_recorded = Counter(
             "tandem_edge_feedback_recorded", "Feedback records accepted into the outbox, by kind.",
             ["task", "kind"], registry=registry,

@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
+import numpy as np
 
 from edge.breaker import OPEN_REASON, CircuitBreaker
 from edge.cloud_client import Escalator
 from edge.config import EdgeConfig
 from edge.errors import CloudCallError, FeedbackOff, FeedbackRefused, InvalidRequest, Overloaded, UnknownTask
-from edge.feedback import FeedbackRecorder
+from edge.feedback import FeedbackRecorder, top_margin
 from edge.metrics import EdgeMetrics
 from edge.policy import Policy
 from edge.redact import Redactor
@@ -106,7 +107,7 @@ class EdgeService(edge_pb2_grpc.EdgeServicer):
         best = int(result.probs.argmax())
         confidence = float(result.probs[best])  # the policy sees full precision, not the wire's float32
         local = common_pb2.EdgePrediction(label=student.labels[best], confidence=confidence, model_version=student.version)
-        decision = runtime.policy.decide(confidence)
+        decision = runtime.policy.decide(confidence, student.manifest)  # this version's threshold, even mid-swap
         if decision.escalate and self._escalator is not None:
             escalation = expert_pb2.EscalateRequest(
                 request_id=request_id, task=request.task, text=self._redact(text), edge=local, device_id=self._device_id
@@ -115,7 +116,7 @@ class EdgeService(edge_pb2_grpc.EdgeServicer):
         else:
             answer, cloud_s = _local(edge_pb2.EDGE, decision.reason, local, student), 0.0
         if self._feedback is not None:
-            await self._keep(self._feedback, answer, request.task, text, request_id, local)
+            await self._keep(self._feedback, answer, request.task, text, request_id, local, result.probs)
         elapsed = time.perf_counter() - started
         self._count(request.task, answer, elapsed, result.inference_s, result.batch_size)
         return edge_pb2.InferResponse(
@@ -188,16 +189,18 @@ class EdgeService(edge_pb2_grpc.EdgeServicer):
         text: str,
         request_id: str,
         local: common_pb2.EdgePrediction,
+        probs: np.ndarray,
     ) -> None:
         """Every cloud answer's receipt and every fallback is recorded, its answer waiting for
         the commit (so an answered escalation or fallback is never lost, and a request is
         recorded once: the cloud records nothing itself); an `audit_rate` sample of local
-        answers is recorded in the background, sparing their latency a disk write."""
+        answers (weighted by how unsure the student was, `probs`) is recorded in the
+        background, sparing their latency a disk write."""
         if answer.receipt is not None:
             await feedback.record_receipt(task, request_id, answer.receipt)
         elif answer.source == edge_pb2.EDGE_FALLBACK:
             await feedback.record(fleet_pb2.FALLBACK, task, text, request_id, answer.label_set_version, local)
-        elif answer.source == edge_pb2.EDGE and feedback.audit_due():
+        elif answer.source == edge_pb2.EDGE and feedback.audit_due(task, top_margin(probs)):
             feedback.record_soon(fleet_pb2.AUDIT, task, text, request_id, answer.label_set_version, local)
 
     def _count(self, task: str, answer: Answer, elapsed: float, inference_s: float, batch: int) -> None:
@@ -227,12 +230,15 @@ def build_service(
     feedback: FeedbackRecorder | None = None,
     device_id: str | None = None,
 ) -> EdgeService:
-    """The service `cfg` describes, over students already serving: a policy per task, the
-    configured redaction, escalations through a circuit breaker, and `device_id` (default: the
-    configured one) in escalations."""
-    tasks = {
-        task: TaskRuntime(serving, Policy(cfg.policy), cfg.max_batch, cfg.max_queue) for task, serving in servings.items()
-    }
+    """The service `cfg` describes, over students already serving: a policy per task (at its
+    student's threshold, reported in `tandem_edge_threshold`), the configured redaction,
+    escalations through a circuit breaker, and `device_id` (default: the configured one) in
+    escalations."""
+    tasks: dict[str, TaskRuntime] = {}
+    for task, serving in servings.items():
+        policy = Policy(cfg.policy, on_threshold=metrics.threshold.labels(task).set)
+        policy.adopt(serving.student.manifest)  # logged and reported at start, not at the first request
+        tasks[task] = TaskRuntime(serving, policy, cfg.max_batch, cfg.max_queue)
     guarded = CircuitBreaker(escalator, cfg.cloud.breaker, metrics) if escalator is not None else None
     return EdgeService(tasks, guarded, metrics, Redactor(cfg.redaction), device_id or cfg.device_id, feedback)
 

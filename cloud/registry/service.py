@@ -35,6 +35,7 @@ from cloud.feedback.records import KINDS, LabelSet, check
 from cloud.feedback.store import READ_ERRORS, FeedbackStore
 from cloud.identity import Unauthenticated, caller_device, proxy_token
 from cloud.registry.models import ModelNotFound, ModelRegistry
+from cloud.registry.routes import RouteStore
 from tandem.contract import MANIFEST_FILE, SIGNATURE_FILE, FieldError, Manifest, Promotion, check_name
 from tandem.v1 import fleet_pb2, fleet_pb2_grpc
 from tandem.wire import Undecodable, parsed
@@ -76,24 +77,27 @@ class FleetMetrics:
 
 class FleetServicer(fleet_pb2_grpc.FleetServicer):
     """ReportFeedback into a FeedbackStore; GetManifest and FetchModel from a ModelRegistry;
-    GetRoutes from the cloud's task -> expert map; AckRollout into the audit log."""
+    GetRoutes from the cloud's task -> expert map, through the RouteStore's serving versions
+    where given; AckRollout into the audit log."""
 
     def __init__(self, feedback: FeedbackStore, models: ModelRegistry, tasks: Mapping[str, LabelSet] | None = None,
                  routes: Mapping[str, str] | None = None, metrics: FleetMetrics | None = None, max_batch: int = 1000,
                  chunk_bytes: int = CHUNK_BYTES, request_timeout_s: float = REQUEST_TIMEOUT_S, *, insecure: bool = False,
                  device_quota_per_day: int = DEVICE_QUOTA_PER_DAY, audit: Audit | None = None,
-                 receipt_key: ReceiptKey | None = None) -> None:
+                 receipt_key: ReceiptKey | None = None, route_store: RouteStore | None = None) -> None:
         """`tasks` (task -> its label set), where given, refuses feedback of other tasks or labels.
-        `routes`: task -> the Serve application of its expert. `request_timeout_s`: the longest
-        one step of an RPC's server-side work may take (storing a batch, reading a manifest or
-        a chunk) before DEADLINE_EXCEEDED. `insecure` (development only): callers are who
+        `routes`: task -> the Serve application of its expert; with `route_store`, task -> its
+        expert, whose serving application (a rollout's version) the store names.
+        `request_timeout_s`: the longest one step of an RPC's server-side work may take (storing
+        a batch, reading a manifest or a chunk) before DEADLINE_EXCEEDED. `insecure` (development only): callers are who
         their messages say. `audit`, where given, receives refused feedback batches and
         acknowledged rollouts. `receipt_key` checks the receipts of ESCALATION records; without
         it, every ESCALATION record is refused."""
         self._feedback = feedback
         self._models = models
         self._tasks = tasks
-        self._routes = fleet_pb2.Routes(applications=routes or {})
+        self._routes = dict(routes or {})
+        self._route_store = route_store
         self._metrics = metrics or FleetMetrics()
         self._max_batch = max_batch
         self._chunk_bytes = chunk_bytes
@@ -137,11 +141,13 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         try:
             _parsed(request)
             self._caller(grpc_context, "")
+            routes = self._routes if self._route_store is None else await self._bounded(
+                "reading the routes", self._serving_routes, self._route_store)
         except FleetError as exc:
             self._refuse("GetRoutes", exc, grpc_context)
             return fleet_pb2.Routes()
         self._metrics.request("GetRoutes", grpc.StatusCode.OK)
-        return self._routes
+        return fleet_pb2.Routes(applications=routes)
 
     async def GetManifest(self, request: fleet_pb2.GetManifestRequest, grpc_context: Any) -> fleet_pb2.ModelManifest:
         """The promoted version's manifest, with its signature and its signed promotion."""
@@ -234,6 +240,12 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
             raise
         except Exception as exc:  # whatever the audit log's filesystem raises
             raise StoreUnavailable(f"audit log append failed: {type(exc).__name__}: {exc}") from exc
+
+    def _serving_routes(self, store: RouteStore) -> dict[str, str]:
+        try:
+            return store.routes(self._routes)
+        except OSError as exc:
+            raise StoreUnavailable(f"routes file {store.path}: {exc}") from exc
 
     def _published(self, task: str, version: str) -> None:
         try:

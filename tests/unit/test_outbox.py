@@ -154,12 +154,12 @@ async def test_a_failing_disk_refuses_records_and_logs_once_per_episode(
 
 
 def test_audit_samples_the_configured_share(outbox: Outbox) -> None:
-    assert _recorder(outbox, CollectorRegistry(), audit_draw=0.005).audit_due()
-    assert not _recorder(outbox, CollectorRegistry(), audit_draw=0.5).audit_due()
+    assert _recorder(outbox, CollectorRegistry(), audit_draw=0.005).audit_due("t", 0.0)
+    assert not _recorder(outbox, CollectorRegistry(), audit_draw=0.5).audit_due("t", 0.0)
     seeded = random.Random(3)
     recorder = FeedbackRecorder(outbox, Redactor(DEFAULT_PATTERNS), "dev-1", 0.05, EdgeMetrics(CollectorRegistry()),
                                 on_added=lambda: None, chance=seeded.random)
-    share = sum(recorder.audit_due() for _ in range(20_000)) / 20_000
+    share = sum(recorder.audit_due("t", 0.0) for _ in range(20_000)) / 20_000
     assert abs(share - 0.05) < 0.006  # 4 standard deviations of a binomial share
 
 

@@ -56,7 +56,17 @@ def test_prod_training_starts_from_one_multilingual_hub_model() -> None:
 
 def test_edge_config_loads() -> None:
     # The DaemonSet's: tests/unit/test_k8s.py (it names the node's certificate files).
-    assert load_config(EdgeConfig, ROOT / "edge/edge.yaml").policy.threshold == 0.7
+    cfg = load_config(EdgeConfig, ROOT / "edge/edge.yaml")
+    assert cfg.policy.threshold is None and cfg.feedback.audit_weighting == "margin"
+
+
+def test_shipped_edge_configs_adopt_each_students_threshold() -> None:
+    """No shipped edge config pins a threshold: every student's own, fitted and signed, serves."""
+    daemonset = next(d for d in yaml.safe_load_all((ROOT / "k8s/edge-daemonset.yaml").read_text())
+                     if d["kind"] == "ConfigMap")
+    for policy in (yaml.safe_load((ROOT / "edge/edge.yaml").read_text())["policy"],
+                   yaml.safe_load(daemonset["data"]["edge.yaml"])["policy"]):
+        assert policy["mode"] == "threshold" and "threshold" not in policy
 
 
 def test_shipped_serve_configs_are_what_the_cloud_configs_generate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
