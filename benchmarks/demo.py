@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 
 from benchmarks.edge_bench import EdgeBenchConfig, run_edge_bench
-from benchmarks.flywheel import FlywheelConfig, Loop, format_rounds
+from benchmarks.flywheel import SAMPLERS, FlywheelConfig, Loop, format_rounds
 from benchmarks.latency import LatencyRecorder
 from benchmarks.system import cloud, edge_config, edge_daemon
 from cloud.prepare import SMOLLM2_DIR, ensure_trained, local_train_config, prepare_smollm2
@@ -51,14 +51,14 @@ def run_demo(config: Path | None, out: Path) -> int:
     # The loop's registry, feedback store and keys live in the results folder, fresh each run.
     work = out / "loop"
     shutil.rmtree(work, ignore_errors=True)
-    loop = Loop(FlywheelConfig(rounds=1, traffic_per_round=LOOP_TRAFFIC), work)
-    rows = [loop.cold_start()]
+    loop = Loop(FlywheelConfig(rounds=1, traffic_per_round=LOOP_TRAFFIC, samplers=["weighted"], new_intent=False), work)
+    cold = loop.cold_start()
     task = train_cfg.task.name
     examples = random.Random(0).sample(train_cfg.task.load("test"), QUERIES + OUTAGE_QUERIES)
     with cloud(loop.cloud_config()) as c:
         # The loop's round first: the test queries replayed next must not reach its training data.
-        with edge_daemon(loop.edge_config(c)) as learner:
-            rows.append(asyncio.run(loop.round(1, learner, loop.traffic[:LOOP_TRAFFIC])))
+        with edge_daemon(loop.edge_config(c, SAMPLERS["weighted"])) as learner:
+            loop.rows = [cold, asyncio.run(loop.round(1, learner, loop.data.traffic[:LOOP_TRAFFIC]))]
         main_edge = edge_config(task, train_cfg.model_dir("student"), c, "kiosk-1",
                                 feedback={"outbox": str(work / "outbox.sqlite3")})
         log.info("the system: edge daemon -> Ray Serve gRPC -> vLLM classify expert, %d queries", QUERIES)
@@ -68,7 +68,7 @@ def run_demo(config: Path | None, out: Path) -> int:
             c.server.process.terminate()
             c.server.process.wait(timeout=60)
             answers += asyncio.run(_replay(edge.port, task, examples[QUERIES:]))
-    report = {**_system_report(answers, teacher["metrics"]["test_accuracy"]), "learning_loop": loop.result(rows)}
+    report = {**_system_report(answers, teacher["metrics"]["test_accuracy"]), "learning_loop": loop.result({"weighted": loop.rows})}
     (out / "demo.json").write_text(json.dumps(report, indent=2) + "\n")
     print(_format_system(report))
     print("\n== learning loop (one round; banking77 test split) ==\n" + format_rounds(report["learning_loop"]))

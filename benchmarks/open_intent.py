@@ -31,8 +31,6 @@ from tandem.tasks import Example, Task, TaskFile, banking77
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 class OpenIntentConfig(TandemSettings):
     model_config = SettingsConfigDict(env_prefix="TANDEM_BENCH_OPEN_")
@@ -45,7 +43,8 @@ class OpenIntentConfig(TandemSettings):
     student: FitConfig = FitConfig(layers=2, lr=3e-4)
     known_rejection: float = Field(0.05, ge=0, lt=0.5, description="The boundaries' fit (TrainConfig.known_rejection).")
     threshold: float | None = Field(
-        None, gt=0, le=1, description="The cascade's confidence threshold; default: the shipped edge config's."
+        None, gt=0, le=1, description="The cascade's confidence threshold; default: each student's fitted one (its "
+        "manifest's operating point), which the shipped edge config adopts."
     )
     sweep_thresholds: list[float] = Field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9],
                                           description="Cascade thresholds also reported.")
@@ -53,12 +52,11 @@ class OpenIntentConfig(TandemSettings):
 
 
 def run_open_intent(cfg: OpenIntentConfig, out: Path) -> dict[str, Any]:
-    threshold = cfg.threshold or _shipped_threshold()
     result: dict[str, Any] = {"task": cfg.task.name, "seed": cfg.seed, "known_rejection": cfg.known_rejection,
-                              "threshold": threshold, "known_ratios": {}}
+                              "known_ratios": {}}
     for ratio in cfg.known_ratios:
         log.info("open intent: %g of the intents known", ratio)
-        result["known_ratios"][f"{ratio:g}"] = _ratio(cfg, ratio, threshold)
+        result["known_ratios"][f"{ratio:g}"] = _ratio(cfg, ratio)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     return result
@@ -89,7 +87,7 @@ def open_metrics(truth: list[str], predicted: list[str], known: list[str], oos: 
     }
 
 
-def _ratio(cfg: OpenIntentConfig, ratio: float, threshold: float) -> dict[str, Any]:
+def _ratio(cfg: OpenIntentConfig, ratio: float) -> dict[str, Any]:
     task = cfg.task
     known = known_intents(task, ratio, cfg.seed)
     train_cfg = _train_config(cfg, _open_task(task, known, ratio, cfg.seed))
@@ -98,13 +96,15 @@ def _ratio(cfg: OpenIntentConfig, ratio: float, threshold: float) -> dict[str, A
     truth = [e.label if e.label in known else task.oos_label for e in test]
     texts = [e.text for e in test]
     expert = asyncio.run(_expert_answers(teacher_dir, texts, train_cfg.task))
-    student_probs, student_labels = _student_probs(student_dir, texts)
+    student_probs, student_labels, threshold = _student_probs(student_dir, texts)
+    threshold = cfg.threshold or threshold
     oos = task.oos_label
     student = [student_labels[i] for i in student_probs.argmax(-1)]
     is_known = np.array([t != oos for t in truth])
     closed_expert = [next(label for label, _ in e if label != oos) for e in expert]
     entry = {
         "known_intents": len(known),
+        "threshold": threshold,
         "test_known": int(is_known.sum()),
         "test_open": int((~is_known).sum()),
         "expert": open_metrics(truth, [e[0][0] for e in expert], known, oos),
@@ -208,15 +208,15 @@ async def _expert_answers(teacher_dir: Path, texts: list[str], task: Task) -> li
     return [a.distribution for a in answers]
 
 
-def _student_probs(student_dir: Path, texts: list[str]) -> tuple[np.ndarray, list[str]]:
+def _student_probs(student_dir: Path, texts: list[str]) -> tuple[np.ndarray, list[str], float]:
+    """The student's probabilities, its labels and its fitted threshold."""
     from edge.student import Student
 
     student = Student.load(student_dir)
-    return student.predict(texts), student.labels
-
-
-def _shipped_threshold() -> float:
-    return float(yaml.safe_load((ROOT / "edge" / "edge.yaml").read_text())["policy"]["threshold"])
+    point = student.manifest.operating_point
+    if point is None:
+        raise ValueError(f"student {student_dir} carries no fitted threshold: retrain it, or set threshold")
+    return student.predict(texts), student.labels, point.threshold
 
 
 def format_table(result: dict[str, Any]) -> str:

@@ -100,19 +100,27 @@ def _throughput(s: dict[str, Any], path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_flywheel(rows: list[dict[str, Any]], path: Path) -> Path:
-    """The learning loop's curves over rounds."""
+def plot_flywheel(result: dict[str, Any], path: Path) -> Path:
+    """The learning loop's curves over rounds: the escalation rate needed per audit sampler, and
+    the cascade at each student's fitted threshold against the old fixed one."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for sampler, curve in result["sampling"].items():
+        left.plot(range(len(curve)), [100 * x for x in curve], "o-", label=f"{sampler} audits")
+    left.set_title("escalation rate needed for expert - 1 pt", fontsize=9)
+    rows = result["rounds"]
     rounds = [r["round"] for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key, label in (("escalation_rate_for_target", "escalation rate needed (expert - 1 pt)"),
-                       ("student_accuracy", "student accuracy"), ("cascade_accuracy", "cascade accuracy (default policy)")):
-        ax.plot(rounds, [100 * r[key] for r in rows], "o-", label=label)
-    ax.set_xlabel("round")
-    ax.set_ylabel("%")
-    ax.set_xticks(rounds)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title("Learning loop on banking77: each round retrains on the traffic's feedback")
+    for prefix, label in (("cascade_", "fitted threshold"), ("fixed_threshold_", f"fixed {result['fixed_threshold']:g}")):
+        accuracy = "cascade_accuracy" if prefix == "cascade_" else "fixed_threshold_cascade_accuracy"
+        right.plot(rounds, [100 * r[accuracy] for r in rows], "o-", label=f"accuracy, {label}")
+        right.plot(rounds, [100 * r[f"{prefix}escalation_rate"] for r in rows], "s--", label=f"escalated, {label}")
+    right.set_title("cascade on the test split", fontsize=9)
+    for ax in (left, right):
+        ax.set_xlabel("round")
+        ax.set_ylabel("%")
+        ax.set_xticks(rounds)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Learning loop on banking77: each round retrains on the traffic's feedback")
     return _save(fig, path)
 
 

@@ -133,7 +133,7 @@ def run_poisoning(
         "corrections": result["corrections"],
     }
     if undefended:
-        trusting = cfg.model_copy(update={"corroboration_devices": 1, "min_accuracy_gain": 1.0})
+        trusting = cfg.model_copy(update={"corroboration_devices": 1, "min_escalation_drop": 1.0})
         control = registry.path(task.name, run_distill(trusting)["version"])
         out["undefended_trigger_flipped"] = trigger_flips(control, queries)
         out["undefended_test_accuracy"] = accuracy_on_test(control, task)

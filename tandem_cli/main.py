@@ -14,6 +14,9 @@ from tandem.settings import ConfigError
 
 if TYPE_CHECKING:
     from cloud.config import CloudConfig
+    from cloud.discovery.clusters import Cluster, DiscoveryConfig
+    from cloud.training.config import DistillConfig
+    from tandem.tasks import Task
 
 # Tandem's own loggers report progress at INFO; other libraries only warnings and errors.
 TANDEM_PACKAGES = ("tandem", "tandem_cli", "edge", "cloud", "benchmarks")
@@ -152,6 +155,20 @@ def _cloud_serve(args: argparse.Namespace) -> int:
 
 
 @_imports("cloud")
+def _cloud_rollout_expert(args: argparse.Namespace) -> int:
+    from cloud.rollout import RolloutFailed, RolloutRefused, rollout_expert
+
+    try:
+        version = rollout_expert(args.config, args.expert, args.checkpoint, args.drain_s,
+                                 say=lambda line: print(line, flush=True))
+    except (RolloutRefused, RolloutFailed) as exc:
+        print(f"tandem cloud rollout-expert: {exc}", file=sys.stderr)
+        return 1
+    print(version.model_dump_json())
+    return 0
+
+
+@_imports("cloud")
 def _cloud_serve_config(args: argparse.Namespace) -> int:
     from cloud.topology import generate_serve_config
 
@@ -214,6 +231,17 @@ def _bench_flywheel(args: argparse.Namespace) -> int:
     from tandem.settings import load_config
 
     run_flywheel(load_config(FlywheelConfig, args.config), args.out)
+    return 0
+
+
+@_imports("dev")
+def _bench_student(args: argparse.Namespace) -> int:
+    _training_process()
+    from benchmarks.students import StudentBenchConfig, format_table, run_student_bench
+    from tandem.settings import load_config
+
+    result = run_student_bench(load_config(StudentBenchConfig, args.config), args.out)
+    print(format_table(result) + f"\n\n{args.out}")
     return 0
 
 
@@ -416,6 +444,97 @@ def _ca_crl(args: argparse.Namespace) -> int:
     return 0
 
 
+def _intents_setup(args: argparse.Namespace) -> "tuple[DistillConfig, Path, Task]":
+    """The retrainer's config (store, audit log, corroboration_devices), the task file's path
+    (--task, else the config's `task`, else the shipped banking77) and its task."""
+    import yaml
+
+    from cloud.training.config import DistillConfig
+    from tandem.settings import load_config
+    from tandem.tasks import SHIPPED_TASKS, Task
+
+    path = args.task
+    if path is None and args.config is not None:
+        named = (yaml.safe_load(args.config.read_text()) or {}).get("task")
+        path = args.config.parent / named if isinstance(named, str) else None
+    path = path or SHIPPED_TASKS / "banking77.yaml"
+    task = Task.from_file(path)
+    return load_config(DistillConfig, args.config).model_copy(update={"task": task}), path, task
+
+
+def _intents_found(args: argparse.Namespace) -> "tuple[DistillConfig, Path, Task, DiscoveryConfig, list[Cluster]]":
+    _training_process()
+    from cloud.discovery.clusters import DiscoveryConfig
+    from cloud.discovery.field import task_clusters
+
+    cfg, path, task = _intents_setup(args)
+    discovery = DiscoveryConfig(min_similarity=args.min_similarity)
+    clusters = task_clusters(cfg.feedback_store_uri(), task, discovery, cfg.corroboration_devices)
+    return cfg, path, task, discovery, clusters
+
+
+@_imports("train")
+def _intents_clusters(args: argparse.Namespace) -> int:
+    from cloud.discovery.clusters import format_clusters
+
+    cfg, _, task, discovery, clusters = _intents_found(args)
+    print(f"task {task.name} (label set version {task.label_set_version}): out-of-scope traffic in "
+          f"{cfg.feedback_store_uri()}\n")
+    print(format_clusters(clusters, discovery.examples, cfg.corroboration_devices))
+    return 0
+
+
+@_imports("train")
+def _intents_page(args: argparse.Namespace) -> int:
+    from cloud.discovery.page import render_page
+    from tandem.fsio import atomic_write
+
+    cfg, _, task, discovery, clusters = _intents_found(args)
+    atomic_write(args.out, render_page(task.name, clusters, discovery.examples, cfg.corroboration_devices).encode())
+    print(f"{len(clusters)} clusters: {args.out}")
+    return 0
+
+
+@_imports("train")
+def _intents_name(args: argparse.Namespace) -> int:
+    from cloud.discovery.naming import name_cluster
+
+    cfg, path, _, _, clusters = _intents_found(args)
+    cluster = next((c for c in clusters if c.id == args.cluster), None)
+    if cluster is None:
+        raise ConfigError(f"no cluster {args.cluster!r} among the {len(clusters)} shown now (new traffic changes "
+                          "clusters): run `tandem intents clusters` again")
+    result = name_cluster(path, cluster, args.label, args.description, cfg.feedback_store_uri(), cfg.audit_log_uri())
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+@_imports("train")
+def _train_expert(args: argparse.Namespace) -> int:
+    _training_process()
+    from cloud.training.config import DistillConfig
+    from cloud.training.expert import run_expert
+    from tandem.settings import load_config
+    from tandem.tasks import Task
+
+    cfg = load_config(DistillConfig, args.config)
+    if args.task is not None:
+        cfg = cfg.model_copy(update={"task": Task.from_file(args.task)})
+    result = run_expert(cfg, start=args.start)
+    print(json.dumps(result, indent=2))
+    return 0 if result["passed"] else 1
+
+
+@_imports("dev")
+def _bench_new_intent(args: argparse.Namespace) -> int:
+    _training_process()
+    from benchmarks.new_intent import NewIntentConfig, run_new_intent
+    from tandem.settings import load_config
+
+    run_new_intent(load_config(NewIntentConfig, args.config), args.out)
+    return 0
+
+
 @_imports("dev")
 def _demo(args: argparse.Namespace) -> int:
     _training_process()
@@ -455,6 +574,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config-ref", help="how the generated config names the cloud config (default: --config as given)")
     p.add_argument("--out", type=Path, help="write the Serve config YAML here")
     p.add_argument("--rayservice", type=Path, help="replace the serveConfigV2 block of this RayService manifest")
+    p = command(cloud, "rollout-expert", _cloud_rollout_expert,
+                "deploy a signed checkpoint of an expert beside the serving one on the running cloud, switch the "
+                "routes to it, then delete the old one (blue/green)", config_required=True)
+    p.add_argument("--expert", required=True, help="the expert's name in the cloud config")
+    p.add_argument("--checkpoint", type=Path, required=True, help="the signed checkpoint directory (kind teacher)")
+    p.add_argument("--drain-s", type=float, help="seconds the old version answers after the switch "
+                   "(default: the cloud config's rollout.drain_s)")
     command(cloud, "proxy-config", _cloud_proxy_config,
             "print the TLS proxy's nginx.conf for a cloud config; the proxy token is left as ${TANDEM_PROXY_TOKEN} "
             "for the deployment to substitute from its environment", config_required=True)
@@ -471,6 +597,30 @@ def _parser() -> argparse.ArgumentParser:
 
     p = command(train, "distill", _train_distill, "one retraining round from feedback (or rounds on the config's schedule)")
     p.add_argument("--once", action="store_true", help="one round, even if the config sets interval_s")
+    p = command(train, "expert", _train_expert, "fine-tune the classify expert from field labels devices agree on and "
+                "named intents, with replay; gate, calibrate, sign, publish under <registry>/<task>/experts/ "
+                "(distill config; exit 1 if the gate refuses it)")
+    p.add_argument("--task", type=Path, help="task file (default: the config's task)")
+    p.add_argument("--from", dest="start", type=Path, help="the checkpoint to start from (default: the config's "
+                   "teacher_dir)")
+
+    intents = groups.add_parser("intents", help="new intents from out-of-scope traffic").add_subparsers(required=True)
+    for name, run, what in (
+            ("clusters", _intents_clusters, "cluster the task's out-of-scope feedback; print the clusters from enough "
+             "devices (the retrainer's corroboration_devices), with example texts"),
+            ("name", _intents_name, "make a cluster a label of the task: the task file gains it (label_set_version + 1) "
+             "and its texts become the operator's labelled examples in the feedback store"),
+            ("page", _intents_page, "write the clusters as a static HTML page")):
+        p = command(intents, name, run, what + " (distill config: feedback store, audit log)")
+        p.add_argument("--task", type=Path, help="task file (default: the config's task, else tasks/banking77.yaml)")
+        p.add_argument("--min-similarity", type=float, default=0.5,
+                       help="clusters merge while their texts' mean cosine similarity is at least this (default 0.5)")
+        if name == "name":
+            p.add_argument("cluster", help="the cluster's id, as `tandem intents clusters` prints it")
+            p.add_argument("label", help="the label: a new one, or one the task has (adds examples only)")
+            p.add_argument("--description", default="", help="the new label's description (the LLM expert's prompt)")
+        if name == "page":
+            p.add_argument("--out", type=Path, required=True, help="HTML file")
 
     task = groups.add_parser("task", help="task files").add_subparsers(required=True)
     p = task.add_parser("check", help="validate a task file and its data; print label counts and split sizes")
@@ -512,6 +662,12 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_bench_load)
     p = command(bench, "flywheel", _bench_flywheel, "the learning loop round by round: retrain, gate, roll out, measure")
     p.add_argument("--out", type=Path, required=True, help="JSON results file (the plot goes beside it)")
+    p = command(bench, "student", _bench_student, "students against their teacher in one run: parameters, accuracy "
+                "(and on queries with unseen wordpieces), int8 size, single-query latency")
+    p.add_argument("--out", type=Path, required=True, help="JSON results file")
+    p = command(bench, "new-intent", _bench_new_intent, "intents withheld from training arrive as out-of-scope "
+                "traffic, get clustered and named; the expert is fine-tuned and rolled out, the student distilled")
+    p.add_argument("--out", type=Path, required=True, help="JSON results file")
     p = command(bench, "security", _bench_security, "attacks, fuzzers, poisoning and the cost of mTLS on the real system")
     p.add_argument("--out", type=Path, required=True, help="JSON results file")
     p = command(bench, "chaos", _bench_chaos, "faults injected into the running system: nothing lost, hung or left behind")

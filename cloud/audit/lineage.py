@@ -57,8 +57,13 @@ def _lineage(lineage: dict[str, Any]) -> list[str]:
 
 
 def _gate(gate: dict[str, Any]) -> str:
-    promoted = gate.get("promoted_accuracy")
-    against = "nothing promoted" if promoted is None else f"{promoted:.4f} for the promoted version"
+    """The gate's verdict: the escalation rate each version needs on the validation split to
+    reach the target accuracy, and the labels the candidate regressed on."""
+    promoted = gate.get("promoted_escalation_rate")
+    against = "nothing promoted" if promoted is None else f"{promoted:.1%} for the promoted version"
     verdict = "passed" if gate.get("passed") else "failed"
-    return (f"{verdict}: accuracy {gate.get('candidate_accuracy', float('nan')):.4f} on {gate.get('examples')} "
-            f"{gate.get('split')} examples against {against} (min gain {gate.get('min_accuracy_gain')})")
+    regressed = gate.get("regressed_labels") or []
+    return (f"{verdict}: needs {gate.get('candidate_escalation_rate', float('nan')):.1%} escalated for "
+            f"{gate.get('target_accuracy', float('nan')):.1%} on {gate.get('examples')} {gate.get('split')} examples "
+            f"against {against} (min drop {gate.get('min_escalation_drop')}); regressed labels: "
+            f"{', '.join(regressed) if regressed else 'none'}")

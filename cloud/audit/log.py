@@ -31,7 +31,7 @@ from cloud.feedback.store import filesystem
 GENESIS = "0" * 64
 EVENTS = frozenset({
     "publish", "promote", "reject_candidate", "key_use", "rollout_ack", "feedback_refused", "enroll", "revoke",
-    "rollback",
+    "rollback", "name_label",
 })
 ACTORS = frozenset({"retrainer", "fleet", "ca", "operator"})
 # Data keys that tie an entry to a model version (`lineage`).

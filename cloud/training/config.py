@@ -33,6 +33,34 @@ class FitConfig(Section):
     max_examples: int | None = Field(
         None, ge=1, description="Train on at most this many examples (quick runs, tests)."
     )
+    init: Literal["base", "teacher"] = Field(
+        "base", description="Students only. base: start from base_model. teacher: distil from the fine-tuned "
+        "teacher, starting from a cut of it (its embeddings, first `layers` layers, pooler and head); base_model "
+        "unset, the cut is built under the teacher's parent directory (student-base/) and base_model set to it.",
+    )
+    vocabulary: Literal["base", "task"] = Field(
+        "base", description="With init teacher. task: keep only the wordpieces the task's train texts use, plus "
+        "the single characters of their scripts (unseen words still segment), and the matching embedding rows.",
+    )
+    intermediate_size: int | None = Field(
+        None, ge=1, description="With init teacher: keep this many of each feed-forward block's neurons (the "
+        "most active on the task's texts); None keeps all.",
+    )
+    hidden_weight: float = Field(
+        0.0, ge=0, description="With init teacher: weight of the mean squared error between the student's and the "
+        "teacher's last [CLS] hidden state, added to the distillation loss.",
+    )
+    augment: int = Field(
+        0, ge=0, le=10, description="With init teacher: this many altered copies of each train text (words "
+        "dropped, swapped, spans mixed), trained on the teacher's soft labels.",
+    )
+
+
+# The shipped student: 1/10 of MiniLM-L6's parameters (2.25M of 22.7M), cut from the fine-tuned
+# teacher and distilled from it; `tandem bench student` measures it against the 2-layer
+# FitConfig(layers=2, lr=3e-4) it replaced.
+COMPACT_STUDENT = FitConfig(layers=1, lr=3e-4, head_lr=5e-4, epochs=4, init="teacher", vocabulary="task",
+                            intermediate_size=576, hidden_weight=1.0, augment=4)
 
 
 class OperatingPointConfig(Section):
@@ -61,6 +89,31 @@ class OperatingPointConfig(Section):
     )
 
 
+class ExpertTrainConfig(Section):
+    """How `tandem train expert` fine-tunes the classify expert."""
+
+    replay_per_label: int = Field(
+        20, ge=0, description="Examples of each label replayed from the task's train split (seeded).",
+    )
+    epochs: float = Field(3.0, gt=0, description="Passes over the field labels and the replay sample.")
+    lr: float = Field(3e-5, gt=0, description="Learning rate of the encoder: low, to keep what it knows.")
+    head_lr: float = Field(1e-3, gt=0, description="Learning rate of the pooler and the classifier head.")
+    batch_size: int = Field(32, ge=1)
+    max_accuracy_drop: float = Field(
+        0.005, ge=0, le=1, description="The gate: held-out accuracy may fall at most this far below the current "
+        "teacher's.",
+    )
+    kd_weight: float = Field(
+        1.0, ge=0, description="Weight of the current teacher's soft labels on the replayed examples (T²·KL at "
+        "`kd_temperature`), beside cross-entropy on every example's label.",
+    )
+    kd_temperature: float = Field(2.0, gt=0, description="Softmax temperature of that term.")
+    regression_alpha: float = Field(
+        0.05, gt=0, lt=1, description="The gate: significance level at which one label's held-out accuracy counts "
+        "as regressed (`gate.regressed_labels`).",
+    )
+
+
 class TrainConfig(TandemSettings):
     """What `tandem train` reads."""
 
@@ -80,7 +133,7 @@ class TrainConfig(TandemSettings):
         "catches more queries that fit no intent, and turns away more that do.",
     )
     teacher: FitConfig = FitConfig()
-    student: FitConfig = FitConfig(layers=2, lr=3e-4)
+    student: FitConfig = COMPACT_STUDENT
     operating_point: OperatingPointConfig = OperatingPointConfig()
     signing_key: Path | None = Field(
         None, description="Ed25519 private key (PEM) that signs the student artifact (edges with the updater on "
@@ -142,16 +195,28 @@ class DistillConfig(TandemSettings):
         0.05, ge=0, lt=0.5, description="Share of the held-out texts of known intents that a student's out-of-scope "
         "boundary answers out of scope (see TrainConfig).",
     )
-    student: FitConfig = FitConfig(layers=2, lr=3e-4)
+    student: FitConfig = COMPACT_STUDENT
     operating_point: OperatingPointConfig = OperatingPointConfig()
+    expert: ExpertTrainConfig = ExpertTrainConfig()
     min_steps: int = Field(
         600, ge=0, description="Train at least this many steps, passing more often over a small set: a few "
         "epochs of a 10% seed are too few steps and leave the student near chance.",
     )
-    min_accuracy_gain: float = Field(
-        0.005, ge=0, le=1, description="Promote only if held-out accuracy beats the promoted version's by this "
-        "much: half a point (5 of banking77's 1,000 held-out texts) keeps noise from rolling a new model out "
-        "to every edge, while rounds with new feedback gain points.",
+    min_escalation_drop: float = Field(
+        0.01, ge=0, le=1, description="Promote only if the candidate needs at least this much smaller a share of "
+        "the held-out texts escalated than the promoted version for the cascade to reach the expert's held-out "
+        "accuracy minus operating_point.accuracy_below_expert: a point (10 of banking77's 1,000 held-out texts) "
+        "keeps noise from rolling a new model out to every edge, while rounds with new feedback save several.",
+    )
+    label_alpha: float = Field(
+        0.05, gt=0, lt=1, description="Refuse a candidate significantly worse than the promoted version on any "
+        "label: an exact one-sided sign test, per label, on the held-out texts that exactly one of the two answers "
+        "right, at this level. With about 13 held-out texts per label the p-values are coarse (5 losses and no win: "
+        "0.031; 4 and none: 0.063; 7 and 1: 0.035), so 0.05 refuses a label that loses at least 5 of its texts and "
+        "wins none back. A correction over banking77's 77 labels (0.05 / 77) would need 11 losses and no win, more "
+        "than most labels have texts: it could never refuse. Without it, of two equally good students that disagree on "
+        "many texts, some label shows 5 losses and no win by chance more often than 0.05: 0.01 (7 losses and no win) "
+        "refuses less often, and catches only worse losses.",
     )
     interval_s: float | None = Field(
         None, gt=0, description="Seconds between the starts of scheduled rounds; None runs one round."

@@ -33,6 +33,20 @@ def tokenizer(base_model: str | None = None) -> Tokenizer:
     return Tokenizer.from_str(tokenizer_json(base_model).decode())
 
 
+def training_texts(cfg: TrainConfig) -> list[str]:
+    """The texts of train that no split holds out: what a student may learn from (its vocabulary too)."""
+    return [e.text for e in _partition(cfg, cfg.task.load("train"))[2]]
+
+
+def _partition(cfg: TrainConfig, examples: list[Example]) -> tuple[list[Example], list[Example], list[Example]]:
+    """(validation, calibration, train): a seeded permutation, `val_fraction` then `risk_fraction` held out."""
+    order = np.random.default_rng(cfg.seed).permutation(len(examples))
+    n_val = int(len(examples) * cfg.val_fraction)
+    n_held = n_val + int(len(examples) * cfg.operating_point.risk_fraction)
+    return ([examples[i] for i in order[:n_val]], [examples[i] for i in order[n_val:n_held]],
+            [examples[i] for i in order[n_held:]])
+
+
 def load_splits(cfg: TrainConfig, fit: FitConfig) -> Splits:
     """Holds out `val_fraction` of train (seeded) for validation, and the next `risk_fraction` as the
     risk-controlled mode's calibration split; caps train at `max_examples`."""
@@ -42,12 +56,8 @@ def load_splits(cfg: TrainConfig, fit: FitConfig) -> Splits:
     # Test texts of the out-of-scope label, where the model has no class of it, take the index of
     # the class the boundary adds (`tandem.open_set.answer_labels`).
     test_index = {cfg.task.oos_label: len(names), **index}
-    order = np.random.default_rng(cfg.seed).permutation(len(examples))
-    n_val = int(len(examples) * cfg.val_fraction)
-    n_held = n_val + int(len(examples) * cfg.operating_point.risk_fraction)
-    val = [examples[i] for i in order[:n_val]]
-    calib = [examples[i] for i in order[n_val:n_held]]
-    train = [examples[i] for i in order[n_held:]][: fit.max_examples]
+    val, calib, train = _partition(cfg, examples)
+    train = train[: fit.max_examples]
     tok = tokenizer(fit.base_model)
 
     def split(rows: list[Example], index: dict[str, int]) -> Split:

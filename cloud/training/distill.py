@@ -22,22 +22,20 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import ray
-import torch
-import torch.nn.functional as F
-from transformers import AutoModelForSequenceClassification
 
 from cloud.audit import AuditLog
 from cloud.registry import ModelRegistry
 from cloud.training.artifact import write_manifest
 from cloud.training.base_model import build_classifier, tokenizer_json
 from cloud.training.config import DistillConfig
-from cloud.training.data import Splits, load_splits, tokenizer
-from cloud.training.distill_data import (NO_LABEL, DistillSet, FeedbackExample, build_distill_set, corroborate,
-                                         read_feedback)
-from cloud.training.gate import judge
-from cloud.training.loop import Loss, encode, fit_loss, predict_logits
+from cloud.training.compact import distil_from_teacher, parameter_count, student_fit
+from cloud.training.data import Split, Splits, load_splits, training_texts
+from cloud.training.distill_data import DistillSet, FeedbackExample, build_distill_set, corroborate, read_feedback
+from cloud.training.gate import Outcomes, artifact_outcomes, judge
+from cloud.training.loop import fit_loss
 from cloud.training.quiet import quiet_third_party
-from cloud.training.student import export_student
+from cloud.training.soft_labels import distillation_loss, teacher_logits
+from cloud.training.student import export_student, operating_point
 from tandem.contract import (LABELS_FILE, MANIFEST_FILE, MODEL_FILE, ONNX_INPUTS, ONNX_OUTPUT, STUDENT_FILES,
                              TOKENIZER_FILE, Manifest)
 from tandem.signing import manifest_sha256, sign_artifact, signing_key
@@ -59,10 +57,16 @@ def run_distill(cfg: DistillConfig, feedback: list[FeedbackExample] | None = Non
     registry = ModelRegistry(cfg.registry_root())
     parent = registry.promoted(task)
     log.info("%s: reading the task's data and feedback; promoted now: %s", task, parent)
+    # A student cut from the teacher reads the cut's pruned tokenizer: `student.base_model` names the cut.
+    cfg = cfg.model_copy(update={"student": student_fit(cfg.student, training_texts(cfg.splits_config()), cfg.teacher_path())})
     splits = load_splits(cfg.splits_config(), cfg.student)
     feedback = read_feedback(cfg.feedback_store_uri(), task) if feedback is None else feedback
     data = build_distill_set(splits, feedback, cfg.seed_fraction, cfg.student.max_length, cfg.corroboration_devices)
-    soft, teacher = teacher_logits(cfg.teacher_path(), splits.label_names, data.texts, cfg.student.max_length)
+    # One pass of the teacher: the training texts' soft labels, and which validation texts the
+    # expert answers correctly (the cascade's accuracy below a threshold: the gate's target).
+    logits, teacher = teacher_logits(cfg.teacher_path(), splits.label_names, data.texts + splits.val.texts,
+                                     cfg.student.max_length)
+    soft, expert_ok = logits[: len(data.texts)], logits[len(data.texts):].argmax(-1) == splits.val.labels
     data = corroborate(data, soft)
     log.info(
         "%s: %d labelled examples (seed_fraction %s), feedback %s (%d dropped), corrections %s",
@@ -80,10 +84,12 @@ def run_distill(cfg: DistillConfig, feedback: list[FeedbackExample] | None = Non
         for name, content in files.items():
             (candidate / name).write_bytes(content)
         log.info("%s: judging the candidate against %s", task, parent or "no promoted version")
-        promoted = None if parent is None else registry.path(task, parent)
         # On the bytes just checked, in this process: what is signed next is what was judged.
-        gate = judge(candidate, promoted, splits.val, splits.label_names, cfg.min_accuracy_gain, cfg.student.max_length)
-        write_manifest(candidate, kind="student", task=task, parent=parent, gate=gate,
+        val = artifact_outcomes(candidate, splits.val, splits.label_names, fields)
+        point = operating_point(candidate, splits, fields, val, expert_ok, cfg.operating_point)
+        gate = judge(val, None if parent is None else _promoted_outcomes(registry.path(task, parent), splits),
+                     expert_ok, splits.val.labels, splits.label_names, cfg)
+        write_manifest(candidate, kind="student", task=task, parent=parent, gate=gate, operating_point=point,
                        sequence=registry.next_sequence(task), label_set_version=cfg.task.label_set_version,
                        **lineage, **fields)
         manifest = sign_artifact(candidate, key)
@@ -103,11 +109,12 @@ def run_distill(cfg: DistillConfig, feedback: list[FeedbackExample] | None = Non
     else:
         audit.append("reject_candidate", "retrainer", task=task, version=version, parent=parent,
                      reason="the gate did not pass", gate=gate)
-    against = "nothing promoted" if parent is None else f"{gate['promoted_accuracy']:.3f} for {parent}"
+    against = "nothing promoted" if parent is None else f"{gate['promoted_escalation_rate']:.1%} for {parent}"
     log.info(
-        "%s: published %s, %s: held-out accuracy %.3f against %s (min gain %s)",
-        task, version, "promoted" if gate["passed"] else "not promoted", gate["candidate_accuracy"], against,
-        cfg.min_accuracy_gain,
+        "%s: published %s, %s: escalates %.1f%% of held-out texts for the cascade to reach %.1f%% accuracy, against "
+        "%s (min drop %s); labels regressed: %s", task, version, "promoted" if gate["passed"] else "not promoted",
+        100 * gate["candidate_escalation_rate"], 100 * gate["target_accuracy"], against, cfg.min_escalation_drop,
+        gate["regressed_labels"] or "none",
     )
     return {
         "task": task,
@@ -119,6 +126,10 @@ def run_distill(cfg: DistillConfig, feedback: list[FeedbackExample] | None = Non
         "corrections": data.corrections,
         "seconds": round(time.monotonic() - started, 1),
     }
+
+
+def _promoted_outcomes(directory: Path, splits: Splits) -> Outcomes:
+    return artifact_outcomes(directory, splits.val, splits.label_names, Manifest.read(directory).model_dump())
 
 
 def _lineage(cfg: DistillConfig, data: DistillSet, teacher: str, feedback: list[FeedbackExample]) -> dict[str, Any]:
@@ -152,7 +163,9 @@ def check_candidate(files: dict[str, bytes], fields: dict[str, Any], label_names
     """Checks a candidate from a training task before this process signs it: the training
     cluster is not trusted with the key, so the signer checks what it would vouch for. The
     files are exactly the student's, the labels are the task's, the tokenizer is `base_model`'s
-    (the configured student's, not what the candidate claims), and ONNX Runtime
+    (the configured student's, not what the candidate claims; for a student cut from the teacher,
+    the cut's pruned one, which `compact.student_fit` rebuilds from the teacher and the task's
+    train texts), and ONNX Runtime
     loads the model with the edge's inputs and one output per label. (Its accuracy is the gate's.)"""
     expected = set(STUDENT_FILES) - {MANIFEST_FILE}
     if set(files) != expected:
@@ -192,27 +205,6 @@ def run_schedule(cfg: DistillConfig) -> None:
             time.sleep(max(0.0, started + cfg.interval_s - time.monotonic()))
 
 
-def teacher_logits(
-    teacher_dir: Path, label_names: list[str], texts: list[str], max_length: int
-) -> tuple[np.ndarray, str]:
-    """The teacher's logits for every text, and the teacher's version (its directory if unversioned).
-
-    The teacher reads the texts through its own tokenizer (its checkpoint's), keeping
-    `max_length` of its tokens: its base model, and so its tokenizer, may differ from the student's.
-    """
-    if not (teacher_dir / "config.json").is_file():
-        raise FileNotFoundError(
-            f"no teacher checkpoint at {teacher_dir}: run `tandem train teacher` or set teacher_dir"
-        )
-    model = AutoModelForSequenceClassification.from_pretrained(teacher_dir)
-    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    if labels != label_names:
-        raise ValueError(f"teacher_dir {teacher_dir}: its labels are not the task's, in the task's order")
-    version = Manifest.read(teacher_dir).version if (teacher_dir / MANIFEST_FILE).is_file() else str(teacher_dir)
-    ids = encode(tokenizer(str(teacher_dir)), texts, max_length)
-    return predict_logits(model, ids, desc="teacher soft labels"), version
-
-
 def train_candidate(
     cfg: DistillConfig, splits: Splits, data: DistillSet, soft: np.ndarray
 ) -> tuple[dict[str, bytes], dict[str, Any]]:
@@ -240,36 +232,20 @@ def distil_student(
     quiet_third_party()  # in a Ray worker, a process that no `tandem` command set up
     fit_cfg = cfg.student.model_copy(update={"epochs": training_epochs(cfg, len(data.ids))})
     model = build_classifier(splits.label_names, fit_cfg.layers, fit_cfg.base_model)
-    loss = distillation_loss(soft, data.labels, cfg.kd_temperature, cfg.alpha)
-    fit_loss(model, data.ids, loss, fit_cfg, cfg.seed, desc="distil")
+    if fit_cfg.init == "teacher":  # a cut of the teacher (`compact.student_fit`): its [CLS] states and more text too
+        distil_from_teacher(model, fit_cfg, cfg.teacher_path(), splits.label_names,
+                            Split(data.ids, data.labels, data.texts), cfg.kd_temperature, cfg.alpha, cfg.seed)
+    else:
+        loss = distillation_loss(soft, data.labels, cfg.kd_temperature, cfg.alpha)
+        fit_loss(model, data.ids, loss, fit_cfg, cfg.seed, desc="distil")
     with tempfile.TemporaryDirectory() as tmp:
         fields = export_student(model, fit_cfg, splits, Path(tmp), cfg.task.oos_label, cfg.known_rejection)
-        return {p.name: p.read_bytes() for p in Path(tmp).iterdir()}, fields
+        return {p.name: p.read_bytes() for p in Path(tmp).iterdir()}, {**fields, "params": parameter_count(model)}
 
 
 def training_epochs(cfg: DistillConfig, examples: int) -> float:
     """The student's epochs, raised so that training runs at least `min_steps` steps."""
     return max(cfg.student.epochs, cfg.min_steps / math.ceil(examples / cfg.student.batch_size))
-
-
-def distillation_loss(teacher: np.ndarray, labels: np.ndarray, temperature: float, alpha: float) -> Loss:
-    """alpha·T²·KL(teacher_T ‖ student_T) + (1 − alpha)·cross-entropy with the hard labels.
-
-    Examples without a hard label (NO_LABEL) add nothing to the second term, which is still
-    divided by the whole batch so that each example weighs the same. T² keeps the soft term's
-    gradients on the hard term's scale (Hinton et al., 2015).
-    """
-    # Copies: in a Ray task the arrays are read-only views of the object store.
-    soft = torch.log_softmax(torch.tensor(teacher) / temperature, dim=-1)
-    targets = torch.tensor(labels, dtype=torch.long)
-
-    def loss(logits: torch.Tensor, batch: np.ndarray) -> torch.Tensor:
-        student = torch.log_softmax(logits / temperature, dim=-1)
-        kl = F.kl_div(student, soft[batch], log_target=True, reduction="batchmean")
-        ce = F.cross_entropy(logits, targets[batch], ignore_index=NO_LABEL, reduction="sum") / len(batch)
-        return alpha * temperature**2 * kl + (1 - alpha) * ce
-
-    return loss
 
 
 @contextlib.contextmanager

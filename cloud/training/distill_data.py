@@ -23,12 +23,12 @@ from cloud.feedback import FeedbackStore
 from cloud.feedback.store import READ_ERRORS
 from cloud.training.data import Split, Splits, tokenizer
 from cloud.training.loop import encode
+from cloud.training.soft_labels import NO_LABEL
 from tandem.contract import LABELLED_KINDS
 from tandem.v1 import fleet_pb2
 
 log = logging.getLogger(__name__)
 
-NO_LABEL = -1
 # contract.LABELLED_KINDS by name: the feedback store holds kinds as their names.
 LABELLED_KIND_NAMES = frozenset(fleet_pb2.FeedbackKind.Name(k) for k in LABELLED_KINDS)
 CORRECTION = fleet_pb2.FeedbackKind.Name(fleet_pb2.CORRECTION)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 from tqdm import tqdm
 from transformers import PreTrainedModel, get_linear_schedule_with_warmup
+from transformers.modeling_outputs import SequenceClassifierOutput
 
 from cloud.training.config import FitConfig
 
@@ -50,13 +51,13 @@ def bucketed_batches(lengths: list[int], batch_size: int, rng: np.random.Generat
     return batches
 
 
-# A batch's loss from the model's logits and the indices of the batch's examples.
-Loss = Callable[[torch.Tensor, np.ndarray], torch.Tensor]
+# A batch's loss from the model's output (logits, hidden states) and the indices of the batch's examples.
+Loss = Callable[[SequenceClassifierOutput, np.ndarray], torch.Tensor]
 
 
 def cross_entropy(labels: np.ndarray) -> Loss:
     targets = torch.as_tensor(labels, dtype=torch.long)
-    return lambda logits, batch: F.cross_entropy(logits, targets[batch])
+    return lambda output, batch: F.cross_entropy(output.logits, targets[batch])
 
 
 def fit(
@@ -89,7 +90,7 @@ def fit_loss(model: PreTrainedModel, ids: list[list[int]], loss_fn: Loss, cfg: F
         while step < total:
             for batch in bucketed_batches(lengths, cfg.batch_size, rng)[: total - step]:
                 input_ids, mask = collate([ids[i] for i in batch])
-                loss = loss_fn(model(input_ids=input_ids, attention_mask=mask).logits, batch)
+                loss = loss_fn(model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True), batch)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step()
@@ -101,17 +102,27 @@ def fit_loss(model: PreTrainedModel, ids: list[list[int]], loss_fn: Loss, cfg: F
     model.eval()
 
 
-@torch.inference_mode()
 def predict_logits(
     model: PreTrainedModel, ids: list[list[int]], batch_size: int = 128, desc: str | None = None
 ) -> np.ndarray:
     """Logits for every sequence, in input order; a progress bar if `desc` is given."""
+    return predict_outputs(model, ids, batch_size, desc)[0]
+
+
+@torch.inference_mode()
+def predict_outputs(
+    model: PreTrainedModel, ids: list[list[int]], batch_size: int = 128, desc: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and the last layer's [CLS] hidden state for every sequence, in input order."""
     model.eval()
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    out = np.zeros((len(ids), model.config.num_labels), dtype=np.float32)
+    logits = np.zeros((len(ids), model.config.num_labels), dtype=np.float32)
+    cls = np.zeros((len(ids), model.config.hidden_size), dtype=np.float32)
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", mininterval=_refresh_s(),
                       disable=desc is None):
         rows = order[start : start + batch_size]
         input_ids, mask = collate([ids[i] for i in rows])
-        out[rows] = model(input_ids=input_ids, attention_mask=mask).logits.numpy()
-    return out
+        output = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True)
+        logits[rows] = output.logits.numpy()
+        cls[rows] = output.hidden_states[-1][:, 0].numpy()
+    return logits, cls

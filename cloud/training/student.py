@@ -7,6 +7,7 @@ configured artifact too.
 """
 
 import json
+import logging
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -17,26 +18,49 @@ from transformers import PreTrainedModel
 from cloud.training.artifact import write_manifest
 from cloud.training.base_model import build_classifier, tokenizer_json
 from cloud.training.calibration import calibrate, expected_calibration_error, open_accuracy, softmax
-from cloud.training.config import FitConfig, TrainConfig
-from cloud.training.data import Splits, load_splits
+from cloud.training.compact import distil_from_teacher, parameter_count, student_fit
+from cloud.training.config import DistillConfig, FitConfig, OperatingPointConfig, TrainConfig
+from cloud.training.data import Splits, load_splits, training_texts
 from cloud.training.export import export_onnx, onnx_logits, quantize_int8
+from cloud.training.gate import Outcomes, artifact_outcomes
 from cloud.training.loop import fit, predict_logits
-from tandem.contract import LABELS_FILE, MODEL_FILE, TOKENIZER_FILE
+from cloud.training.operating_point import fit_operating_point
+from cloud.training.soft_labels import teacher_logits
+from tandem.contract import LABELS_FILE, MODEL_FILE, TOKENIZER_FILE, OperatingPoint
 from tandem.fsio import atomic_dir
 from tandem.signing import sign_artifact, signing_key
 
+log = logging.getLogger(__name__)
+
 
 def train_student(cfg: TrainConfig, out: Path, parent: str | None = None) -> dict[str, Any]:
+    """The student on the full labelled train split: distilled from the cached teacher and cut
+    from it (`FitConfig.init` teacher), or the base model's first layers on the hard labels."""
     key = signing_key(cfg.signing_key_path(), cfg.dev_keys)  # before training: a missing key fails fast
-    fit_cfg = cfg.student
+    fit_cfg = student_fit(cfg.student, training_texts(cfg), cfg.model_dir("teacher"))
     splits = load_splits(cfg, fit_cfg)
     model = build_classifier(splits.label_names, fit_cfg.layers, fit_cfg.base_model)
-    fit(model, splits.train.ids, splits.train.labels, fit_cfg, cfg.seed, desc="student")
+    if fit_cfg.init == "teacher":
+        defaults = DistillConfig.model_fields  # the retrainer's KD temperature and weight
+        distil_from_teacher(model, fit_cfg, cfg.model_dir("teacher"), splits.label_names, splits.train,
+                            defaults["kd_temperature"].default, defaults["alpha"].default, cfg.seed)
+    else:
+        fit(model, splits.train.ids, splits.train.labels, fit_cfg, cfg.seed, desc="student")
     with atomic_dir(out) as scratch:
         fields = export_student(model, fit_cfg, splits, scratch, cfg.task.oos_label, cfg.known_rejection)
+        val = artifact_outcomes(scratch, splits.val, splits.label_names, fields)
+        point = operating_point(scratch, splits, fields, val, _expert_correct(cfg, splits), cfg.operating_point)
         write_manifest(scratch, kind="student", task=cfg.task.name, parent=parent, train_examples=len(splits.train.ids),
-                       label_set_version=cfg.task.label_set_version, **fields)
+                       label_set_version=cfg.task.label_set_version, params=parameter_count(model),
+                       operating_point=point, **fields)
         return sign_artifact(scratch, key).model_dump(mode="json")
+
+
+def _expert_correct(cfg: TrainConfig, splits: Splits) -> np.ndarray:
+    """Whether the expert (the cached teacher) answers each validation text correctly: what the
+    cascade gets below the threshold."""
+    logits, _ = teacher_logits(cfg.model_dir("teacher"), splits.label_names, splits.val.texts, cfg.student.max_length)
+    return logits.argmax(-1) == splits.val.labels
 
 
 def export_student(model: PreTrainedModel, fit_cfg: FitConfig, splits: Splits, directory: Path, oos_label: str,
@@ -62,6 +86,21 @@ def export_student(model: PreTrainedModel, fit_cfg: FitConfig, splits: Splits, d
         **calibration,
         "metrics": _metrics(test_fp32, test_int8, splits.test.labels, splits.label_names, calibration),
     }
+
+
+def operating_point(directory: Path, splits: Splits, fields: dict[str, Any], val: Outcomes, expert_ok: np.ndarray,
+                    cfg: OperatingPointConfig) -> OperatingPoint:
+    """The escalation thresholds of the exported student in `directory` (its manifest `fields`):
+    fitted on its validation outcomes `val` against the expert's (`expert_ok`, per validation
+    text), and risk-controlled on the calibration split, which nothing else uses."""
+    calib = artifact_outcomes(directory, splits.calib, splits.label_names, fields)
+    point = fit_operating_point(val.confidence, val.correct, expert_ok, calib.confidence, calib.correct, cfg)
+    log.info("threshold %.3f for %s %.3f: %.1f%% of held-out texts escalated, cascade accuracy %.1f%%; "
+             "risk-controlled: %s", point.threshold, point.objective, point.target,
+             100 * point.fitted["escalation_rate"], 100 * point.fitted["cascade_accuracy"],
+             ", ".join(f"eps {r.epsilon:g} -> {'none' if r.threshold is None else f'{r.threshold:.3f}'}"
+                       for r in point.risk))
+    return point
 
 
 def _metrics(fp32: np.ndarray, int8: np.ndarray, labels: np.ndarray, label_names: list[str],

@@ -64,3 +64,60 @@ def test_student_artifact_is_complete_and_pinned(student_dir: Path) -> None:
     assert metrics["test_ece"] < 0.08
     assert metrics["test_ece"] <= metrics["test_ece_uncalibrated"] + 0.01
     assert not list(student_dir.parent.glob(".student.*")), "scratch directories left behind"
+
+
+def test_a_compact_student_is_cut_from_the_teacher_and_distilled(teacher_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    from cloud.training.compact import parameter_count
+    from cloud.training.config import FitConfig, TrainConfig
+    from cloud.training.student import train_student
+    from edge.student import Student
+
+    fit = FitConfig(layers=1, init="teacher", vocabulary="task", intermediate_size=128, augment=1, hidden_weight=1.0,
+                    epochs=1, max_examples=1000, lr=3e-4, head_lr=5e-4)
+    cfg = TrainConfig(output_dir=teacher_dir.parent, student=fit, signing_key=tmp_path / "key.pem", dev_keys=True)
+    manifest = train_student(cfg, tmp_path / "student")
+    teacher_params = parameter_count(AutoModelForSequenceClassification.from_pretrained(teacher_dir))
+    assert manifest["params"] < teacher_params / 3 and manifest["layers"] == 1
+    student = Student.load(tmp_path / "student")
+    vocab = json.loads((tmp_path / "student" / "tokenizer.json").read_text())["model"]["vocab"]
+    assert 2000 < len(vocab) < 4000  # banking77's train pieces and the Latin single characters, of 30,522
+    # A word no train text has is still read as pieces, not [UNK], and answered.
+    assert "[UNK]" not in student._tokenizer.encode("zyxwvut cryptocurrency refund").tokens
+    assert np.isfinite(student.predict(["zyxwvut cryptocurrency refund"])).all()
+
+
+def test_a_cut_that_keeps_every_layer_and_neuron_answers_as_the_teacher(teacher_dir: Path,
+                                                                         banking_texts: list[str]) -> None:
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForSequenceClassification
+
+    from cloud.training.base_model import tokenizer_json
+    from cloud.training.compact import compact_classifier
+    from cloud.training.config import FitConfig
+    from cloud.training.vocab import prune_tokenizer
+    from tandem.tasks import banking77
+
+    train = [e.text for e in banking77().load("train")]
+    pruned, old_ids = prune_tokenizer(tokenizer_json(str(teacher_dir)), train)
+    cut = compact_classifier(teacher_dir, old_ids, FitConfig(init="teacher", vocabulary="task"), train)
+    teacher = AutoModelForSequenceClassification.from_pretrained(teacher_dir)
+    ids = encode(Tokenizer.from_str(pruned.decode()), banking_texts, 64)
+    base_ids = encode(tokenizer(str(teacher_dir)), banking_texts, 64)
+    # Only the vocabulary is cut: on texts made of kept pieces, the teacher's answers exactly (a
+    # test text with a piece no train text has is segmented into other pieces).
+    same = [i for i, (x, y) in enumerate(zip(ids, base_ids)) if [old_ids[t] for t in x] == y]
+    assert len(same) > 0.9 * len(banking_texts)
+    expected = predict_logits(teacher, base_ids)
+    np.testing.assert_allclose(predict_logits(cut, ids)[same], expected[same], atol=1e-4)
+
+
+def test_a_student_cut_from_the_teacher_needs_one(tmp_path: Path) -> None:
+    from cloud.training.config import FitConfig, TrainConfig
+    from cloud.training.student import train_student
+
+    cfg = TrainConfig(output_dir=tmp_path, student=FitConfig(layers=1, init="teacher"), signing_key=tmp_path / "k.pem",
+                      dev_keys=True)
+    with pytest.raises(FileNotFoundError, match="no teacher checkpoint at .*tandem train teacher"):
+        train_student(cfg, tmp_path / "student")

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from benchmarks.cascade import cascade_accuracy, escalation_rate_for_target
+from cloud.training.operating_point import cascade_accuracy, escalation_rate_for_target
 
 
 def _brute_force(confidence: np.ndarray, student_ok: np.ndarray, expert_ok: np.ndarray, tolerance: float) -> float:
