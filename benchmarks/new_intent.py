@@ -135,7 +135,7 @@ class _NewIntent:
         per_intent = Counter(e.label for e in field if e.label in self.withheld)
         return {
             "examples": max(per_intent.values()),
-            "recall": measured["recall"]["cascade"],
+            "recall": measured["recall_by_model"]["cascade"],
             "old_labels_accuracy_drop": measured["old_labels"]["drop"],
             "failed_requests_during_update": update["failed"],
             "withheld": self.withheld,
@@ -285,7 +285,7 @@ class _NewIntent:
         missed = {intent: dict(Counter(after[(truth == intent) & (after != intent)]).most_common(3))
                   for intent in self.withheld}
         return {
-            "recall": {name: float(np.mean(list(r.values()))) for name, r in recall.items()},
+            "recall_by_model": {name: float(np.mean(list(r.values()))) for name, r in recall.items()},
             "recall_per_intent": recall,
             "expert_answers_when_missed": missed,  # the new intents' test texts it got wrong: what it said
             "old_labels": {"before": float(np.mean(before[old] == truth[old])),
@@ -356,7 +356,7 @@ def format_summary(result: dict[str, Any]) -> str:
     lines = [f"new intents {', '.join(result['withheld'])}: at most {result['examples']} field examples each"]
     for name in ("cascade", "expert"):
         per = ", ".join(f"{k} {v:.1%}" for k, v in result["recall_per_intent"][name].items())
-        lines.append(f"recall ({name}): {result['recall'][name]:.1%} ({per})")
+        lines.append(f"recall ({name}): {result['recall_by_model'][name]:.1%} ({per})")
     old = result["old_labels"]
     lines.append(f"old labels, expert: {old['before']:.2%} before, {old['after']:.2%} after ({old['drop']:+.2%} drop)")
     lines.append(f"expert round {result['expert_round']['seconds']:.0f} s; update: {result['expert_update']['requests']} "

@@ -87,8 +87,11 @@ def run_distill(cfg: DistillConfig, feedback: list[FeedbackExample] | None = Non
         # On the bytes just checked, in this process: what is signed next is what was judged.
         val = artifact_outcomes(candidate, splits.val, splits.label_names, fields)
         point = operating_point(candidate, splits, fields, val, expert_ok, cfg.operating_point)
-        gate = judge(val, None if parent is None else _promoted_outcomes(registry.path(task, parent), splits),
-                     expert_ok, splits.val.labels, splits.label_names, cfg)
+        promoted = None if parent is None else registry.path(task, parent)
+        gate = judge(val, None if promoted is None else _promoted_outcomes(promoted, splits), expert_ok,
+                     splits.val.labels, splits.label_names, cfg,
+                     new_label_set=promoted is not None
+                     and cfg.task.label_set_version > Manifest.read(promoted).label_set_version)
         write_manifest(candidate, kind="student", task=task, parent=parent, gate=gate, operating_point=point,
                        sequence=registry.next_sequence(task), label_set_version=cfg.task.label_set_version,
                        **lineage, **fields)

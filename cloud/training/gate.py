@@ -49,14 +49,16 @@ def artifact_outcomes(directory: Path, split: Split, label_names: list[str], fie
 
 
 def judge(candidate: Outcomes, promoted: Outcomes | None, expert_ok: np.ndarray, labels: np.ndarray,
-          label_names: list[str], cfg: DistillConfig) -> dict[str, Any]:
+          label_names: list[str], cfg: DistillConfig, new_label_set: bool = False) -> dict[str, Any]:
     """Compares the candidate with the promoted student on the validation split (`labels`: each
     text's label index; `expert_ok`: whether the expert answers it correctly), measured now rather
     than trusted from a stored number that may come from another split. Passes with nothing
     promoted; otherwise only if the candidate needs at least `min_escalation_drop` fewer
     escalations for the cascade to reach the expert's accuracy minus `accuracy_below_expert`,
-    and no label regressed (`regressed_labels`). Returns the comparison for the manifest and the
-    audit log."""
+    and no label regressed (`regressed_labels`). A candidate for a newer label set than the
+    promoted one's (`new_label_set`: an operator named a new intent) need not be cheaper on the
+    old labels' texts, which cannot show what it adds; it must still regress no label. Returns the
+    comparison for the manifest and the audit log."""
     tolerance = cfg.operating_point.accuracy_below_expert
     candidate_rate = escalation_rate_for_target(candidate.confidence, candidate.correct, expert_ok, tolerance)
     promoted_rate = None if promoted is None else escalation_rate_for_target(
@@ -64,7 +66,8 @@ def judge(candidate: Outcomes, promoted: Outcomes | None, expert_ok: np.ndarray,
     regressed = [] if promoted is None else regressed_labels(candidate.correct, promoted.correct, labels,
                                                              cfg.label_alpha)
     # Rates are k/n: a drop of exactly the margin must not fail on float rounding.
-    cheaper = promoted_rate is None or promoted_rate - candidate_rate >= cfg.min_escalation_drop - 1e-9
+    cheaper = (promoted_rate is None or new_label_set
+               or promoted_rate - candidate_rate >= cfg.min_escalation_drop - 1e-9)
     return {
         "split": "val",
         "examples": len(labels),
@@ -73,6 +76,7 @@ def judge(candidate: Outcomes, promoted: Outcomes | None, expert_ok: np.ndarray,
         "candidate_escalation_rate": candidate_rate,
         "promoted_escalation_rate": promoted_rate,
         "min_escalation_drop": cfg.min_escalation_drop,
+        "new_label_set": new_label_set,
         "candidate_accuracy": float(candidate.correct.mean()),
         "promoted_accuracy": None if promoted is None else float(promoted.correct.mean()),
         "label_alpha": cfg.label_alpha,

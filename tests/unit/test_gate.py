@@ -47,6 +47,17 @@ def test_a_candidate_needing_more_escalations_is_refused() -> None:
     assert gate["regressed_labels"] == []
 
 
+def test_a_candidate_for_a_new_label_set_need_not_be_cheaper_but_must_not_regress_a_label() -> None:
+    """A newly named intent has no validation texts: the old labels' cannot show what it adds."""
+    same = _judge(_student(SPREAD), _student(SPREAD))
+    assert not same["passed"]
+    new = judge(_student(SPREAD), _student(SPREAD), EXPERT_OK, LABELS, NAMES, DistillConfig(), new_label_set=True)
+    assert new["passed"] and new["new_label_set"]
+    lost = np.arange(60, 70)  # all ten of intent_3's first half
+    regressing = judge(_student(lost), _student(SPREAD), EXPERT_OK, LABELS, NAMES, DistillConfig(), new_label_set=True)
+    assert not regressing["passed"] and regressing["regressed_labels"] == ["intent_3"]
+
+
 def test_a_candidate_as_accurate_but_worse_at_knowing_it_is_refused() -> None:
     """Same errors, but the candidate is sure of them: the cascade must escalate far more."""
     promoted = _student(SPREAD)
