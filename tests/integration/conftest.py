@@ -34,14 +34,15 @@ def student_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def student_dir(tmp_path_factory: pytest.TempPathFactory, student_key: Path) -> Path:
+def student_dir(tmp_path_factory: pytest.TempPathFactory, student_key: Path, teacher_dir: Path) -> Path:
     """A real student, trained briefly by the project's own pipeline (about a minute), signed
-    with `student_key`."""
+    with `student_key`; its threshold fitted against `teacher_dir` as the expert."""
     from cloud.training.config import FitConfig, TrainConfig
     from cloud.training.student import train_student
 
     out = tmp_path_factory.mktemp("models") / "student"
-    cfg = TrainConfig(student=FitConfig(layers=2, lr=5e-4, epochs=2, max_examples=3000), signing_key=student_key)
+    cfg = TrainConfig(student=FitConfig(layers=2, lr=5e-4, epochs=2, max_examples=3000), signing_key=student_key,
+                      output_dir=teacher_dir.parent)
     train_student(cfg, out)
     return out
 

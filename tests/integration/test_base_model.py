@@ -93,12 +93,13 @@ def test_a_checkpoint_without_tokenizer_json_gets_one_from_its_fast_tokenizer(tm
 
 
 def test_student_artifact_carries_the_base_models_tokenizer_and_answers_with_its_labels(
-    tmp_path: Path, train_cfg: TrainConfig, base: Path
+    tmp_path: Path, train_cfg: TrainConfig, base: Path, teacher_dir: Path
 ) -> None:
     from cloud.training.student import train_student
     from edge.student import Student
 
-    train_student(train_cfg, tmp_path / "student")
+    # The teacher is the expert whose answers the student's threshold is fitted against.
+    train_student(train_cfg.model_copy(update={"output_dir": teacher_dir.parent}), tmp_path / "student")
     artifact = (tmp_path / "student" / TOKENIZER_FILE).read_bytes()
     assert artifact == (base / "tokenizer.json").read_bytes() and artifact != tokenizer_json(None)
     assert Tokenizer.from_str(artifact.decode()).get_vocab_size() <= 300  # the default's: 30,522

@@ -21,7 +21,6 @@ from cloud.feedback import FeedbackStore
 from cloud.training.config import DistillConfig, FitConfig, TrainConfig
 from cloud.training.data import tokenizer
 from cloud.training.loop import encode, predict_logits
-from tandem.contract import Manifest
 from tandem.settings import load_config
 from tandem.signing import Keyring, public_path, trust, verify_artifact
 from tandem.tasks import Task

@@ -64,6 +64,16 @@ def test_student_artifact_is_complete_and_pinned(student_dir: Path) -> None:
     assert metrics["test_ece"] < 0.08
     assert metrics["test_ece"] <= metrics["test_ece_uncalibrated"] + 0.01
     assert not list(student_dir.parent.glob(".student.*")), "scratch directories left behind"
+    # Its escalation thresholds, fitted on the validation split against the expert (the teacher),
+    # and certified on the calibration split: a larger error bound never needs a higher threshold.
+    point = manifest["operating_point"]
+    assert point["objective"] == "cascade_accuracy" and 0 <= point["threshold"] <= 1
+    assert point["fitted"]["examples"] == 1000 and point["fitted"]["cascade_accuracy"] >= point["target"] - 1e-9
+    assert point["risk_examples"] == 1000 and point["risk_delta"] == 0.05
+    assert [r["epsilon"] for r in point["risk"]] == [0.01, 0.02, 0.03, 0.05, 0.075, 0.1]
+    # A briefly trained student may certify none of them; those it does, a larger bound never raises.
+    certified = [r["threshold"] for r in point["risk"] if r["threshold"] is not None]
+    assert certified == sorted(certified, reverse=True)
 
 
 def test_a_compact_student_is_cut_from_the_teacher_and_distilled(teacher_dir: Path, tmp_path: Path) -> None:
