@@ -208,6 +208,12 @@ class DistillConfig(TandemSettings):
         "accuracy minus operating_point.accuracy_below_expert: a point (10 of banking77's 1,000 held-out texts) "
         "keeps noise from rolling a new model out to every edge, while rounds with new feedback save several.",
     )
+    gate_accuracy_below_expert: float = Field(
+        0.01, ge=0, le=1, description="The gate's target: the expert's held-out accuracy minus this. The escalation "
+        "rate needed to reach the expert's accuracy exactly is decided by the last few texts, where one confident "
+        "mistake moves it by tens of points (a candidate 1.8 points more accurate measured 47% against 27%); a point "
+        "below keeps the comparison on what the students do differently.",
+    )
     label_alpha: float = Field(
         0.05, gt=0, lt=1, description="Refuse a candidate significantly worse than the promoted version on any "
         "label: an exact one-sided sign test, per label, on the held-out texts that exactly one of the two answers "

@@ -54,12 +54,12 @@ def judge(candidate: Outcomes, promoted: Outcomes | None, expert_ok: np.ndarray,
     text's label index; `expert_ok`: whether the expert answers it correctly), measured now rather
     than trusted from a stored number that may come from another split. Passes with nothing
     promoted; otherwise only if the candidate needs at least `min_escalation_drop` fewer
-    escalations for the cascade to reach the expert's accuracy minus `accuracy_below_expert`,
+    escalations for the cascade to reach the expert's accuracy minus `gate_accuracy_below_expert`,
     and no label regressed (`regressed_labels`). A candidate for a newer label set than the
     promoted one's (`new_label_set`: an operator named a new intent) need not be cheaper on the
     old labels' texts, which cannot show what it adds; it must still regress no label. Returns the
     comparison for the manifest and the audit log."""
-    tolerance = cfg.operating_point.accuracy_below_expert
+    tolerance = cfg.gate_accuracy_below_expert
     candidate_rate = escalation_rate_for_target(candidate.confidence, candidate.correct, expert_ok, tolerance)
     promoted_rate = None if promoted is None else escalation_rate_for_target(
         promoted.confidence, promoted.correct, expert_ok, tolerance)

@@ -3,13 +3,13 @@
 import numpy as np
 import pytest
 
-from cloud.training.config import DistillConfig, OperatingPointConfig
+from cloud.training.config import DistillConfig
 from cloud.training.gate import Outcomes, judge, regressed_labels
 
 N_LABELS, PER_LABEL = 10, 20
 LABELS = np.repeat(np.arange(N_LABELS), PER_LABEL)
 NAMES = [f"intent_{i}" for i in range(N_LABELS)]
-EXPERT_OK = np.ones(len(LABELS), bool)  # target: the expert's 100%, minus accuracy_below_expert
+EXPERT_OK = np.ones(len(LABELS), bool)  # target: the expert's 100%, minus gate_accuracy_below_expert (0 here)
 
 
 def _student(wrong: np.ndarray, seed: int = 0) -> Outcomes:
@@ -21,7 +21,7 @@ def _student(wrong: np.ndarray, seed: int = 0) -> Outcomes:
 
 def _judge(candidate: Outcomes, promoted: Outcomes | None, **cfg: float) -> dict:
     return judge(candidate, promoted, EXPERT_OK, LABELS, NAMES,
-                 DistillConfig(operating_point=OperatingPointConfig(accuracy_below_expert=0.0), **cfg))
+                 DistillConfig(gate_accuracy_below_expert=0.0, **cfg))
 
 
 SPREAD = np.arange(0, 200, 10)  # 20 errors, two per label
@@ -51,10 +51,12 @@ def test_a_candidate_for_a_new_label_set_need_not_be_cheaper_but_must_not_regres
     """A newly named intent has no validation texts: the old labels' cannot show what it adds."""
     same = _judge(_student(SPREAD), _student(SPREAD))
     assert not same["passed"]
-    new = judge(_student(SPREAD), _student(SPREAD), EXPERT_OK, LABELS, NAMES, DistillConfig(), new_label_set=True)
+    new = judge(_student(SPREAD), _student(SPREAD), EXPERT_OK, LABELS, NAMES, DistillConfig(gate_accuracy_below_expert=0.0),
+                new_label_set=True)
     assert new["passed"] and new["new_label_set"]
     lost = np.arange(60, 70)  # all ten of intent_3's first half
-    regressing = judge(_student(lost), _student(SPREAD), EXPERT_OK, LABELS, NAMES, DistillConfig(), new_label_set=True)
+    regressing = judge(_student(lost), _student(SPREAD), EXPERT_OK, LABELS, NAMES,
+                       DistillConfig(gate_accuracy_below_expert=0.0), new_label_set=True)
     assert not regressing["passed"] and regressing["regressed_labels"] == ["intent_3"]
 
 
