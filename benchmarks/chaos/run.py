@@ -87,6 +87,10 @@ async def _run(cfg: ChaosConfig, work: Path) -> dict[str, Any]:
                    compact=lambda: store.compact(task.name), started=started)
 
 
+# The cascade edges' policy: the threshold the shipped edge config pinned before per-student thresholds.
+CASCADE_POLICY = {"mode": "threshold", "threshold": 0.7}
+
+
 def _edges(cfg: ChaosConfig, rig: Rig, target: str) -> list[Edge]:
     """The cloud-only edges (they take the overload; the first is killed mid-delivery, and
     delivers in small batches, so that its backlog takes several), then the cascade edges: one
@@ -97,7 +101,9 @@ def _edges(cfg: ChaosConfig, rig: Rig, target: str) -> list[Edge]:
     for i in range(1, cfg.edges + 1):
         name = f"edge-{i}"
         fields = {"max_queue": DOOR_MAX_QUEUE} if name == DOOR_EDGE else {}
-        edges.append(rig.add_edge(name, target, rig.work / name / "outbox", **fields))
+        # A pinned threshold: the faults need escalations to strike, and a student's fitted one may
+        # keep nearly everything local (a briefly trained student against a weak teacher does).
+        edges.append(rig.add_edge(name, target, rig.work / name / "outbox", policy=CASCADE_POLICY, **fields))
     return edges
 
 
