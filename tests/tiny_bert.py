@@ -4,6 +4,7 @@ for tests that prove nothing assumes it."""
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders
 from tokenizers.models import WordPiece
@@ -12,6 +13,35 @@ from tokenizers.pre_tokenizers import BertPreTokenizer
 from tokenizers.processors import TemplateProcessing
 from tokenizers.trainers import WordPieceTrainer
 from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+from cloud.training.config import FitConfig
+
+# A three-intent banking task the tiny BERT learns in seconds: each text a phrase of its intent
+# between an opener and a closer.
+INTENTS = {
+    "balance": ["what is my balance", "how much money is in my account", "show my current balance",
+                "check the balance of my savings account"],
+    "transfer": ["send money to my sister", "transfer fifty euros to john", "pay my landlord from my account",
+                 "move money between my accounts"],
+    "lost_card": ["i lost my card", "my card was stolen", "block my card please", "someone took my wallet and card"],
+}
+OPENERS = ["", "hi, ", "please ", "can you tell me ", "hello there, "]
+CLOSERS = ["", " now", " today", " thanks", " asap", "?"]
+# A few seconds of training: a tiny model from scratch needs high rates and a few passes.
+TINY_FIT = FitConfig(epochs=3, max_examples=300, lr=3e-3, head_lr=1e-2, batch_size=16, max_length=32)
+
+
+def tiny_rows(intents: dict[str, list[str]], seed: int, n: int) -> list[tuple[str, str]]:
+    """`n` seeded (text, label) rows of `intents`."""
+    rng = np.random.default_rng(seed)
+    labels = list(intents)
+    rows = []
+    for _ in range(n):
+        label = labels[rng.integers(len(labels))]
+        phrase = intents[label][rng.integers(len(intents[label]))]
+        rows.append((OPENERS[rng.integers(len(OPENERS))] + phrase + CLOSERS[rng.integers(len(CLOSERS))], label))
+    return rows
+
 
 SPECIAL = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
            "mask_token": "[MASK]"}

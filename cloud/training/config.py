@@ -211,8 +211,8 @@ class DistillConfig(TandemSettings):
     gate_accuracy_below_expert: float = Field(
         0.01, ge=0, le=1, description="The gate's target: the expert's held-out accuracy minus this. The escalation "
         "rate needed to reach the expert's accuracy exactly is decided by the last few texts, where one confident "
-        "mistake moves it by tens of points (a candidate 1.8 points more accurate measured 47% against 27%); a point "
-        "below keeps the comparison on what the students do differently.",
+        "mistake moves it by tens of points (the README's learning-loop figures); a point below keeps the comparison "
+        "on what the students do differently.",
     )
     label_alpha: float = Field(
         0.05, gt=0, lt=1, description="Refuse a candidate significantly worse than the promoted version on any "

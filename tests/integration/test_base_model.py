@@ -14,37 +14,14 @@ import yaml
 from tokenizers import Tokenizer
 
 from cloud.training.base_model import tokenizer_json
-from cloud.training.config import DistillConfig, FitConfig, TrainConfig
+from cloud.training.config import DistillConfig, TrainConfig
 from cloud.training.data import tokenizer
 from cloud.training.loop import encode, predict_logits
 from tandem.contract import LABELS_FILE, TOKENIZER_FILE, Manifest
 from tandem.tasks import Task
-from tests.tiny_bert import build_tiny_bert
+from tests.tiny_bert import INTENTS, TINY_FIT, build_tiny_bert, tiny_rows
 
 pytestmark = pytest.mark.integration
-
-INTENTS = {
-    "balance": ["what is my balance", "how much money is in my account", "show my current balance",
-                "check the balance of my savings account"],
-    "transfer": ["send money to my sister", "transfer fifty euros to john", "pay my landlord from my account",
-                 "move money between my accounts"],
-    "lost_card": ["i lost my card", "my card was stolen", "block my card please", "someone took my wallet and card"],
-}
-OPENERS = ["", "hi, ", "please ", "can you tell me ", "hello there, "]
-CLOSERS = ["", " now", " today", " thanks", " asap", "?"]
-# A few seconds of training: a tiny model from scratch needs high rates and a few passes.
-FIT = FitConfig(epochs=3, max_examples=300, lr=3e-3, head_lr=1e-2, batch_size=16, max_length=32)
-
-
-def _rows(seed: int, n: int) -> list[tuple[str, str]]:
-    rng = np.random.default_rng(seed)
-    labels = list(INTENTS)
-    rows = []
-    for _ in range(n):
-        label = labels[rng.integers(len(labels))]
-        phrase = INTENTS[label][rng.integers(len(INTENTS[label]))]
-        rows.append((OPENERS[rng.integers(len(OPENERS))] + phrase + CLOSERS[rng.integers(len(CLOSERS))], label))
-    return rows
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +30,7 @@ def task_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("task")
     for split, seed, n in (("train", 1, 360), ("test", 2, 90)):
         with (root / f"{split}.csv").open("w", newline="") as f:
-            csv.writer(f).writerows([("text", "label"), *_rows(seed, n)])
+            csv.writer(f).writerows([("text", "label"), *tiny_rows(INTENTS, seed, n)])
     path = root / "tiny.yaml"
     path.write_text(yaml.safe_dump({"name": "tiny", "train": str(root / "train.csv"), "test": str(root / "test.csv"),
                                     "labels": list(INTENTS)}))
@@ -68,7 +45,7 @@ def base(tmp_path_factory: pytest.TempPathFactory, task_file: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def train_cfg(tmp_path_factory: pytest.TempPathFactory, task_file: Path, base: Path) -> TrainConfig:
-    fit = FIT.model_copy(update={"base_model": str(base)})
+    fit = TINY_FIT.model_copy(update={"base_model": str(base)})
     return TrainConfig(task=task_file, teacher=fit, student=fit.model_copy(update={"layers": 1}),
                        signing_key=tmp_path_factory.mktemp("keys") / "signing.pem", dev_keys=True)
 
@@ -131,7 +108,7 @@ async def test_teacher_checkpoint_serves_on_vllms_classify_runner(
         monkeypatch.setenv(name, value)
     texts = ["my card was stolen", "how much money is in my account"]
     model = AutoModelForSequenceClassification.from_pretrained(teacher_dir)
-    logits = predict_logits(model, encode(tokenizer(str(teacher_dir)), texts, FIT.max_length))
+    logits = predict_logits(model, encode(tokenizer(str(teacher_dir)), texts, TINY_FIT.max_length))
     expected = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
     engine = build_engine(expert)
     try:
@@ -162,7 +139,7 @@ def test_distillation_tokenizes_for_the_teacher_and_the_student_each(
         task=task_file, teacher_dir=teacher_dir, registry_dir=tmp_path / "registry",
         feedback_uri=str(tmp_path / "feedback"), signing_key=tmp_path / "keys" / "signing.pem", dev_keys=True,
         use_ray=False, min_steps=0, alpha=1.0,  # the teacher's soft labels only: no hard label teaches
-        student=FIT.model_copy(update={"base_model": str(student_base), "layers": 1}),
+        student=TINY_FIT.model_copy(update={"base_model": str(student_base), "layers": 1}),
     )
     result = run_distill(cfg, [FeedbackExample("FALLBACK", "block my card please now", "", "kiosk-1")])
     assert result["promoted"] and result["metrics"]["test_accuracy"] > 0.5  # chance: 1/3

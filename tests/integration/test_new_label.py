@@ -18,43 +18,20 @@ import yaml
 from transformers import AutoModelForSequenceClassification
 
 from cloud.feedback import FeedbackStore
-from cloud.training.config import DistillConfig, FitConfig, TrainConfig
+from cloud.training.config import DistillConfig, TrainConfig
 from cloud.training.data import tokenizer
 from cloud.training.loop import encode, predict_logits
 from tandem.settings import load_config
 from tandem.signing import Keyring, public_path, trust, verify_artifact
 from tandem.tasks import Task
 from tandem.v1 import fleet_pb2
-from tests.tiny_bert import build_tiny_bert
+from tests.tiny_bert import INTENTS, TINY_FIT, build_tiny_bert, tiny_rows
 
 pytestmark = pytest.mark.integration
 
-INTENTS = {
-    "balance": ["what is my balance", "how much money is in my account", "show my current balance",
-                "check the balance of my savings account"],
-    "transfer": ["send money to my sister", "transfer fifty euros to john", "pay my landlord from my account",
-                 "move money between my accounts"],
-    "lost_card": ["i lost my card", "my card was stolen", "block my card please", "someone took my wallet and card"],
-}
 # The intent the task lacks: the field sends it, an operator names it.
 NEW = ("crypto", ["can i buy bitcoin in the app", "do you support crypto trading", "i want to sell my ethereum",
                   "how do i hold cryptocurrency like bitcoin"])
-OPENERS = ["", "hi, ", "please ", "can you tell me ", "hello there, "]
-CLOSERS = ["", " now", " today", " thanks", " asap", "?"]
-FIT = FitConfig(epochs=3, max_examples=300, lr=3e-3, head_lr=1e-2, batch_size=16, max_length=32)
-
-
-def _rows(intents: dict[str, list[str]], seed: int, n: int) -> list[tuple[str, str]]:
-    rng = np.random.default_rng(seed)
-    labels = list(intents)
-    rows = []
-    for _ in range(n):
-        label = labels[rng.integers(len(labels))]
-        phrase = intents[label][rng.integers(len(intents[label]))]
-        rows.append((OPENERS[rng.integers(len(OPENERS))] + phrase + CLOSERS[rng.integers(len(CLOSERS))], label))
-    return rows
-
-
 def _tandem(*args: str) -> str:
     run = subprocess.run([sys.executable, "-m", "tandem_cli", *args], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -70,16 +47,16 @@ def test_a_cluster_named_by_the_operator_becomes_a_label_the_expert_and_the_stud
 
     for split, seed, n in (("train", 1, 360), ("test", 2, 90)):
         with (tmp_path / f"{split}.csv").open("w", newline="") as f:
-            csv.writer(f).writerows([("text", "label"), *_rows(INTENTS, seed, n)])
+            csv.writer(f).writerows([("text", "label"), *tiny_rows(INTENTS, seed, n)])
     task_file = tmp_path / "tiny.yaml"
     task_file.write_text(f"name: tiny\nlabel_set_version: 1\ntrain: {tmp_path / 'train.csv'}\n"
                          f"test: {tmp_path / 'test.csv'}\nlabels:   # kept as written\n"
                          + "".join(f"  {name}: about {name}\n" for name in INTENTS))
-    field = sorted({text for text, _ in _rows({NEW[0]: NEW[1]}, 3, 60)})
-    base = build_tiny_bert(tmp_path / "tiny-bert", [t for t, _ in _rows(INTENTS, 1, 360)] + field)
+    field = sorted({text for text, _ in tiny_rows({NEW[0]: NEW[1]}, 3, 60)})
+    base = build_tiny_bert(tmp_path / "tiny-bert", [t for t, _ in tiny_rows(INTENTS, 1, 360)] + field)
     key = tmp_path / "keys" / "signing.pem"
-    train_cfg = TrainConfig(task=task_file, teacher=FIT.model_copy(update={"base_model": str(base)}), signing_key=key,
-                            dev_keys=True)
+    train_cfg = TrainConfig(task=task_file, teacher=TINY_FIT.model_copy(update={"base_model": str(base)}),
+                            signing_key=key, dev_keys=True)
     train_teacher(train_cfg, tmp_path / "teacher")
 
     # The field: the new intent's texts answered out of scope, from three devices.
@@ -93,7 +70,7 @@ def test_a_cluster_named_by_the_operator_becomes_a_label_the_expert_and_the_stud
     distill_cfg.write_text(yaml.safe_dump({
         "task": str(task_file), "teacher_dir": str(tmp_path / "teacher"), "registry_dir": str(tmp_path / "registry"),
         "feedback_uri": str(store), "signing_key": str(key), "dev_keys": True, "use_ray": False, "min_steps": 200,
-        "student": {**FIT.model_dump(), "base_model": str(base), "layers": 1}}))
+        "student": {**TINY_FIT.model_dump(), "base_model": str(base), "layers": 1}}))
 
     shown = _tandem("intents", "clusters", "--config", str(distill_cfg))
     clusters = re.findall(r"^(c-[0-9a-f]{8})\s+(\d+)\s+(\d+)", shown, re.MULTILINE)
@@ -123,9 +100,9 @@ def test_a_cluster_named_by_the_operator_becomes_a_label_the_expert_and_the_stud
     model = AutoModelForSequenceClassification.from_pretrained(expert)
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     assert labels == [*INTENTS, NEW[0]] and manifest.temperature and manifest.out_of_scope.label == "out_of_scope"
-    old = _rows(INTENTS, 2, 90)
+    old = tiny_rows(INTENTS, 2, 90)
     answers = [labels[i] for i in predict_logits(
-        model, encode(tokenizer(str(expert)), unseen + [t for t, _ in old], FIT.max_length)).argmax(-1)]
+        model, encode(tokenizer(str(expert)), unseen + [t for t, _ in old], TINY_FIT.max_length)).argmax(-1)]
     assert answers[:2] == [NEW[0], NEW[0]]
     assert np.mean([a == label for a, (_, label) in zip(answers[2:], old)]) > 0.9
 
