@@ -8,9 +8,11 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
-from tandem.settings import ConfigError
+from tandem.settings import ConfigError, TandemSettings
+
+Settings = TypeVar("Settings", bound=TandemSettings)
 
 if TYPE_CHECKING:
     from cloud.config import CloudConfig
@@ -114,16 +116,21 @@ def _bench_open_intent(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_for_task(kind: type[Settings], args: argparse.Namespace) -> Settings:
+    """The `kind` config of `--config`, its task replaced by the task file `--task` names, if any."""
+    from tandem.settings import load_config
+    from tandem.tasks import Task
+
+    cfg = load_config(kind, args.config)
+    return cfg if args.task is None else cfg.model_copy(update={"task": Task.from_file(args.task)})
+
+
 @_imports("train")
 def _train(args: argparse.Namespace) -> int:
     _training_process()
     from cloud.training.config import TrainConfig
-    from tandem.settings import load_config
-    from tandem.tasks import Task
 
-    cfg = load_config(TrainConfig, args.config)
-    if args.task is not None:
-        cfg = cfg.model_copy(update={"task": Task.from_file(args.task)})
+    cfg = _config_for_task(TrainConfig, args)
     for kind in ("teacher", "student") if args.kind == "all" else (args.kind,):
         out = args.out or cfg.model_dir(kind)
         if kind == "teacher":
@@ -514,12 +521,8 @@ def _train_expert(args: argparse.Namespace) -> int:
     _training_process()
     from cloud.training.config import DistillConfig
     from cloud.training.expert import run_expert
-    from tandem.settings import load_config
-    from tandem.tasks import Task
 
-    cfg = load_config(DistillConfig, args.config)
-    if args.task is not None:
-        cfg = cfg.model_copy(update={"task": Task.from_file(args.task)})
+    cfg = _config_for_task(DistillConfig, args)
     result = run_expert(cfg, start=args.start)
     print(json.dumps(result, indent=2))
     return 0 if result["passed"] else 1
